@@ -1,0 +1,27 @@
+"""functorch_lite: pure-function models over pytrees, compiled once or traced per run."""
+
+from functorch_lite import compile, control, models, nn, train
+from functorch_lite.compile import (
+    CompileStats,
+    compile_counter,
+    enable_persistent_cache,
+    jit,
+)
+from functorch_lite.control import repeat
+
+__version__ = "0.1.0"
+
+__all__ = sorted(
+    [
+        "CompileStats",
+        "compile",
+        "compile_counter",
+        "control",
+        "enable_persistent_cache",
+        "jit",
+        "models",
+        "nn",
+        "repeat",
+        "train",
+    ]
+)

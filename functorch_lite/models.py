@@ -1,0 +1,239 @@
+"""The two reference models, `TwoLayerNet` and `DynamicNet`, built from `nn` and `repeat`."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from functorch_lite import nn
+from functorch_lite.control import (
+    STATIC_METHODS,
+    check_concrete_count,
+    check_static_count,
+    repeat,
+)
+
+__all__ = ["DynamicNet", "TwoLayerNet", "check_params", "check_x"]
+
+Params = Any
+
+
+def check_x(x: Any, d_in: int, *, where: str) -> None:
+    """Raise a clear error unless `x` is a float array of shape `(d_in,)` or `(N, d_in)`."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(
+            f"{where}: `x` must be a float array of shape (N, {d_in}); got "
+            f"{type(x).__name__}."
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{where}: `x` must have a floating dtype; got {x.dtype}. Cast it, for "
+            "example `x.astype(jnp.float32)`."
+        )
+    if x.ndim not in (1, 2) or x.shape[-1] != d_in:
+        raise ValueError(
+            f"{where}: `x` must have shape (N, {d_in}) or ({d_in},); got "
+            f"{tuple(x.shape)}."
+        )
+
+
+def check_params(params: Any, expected: Any, *, where: str) -> None:
+    """Raise a clear error unless `params` has `expected`'s tree, shapes and dtypes.
+
+    `expected` is a tree of `jax.ShapeDtypeStruct` (from `jax.eval_shape(init)`).
+    """
+    want_struct = jax.tree.structure(expected)
+    got_struct = jax.tree.structure(params)
+    if want_struct != got_struct:
+        raise TypeError(
+            f"{where}: `params` has the wrong tree structure.\n"
+            f"  expected: {want_struct}\n  got:      {got_struct}\n"
+            "Create params with `init(key)` (or `fl.interop.from_torch`)."
+        )
+    for (path, want), got in zip(
+        jax.tree_util.tree_flatten_with_path(expected)[0],
+        jax.tree.leaves(params),
+        strict=True,
+    ):
+        name = jax.tree_util.keystr(path)
+        shape = tuple(getattr(got, "shape", ()))
+        dtype = getattr(got, "dtype", None)
+        if shape != want.shape:
+            raise ValueError(
+                f"{where}: `params{name}` must have shape {want.shape}; got {shape}."
+            )
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"{where}: `params{name}` must have a floating dtype; got "
+                f"{dtype if dtype is not None else type(got).__name__}."
+            )
+
+
+@functools.lru_cache(maxsize=64)
+def _param_spec(model: Any) -> Any:
+    # Models are frozen dataclasses, so hashable: the expected tree is traced once.
+    return jax.eval_shape(model.init, jax.random.key(0))
+
+
+def _check_sizes(where: str, **sizes: Any) -> None:
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}: `{name}` must be a positive int; got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoLayerNet:
+    """The TensorFlow 1 reference net: `relu(x @ w1) @ w2`, no biases.
+
+    Weights are drawn from N(0, 1), as in the reference program.
+
+    >>> import jax, jax.numpy as jnp
+    >>> import functorch_lite as fl
+    >>> net = fl.models.TwoLayerNet(4, 3, 2)
+    >>> params = net.init(jax.random.key(0))
+    >>> {k: v.shape for k, v in params.items()}
+    {'w1': (4, 3), 'w2': (3, 2)}
+    >>> net.apply(params, jnp.ones((5, 4))).shape
+    (5, 2)
+    """
+
+    d_in: int
+    d_hidden: int
+    d_out: int
+
+    def __post_init__(self) -> None:
+        _check_sizes(
+            "TwoLayerNet", d_in=self.d_in, d_hidden=self.d_hidden, d_out=self.d_out
+        )
+
+    def init(self, key: jax.Array) -> Params:
+        """Draw `{"w1": (d_in, d_hidden), "w2": (d_hidden, d_out)}` from N(0, 1), float32."""
+        k1, k2 = jax.random.split(key)
+        return {
+            "w1": jax.random.normal(k1, (self.d_in, self.d_hidden), jnp.float32),
+            "w2": jax.random.normal(k2, (self.d_hidden, self.d_out), jnp.float32),
+        }
+
+    def apply(self, params: Params, x: jax.Array) -> jax.Array:
+        """Compute `relu(x @ w1) @ w2` for `x` of shape `(N, d_in)`, float."""
+        where = "TwoLayerNet.apply"
+        check_params(params, _param_spec(self), where=where)
+        check_x(x, self.d_in, where=where)
+        return jax.nn.relu(x @ params["w1"]) @ params["w2"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicNet:
+    """The PyTorch reference net: a shared middle layer applied `depth` times.
+
+    `y = output_linear(relu(middle_linear)^depth(relu(input_linear(x))))`. Each
+    linear layer is initialized like `torch.nn.Linear`.
+
+    Attributes:
+      d_in, d_hidden, d_out: layer sizes.
+      max_depth: the largest `depth` that `apply` accepts.
+      static_method: the loop mechanism of the static path (see `fl.repeat`):
+        `"bounded"` (default, fastest), `"scan"` (also forward-mode
+        differentiable) or `"masked"`.
+
+    >>> import jax, jax.numpy as jnp
+    >>> import functorch_lite as fl
+    >>> net = fl.models.DynamicNet(4, 8, 2, max_depth=3)
+    >>> params = net.init(jax.random.key(0))
+    >>> sorted(params)
+    ['input_linear', 'middle_linear', 'output_linear']
+    >>> x = jnp.ones((5, 4))
+    >>> y_static = net.apply(params, x, 2, mode="static")
+    >>> y_dynamic = net.apply(params, x, 2, mode="dynamic")
+    >>> bool(jnp.allclose(y_static, y_dynamic, rtol=1e-6))
+    True
+    """
+
+    d_in: int
+    d_hidden: int
+    d_out: int
+    max_depth: int = 3
+    static_method: str = "bounded"
+
+    def __post_init__(self) -> None:
+        _check_sizes(
+            "DynamicNet", d_in=self.d_in, d_hidden=self.d_hidden, d_out=self.d_out
+        )
+        if (
+            isinstance(self.max_depth, bool)
+            or not isinstance(self.max_depth, int)
+            or self.max_depth < 0
+        ):
+            raise ValueError(
+                f"DynamicNet: `max_depth` must be a non-negative int; got "
+                f"{self.max_depth!r}."
+            )
+        if self.static_method not in STATIC_METHODS:
+            raise ValueError(
+                f"DynamicNet: `static_method` must be one of {STATIC_METHODS}; got "
+                f"{self.static_method!r}."
+            )
+
+    @property
+    def _layers(self) -> dict[str, nn.Layer]:
+        return {
+            "input_linear": nn.linear(self.d_in, self.d_hidden),
+            "middle_linear": nn.linear(self.d_hidden, self.d_hidden),
+            "output_linear": nn.linear(self.d_hidden, self.d_out),
+        }
+
+    def init(self, key: jax.Array) -> Params:
+        """Initialize the three linear layers, splitting `key` once per layer in order."""
+        layers = self._layers
+        keys = jax.random.split(key, len(layers))
+        return {name: layer.init(k) for (name, layer), k in zip(layers.items(), keys)}
+
+    def apply(
+        self,
+        params: Params,
+        x: jax.Array,
+        depth: int | jax.Array,
+        *,
+        mode: str = "static",
+    ) -> jax.Array:
+        """Run the net for `x` of shape `(N, d_in)` or `(d_in,)`, float.
+
+        Args:
+          params: the tree from `init`.
+          x: the input batch.
+          depth: how many times the shared middle layer runs. With
+            `mode="dynamic"`, a concrete int in `[0, max_depth]` (under `jit`,
+            make it a static argument). With `mode="static"`, an int or an
+            integer scalar that may be traced: one compiled graph serves every
+            depth. A traced depth outside `[0, max_depth]` cannot be checked
+            and is clamped to that range; a concrete one raises `ValueError`.
+          mode: `"static"` or `"dynamic"`.
+
+        Returns:
+          The output, shape `(N, d_out)` (or `(d_out,)`).
+        """
+        where = "DynamicNet.apply"
+        if mode not in ("static", "dynamic"):
+            raise ValueError(
+                f'{where}: `mode` must be "static" or "dynamic"; got {mode!r}.'
+            )
+        check_params(params, _param_spec(self), where=where)
+        check_x(x, self.d_in, where=where)
+        check = check_concrete_count if mode == "dynamic" else check_static_count
+        depth = check(depth, self.max_depth, where=where, name="depth")
+        layers = self._layers
+        middle = layers["middle_linear"]
+        h = jax.nn.relu(layers["input_linear"].apply(params["input_linear"], x))
+        h = repeat(
+            lambda h: jax.nn.relu(middle.apply(params["middle_linear"], h)),
+            h,
+            depth,
+            max_n=self.max_depth,
+            mode=mode,
+            static_method=self.static_method,
+        )
+        return layers["output_linear"].apply(params["output_linear"], h)

@@ -1,0 +1,127 @@
+"""Layers as `(init, apply)` pure-function pairs over parameter pytrees, and losses."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["Layer", "linear", "mse_loss", "relu"]
+
+Params = Any
+
+
+class Layer(NamedTuple):
+    """A layer: `init(key) -> params` and `apply(params, x) -> y`, both pure.
+
+    Hyperparameters live in the closure as Python values, never as leaves.
+    """
+
+    init: Callable[[jax.Array], Params]
+    apply: Callable[[Params, jax.Array], jax.Array]
+
+
+def _add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+    # Explicit broadcast: the library stays correct under
+    # `jax_numpy_rank_promotion="raise"`, which users may switch on.
+    return y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
+
+
+def linear(d_in: int, d_out: int, *, bias: bool = True) -> Layer:
+    """Create a fully connected layer, initialized like `torch.nn.Linear`.
+
+    `weight` has shape `(d_in, d_out)` so that `x @ weight + bias` needs no
+    transpose; `weight` and `bias` are drawn from U(-1/sqrt(d_in), 1/sqrt(d_in)),
+    float32.
+
+    Args:
+      d_in: input features.
+      d_out: output features.
+      bias: whether the layer has a `bias` leaf of shape `(d_out,)`.
+
+    Returns:
+      A `Layer` whose `apply(params, x)` maps `x` of shape `(..., d_in)` to
+      `(..., d_out)`.
+
+    >>> import jax, jax.numpy as jnp
+    >>> import functorch_lite as fl
+    >>> layer = fl.nn.linear(3, 2)
+    >>> params = layer.init(jax.random.key(0))
+    >>> {k: v.shape for k, v in params.items()}
+    {'weight': (3, 2), 'bias': (2,)}
+    >>> layer.apply(params, jnp.ones((5, 3))).shape
+    (5, 2)
+    """
+    for name, value in (("d_in", d_in), ("d_out", d_out)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"linear: `{name}` must be a positive int; got {value!r}.")
+    bound = 1.0 / math.sqrt(d_in)
+
+    def init(key: jax.Array) -> Params:
+        w_key, b_key = jax.random.split(key)
+        params = {
+            "weight": jax.random.uniform(
+                w_key, (d_in, d_out), jnp.float32, -bound, bound
+            )
+        }
+        if bias:
+            params["bias"] = jax.random.uniform(
+                b_key, (d_out,), jnp.float32, -bound, bound
+            )
+        return params
+
+    def apply(params: Params, x: jax.Array) -> jax.Array:
+        y = x @ params["weight"]
+        return _add_bias(y, params["bias"]) if bias else y
+
+    return Layer(init, apply)
+
+
+def relu() -> Layer:
+    """Create a parameter-free ReLU layer (its params are `{}`).
+
+    >>> import jax.numpy as jnp
+    >>> import functorch_lite as fl
+    >>> fl.nn.relu().apply({}, jnp.array([-1.0, 2.0]))
+    Array([0., 2.], dtype=float32)
+    """
+    return Layer(lambda key: {}, lambda params, x: jax.nn.relu(x))
+
+
+def mse_loss(
+    pred: jax.Array, target: jax.Array, *, reduction: str = "sum"
+) -> jax.Array:
+    """Compute the squared error between `pred` and `target`.
+
+    Args:
+      pred: predictions, any shape, floating dtype.
+      target: targets, the same shape as `pred`.
+      reduction: `"sum"` (the reference programs' loss) or `"mean"` over every
+        element, as in `torch.nn.functional.mse_loss`.
+
+    Returns:
+      A scalar.
+
+    >>> import jax.numpy as jnp
+    >>> import functorch_lite as fl
+    >>> fl.nn.mse_loss(jnp.array([1.0, 2.0]), jnp.array([0.0, 0.0]))
+    Array(5., dtype=float32)
+    >>> fl.nn.mse_loss(jnp.array([1.0, 2.0]), jnp.zeros(2), reduction="mean")
+    Array(2.5, dtype=float32)
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(
+            f'mse_loss: `reduction` must be "sum" or "mean"; got {reduction!r}.'
+        )
+    pred_shape, target_shape = jnp.shape(pred), jnp.shape(target)
+    if pred_shape != target_shape:
+        raise ValueError(
+            f"mse_loss: `pred` and `target` must have the same shape; got "
+            f"{pred_shape} and {target_shape}. Reshape one of them; the loss does "
+            "not broadcast, so that a (N,) vs (N, 1) mix-up cannot pass silently."
+        )
+    sq = jnp.square(pred - target)
+    return jnp.sum(sq) if reduction == "sum" else jnp.mean(sq)

@@ -1,0 +1,192 @@
+"""Training: `make_step` (value_and_grad + optax, donated buffers) and `fit`."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from functorch_lite.compile import Compiled, jit
+
+__all__ = ["fit", "make_step"]
+
+
+def make_step(
+    loss_fn: Callable[..., jax.Array],
+    optimizer: optax.GradientTransformation,
+    *,
+    static_argnames: Sequence[str] = (),
+    donate: bool = True,
+    max_traces: int | None = None,
+) -> Compiled:
+    """Build one compiled optimizer step from a loss and an optax optimizer.
+
+    `step(params, opt_state, *batch) -> (params, opt_state, loss)` computes
+    `loss_fn(params, *batch)` and its gradient with `jax.value_and_grad`, then
+    applies `optimizer`. It replaces PyTorch's `zero_grad()`, `backward()` and
+    `step()`: gradients are returned, never accumulated, so there is nothing to
+    zero.
+
+    The step is an `fl.jit` function: `step.stats` counts its traces and
+    compiles. Arguments named in `static_argnames` are Python values and
+    compile once per distinct value (the dynamic path: pass `depth` there).
+    Every other argument is traced (the static path: one compile for all
+    depths).
+
+    Args:
+      loss_fn: `loss_fn(params, *batch) -> scalar loss`.
+      optimizer: any `optax.GradientTransformation`.
+      static_argnames: names of `loss_fn` arguments to treat as static.
+      donate: donate `params` and `opt_state` to the step, so that the update
+        happens in place (the static graph's `assign`). The arrays passed in
+        are then invalid: use the returned ones.
+      max_traces: raise `RuntimeError` if the step would trace more often.
+
+    Returns:
+      The compiled step.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import functorch_lite as fl
+    >>> net = fl.models.DynamicNet(4, 8, 2)
+    >>> def loss_fn(params, x, y, depth):
+    ...     return fl.nn.mse_loss(net.apply(params, x, depth), y)
+    >>> opt = optax.sgd(1e-4, momentum=0.9)
+    >>> step = fl.train.make_step(loss_fn, opt)
+    >>> params = net.init(jax.random.key(0)); opt_state = opt.init(params)
+    >>> x, y = jnp.ones((3, 4)), jnp.zeros((3, 2))
+    >>> for depth in [0, 3, 1]:
+    ...     params, opt_state, loss = step(params, opt_state, x, y, depth)
+    >>> step.stats.compiles
+    1
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"make_step: `loss_fn` must be callable; got {loss_fn!r}.")
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            "make_step: `optimizer` must be an optax.GradientTransformation (for "
+            f"example `optax.sgd(1e-4, momentum=0.9)`); got {optimizer!r}."
+        )
+    if isinstance(static_argnames, str):
+        static_argnames = (static_argnames,)
+    loss_sig = inspect.signature(loss_fn)
+    loss_params = list(loss_sig.parameters.values())
+    if not loss_params or loss_params[0].kind not in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    ):
+        raise TypeError(
+            "make_step: `loss_fn` must take `params` as its first positional "
+            f"argument; its signature is {loss_sig}."
+        )
+    batch_names = {p.name for p in loss_params[1:]}
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in loss_params)
+    unknown = [n for n in static_argnames if n not in batch_names and not takes_kwargs]
+    if unknown:
+        raise ValueError(
+            f"make_step: `static_argnames` names {unknown}, which `loss_fn` does not "
+            f"take; its arguments after `params` are {sorted(batch_names)}."
+        )
+
+    value_and_grad = jax.value_and_grad(loss_fn)
+
+    def step(params: Any, opt_state: Any, *batch: Any, **kwargs: Any) -> tuple:
+        loss, grads = value_and_grad(params, *batch, **kwargs)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    # The step's signature is the loss's, with `opt_state` after `params`, so
+    # that `static_argnames` resolve whether the caller passes them by position
+    # or by keyword.
+    step.__signature__ = loss_sig.replace(  # type: ignore[attr-defined]
+        parameters=[
+            inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+            inspect.Parameter("opt_state", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+            *loss_params[1:],
+        ],
+        return_annotation=inspect.Signature.empty,
+    )
+    step.__name__ = "step"
+    return jit(
+        step,
+        static_argnames=tuple(static_argnames),
+        donate_argnames=("params", "opt_state") if donate else (),
+        max_traces=max_traces,
+    )
+
+
+def _progress(stream: Any, i: int, total: int | None, loss: float, rate: float) -> None:
+    end = "\r" if stream.isatty() else "\n"
+    of = f"/{total}" if total is not None else ""
+    stream.write(f"step {i}{of}  loss {loss:.6g}  {rate:.1f} steps/s{end}")
+    stream.flush()
+
+
+def fit(
+    step: Callable[..., tuple],
+    params: Any,
+    opt_state: Any,
+    batches: Iterable[Any],
+    *,
+    progress: bool = True,
+    log_every: int = 50,
+    total: int | None = None,
+) -> tuple[Any, Any, np.ndarray]:
+    """Run `step` over `batches` and return the final state and the loss history.
+
+    Losses stay on the device between logs, so the loop does not wait for the
+    device every step.
+
+    Args:
+      step: a step from `make_step`.
+      params: the initial params (donated to the first step).
+      opt_state: the initial optimizer state.
+      batches: an iterable; each item is a tuple of positional arguments for
+        the step after `opt_state`, or a dict of keyword arguments.
+      progress: print step, loss and steps/s to stderr every `log_every` steps.
+      log_every: how often to print.
+      total: the number of batches, for the progress display.
+
+    Returns:
+      `(params, opt_state, losses)`, `losses` a float NumPy array, one per step.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import functorch_lite as fl
+    >>> net = fl.models.TwoLayerNet(3, 4, 1)
+    >>> step = fl.train.make_step(
+    ...     lambda p, x, y: fl.nn.mse_loss(net.apply(p, x), y), optax.sgd(1e-3))
+    >>> params = net.init(jax.random.key(0))
+    >>> opt_state = optax.sgd(1e-3).init(params)
+    >>> data = [(jnp.ones((2, 3)), jnp.zeros((2, 1)))] * 5
+    >>> params, opt_state, losses = fl.train.fit(
+    ...     step, params, opt_state, data, progress=False)
+    >>> losses.shape, bool(losses[-1] < losses[0])
+    ((5,), True)
+    """
+    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+        raise ValueError(f"fit: `log_every` must be a positive int; got {log_every!r}.")
+    losses: list[jax.Array] = []
+    start = time.perf_counter()
+    for i, batch in enumerate(batches, start=1):
+        if isinstance(batch, dict):
+            params, opt_state, loss = step(params, opt_state, **batch)
+        elif isinstance(batch, tuple | list):
+            params, opt_state, loss = step(params, opt_state, *batch)
+        else:
+            raise TypeError(
+                "fit: each item of `batches` must be a tuple of step arguments or a "
+                f"dict of keyword arguments; item {i} is {type(batch).__name__}."
+            )
+        losses.append(loss)
+        if progress and i % log_every == 0:
+            rate = i / max(time.perf_counter() - start, 1e-9)
+            _progress(sys.stderr, i, total, float(loss), rate)
+    if progress and losses and sys.stderr.isatty():
+        sys.stderr.write("\n")
+    history = np.asarray(jax.device_get(losses), dtype=np.float64).reshape(-1)
+    return params, opt_state, history
