@@ -1,4 +1,4 @@
-"""functorch_lite: pure-function models over pytrees, compiled once or traced per run."""
+"""functorch_lite: pure-function models over pytrees, compiled once or run by run."""
 
 from functorch_lite import compile, control, models, nn, train
 from functorch_lite.compile import (
@@ -11,17 +11,15 @@ from functorch_lite.control import repeat
 
 __version__ = "0.1.0"
 
-__all__ = sorted(
-    [
-        "CompileStats",
-        "compile",
-        "compile_counter",
-        "control",
-        "enable_persistent_cache",
-        "jit",
-        "models",
-        "nn",
-        "repeat",
-        "train",
-    ]
-)
+__all__ = [
+    "CompileStats",
+    "compile",
+    "compile_counter",
+    "control",
+    "enable_persistent_cache",
+    "jit",
+    "models",
+    "nn",
+    "repeat",
+    "train",
+]

@@ -1,4 +1,4 @@
-"""Compile accounting: `jit` with `CompileStats`, `compile_counter`, trace budgets, cache switch."""
+"""Compile accounting: `jit` with stats, `compile_counter`, trace budgets, cache."""
 
 from __future__ import annotations
 
@@ -206,7 +206,9 @@ class Compiled:
         if not callable(fun):
             raise TypeError(f"jit: `fun` must be callable; got {fun!r}.")
         if max_traces is not None and (
-            isinstance(max_traces, bool) or not isinstance(max_traces, int) or max_traces < 1
+            isinstance(max_traces, bool)
+            or not isinstance(max_traces, int)
+            or max_traces < 1
         ):
             raise ValueError(
                 f"jit: `max_traces` must be a positive int or None; got {max_traces!r}."
@@ -256,7 +258,9 @@ class Compiled:
                     old, new = self._last.get(key), described.get(key)
                     if old != new:
                         changed.append(f"`{key}` changed from {old} to {new}")
-            detail = "; ".join(sorted(changed)) or "no argument changed its shape or value"
+            detail = (
+                "; ".join(sorted(changed)) or "no argument changed its shape or value"
+            )
             raise RuntimeError(
                 f"jit({self.name}): trace budget exceeded: this would be trace "
                 f"{self.stats.traces + 1}, and max_traces={self.max_traces}. "

@@ -66,8 +66,7 @@ def check_concrete_count(n: Any, max_n: int | None, *, where: str, name: str) ->
         )
     if not _is_concrete_int(n):
         raise TypeError(
-            f"{where}: `{name}` must be an int; got {n!r} of type "
-            f"{type(n).__name__}."
+            f"{where}: `{name}` must be an int; got {n!r} of type {type(n).__name__}."
         )
     value = operator.index(n)
     upper = "" if max_n is None else f", {max_n}"
@@ -161,7 +160,9 @@ def repeat(
     """
     where = "repeat"
     if mode not in MODES:
-        raise ValueError(f'{where}: `mode` must be "static" or "dynamic"; got {mode!r}.')
+        raise ValueError(
+            f'{where}: `mode` must be "static" or "dynamic"; got {mode!r}.'
+        )
     if not callable(body):
         raise TypeError(f"{where}: `body` must be callable; got {body!r}.")
     if mode == "dynamic":
@@ -243,7 +244,9 @@ def _repeat_masked(body: Callable, carry: Any, n: jax.Array, max_n: int) -> Any:
 
 
 def _all_inexact(tree: Any) -> bool:
-    return all(jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in jax.tree.leaves(tree))
+    return all(
+        jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in jax.tree.leaves(tree)
+    )
 
 
 def _repeat_bounded(body: Callable, carry: Any, n: jax.Array, max_n: int) -> Any:
@@ -321,8 +324,15 @@ def _bounded_fwd(fn: Callable, max_n: int, carry: Any, n: jax.Array, consts: tup
         i, c, bufs = state
         c_new, pullback = jax.vjp(lambda c_, *k_: fn(c_, *k_), c, *consts)
         leaves = jax.tree.leaves(pullback)
-        saved = [leaf for leaf, (kind, _) in zip(leaves, layout, strict=True) if kind == "saved"]
-        bufs = [lax.dynamic_update_index_in_dim(b, r, i, 0) for b, r in zip(bufs, saved, strict=True)]
+        saved = [
+            leaf
+            for leaf, (kind, _) in zip(leaves, layout, strict=True)
+            if kind == "saved"
+        ]
+        bufs = [
+            lax.dynamic_update_index_in_dim(b, r, i, 0)
+            for b, r in zip(bufs, saved, strict=True)
+        ]
         return i + 1, c_new, bufs
 
     _, out, buffers = lax.while_loop(cond, step, (jnp.int32(0), carry, buffers))
@@ -339,7 +349,9 @@ def _bounded_bwd(fn: Callable, max_n: int, residuals: tuple, ct_out: Any):
     def step(state: tuple) -> tuple:
         i, ct_c, ct_k = state
         i = i - 1
-        saved = iter([lax.dynamic_index_in_dim(b, i, 0, keepdims=False) for b in buffers])
+        saved = iter(
+            [lax.dynamic_index_in_dim(b, i, 0, keepdims=False) for b in buffers]
+        )
         leaves = [next(saved) if kind == "saved" else consts[j] for kind, j in layout]
         pullback = jax.tree.unflatten(treedef, leaves)
         ct_c, *ct_ki = pullback(ct_c)

@@ -1,4 +1,4 @@
-"""The two reference models, `TwoLayerNet` and `DynamicNet`, built from `nn` and `repeat`."""
+"""The reference models `TwoLayerNet` and `DynamicNet`, built from `nn` and `repeat`."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ Params = Any
 
 
 def check_x(x: Any, d_in: int, *, where: str) -> None:
-    """Raise a clear error unless `x` is a float array of shape `(d_in,)` or `(N, d_in)`."""
+    """Raise a clear error unless `x` is float with shape `(d_in,)` or `(N, d_in)`."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(
             f"{where}: `x` must be a float array of shape (N, {d_in}); got "
@@ -82,7 +82,9 @@ def _param_spec(model: Any) -> Any:
 def _check_sizes(where: str, **sizes: Any) -> None:
     for name, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{where}: `{name}` must be a positive int; got {value!r}.")
+            raise ValueError(
+                f"{where}: `{name}` must be a positive int; got {value!r}."
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +113,7 @@ class TwoLayerNet:
         )
 
     def init(self, key: jax.Array) -> Params:
-        """Draw `{"w1": (d_in, d_hidden), "w2": (d_hidden, d_out)}` from N(0, 1), float32."""
+        """Draw `w1` `(d_in, d_hidden)` and `w2` `(d_hidden, d_out)` from N(0, 1)."""
         k1, k2 = jax.random.split(key)
         return {
             "w1": jax.random.normal(k1, (self.d_in, self.d_hidden), jnp.float32),
@@ -187,10 +189,13 @@ class DynamicNet:
         }
 
     def init(self, key: jax.Array) -> Params:
-        """Initialize the three linear layers, splitting `key` once per layer in order."""
+        """Initialize the three linear layers, splitting `key` once per layer."""
         layers = self._layers
         keys = jax.random.split(key, len(layers))
-        return {name: layer.init(k) for (name, layer), k in zip(layers.items(), keys)}
+        return {
+            name: layer.init(k)
+            for (name, layer), k in zip(layers.items(), keys, strict=True)
+        }
 
     def apply(
         self,

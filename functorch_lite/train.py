@@ -14,7 +14,46 @@ import optax
 
 from functorch_lite.compile import Compiled, jit
 
-__all__ = ["fit", "make_step"]
+__all__ = ["fit", "make_fused_step", "make_step"]
+
+
+def _check_loss_fn(
+    loss_fn: Any, optimizer: Any, where: str
+) -> tuple[inspect.Signature, list[inspect.Parameter]]:
+    if not callable(loss_fn):
+        raise TypeError(f"{where}: `loss_fn` must be callable; got {loss_fn!r}.")
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            f"{where}: `optimizer` must be an optax.GradientTransformation (for "
+            f"example `optax.sgd(1e-4, momentum=0.9)`); got {optimizer!r}."
+        )
+    loss_sig = inspect.signature(loss_fn)
+    loss_params = list(loss_sig.parameters.values())
+    if not loss_params or loss_params[0].kind not in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    ):
+        raise TypeError(
+            f"{where}: `loss_fn` must take `params` as its first positional "
+            f"argument; its signature is {loss_sig}."
+        )
+    return loss_sig, loss_params
+
+
+def _step_signature(
+    loss_sig: inspect.Signature, loss_params: list[inspect.Parameter]
+) -> inspect.Signature:
+    # The step's signature is the loss's, with `opt_state` after `params`, so
+    # that `static_argnames` resolve whether the caller passes them by position
+    # or by keyword.
+    return loss_sig.replace(
+        parameters=[
+            inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+            inspect.Parameter("opt_state", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+            *loss_params[1:],
+        ],
+        return_annotation=inspect.Signature.empty,
+    )
 
 
 def make_step(
@@ -65,25 +104,9 @@ def make_step(
     >>> step.stats.compiles
     1
     """
-    if not callable(loss_fn):
-        raise TypeError(f"make_step: `loss_fn` must be callable; got {loss_fn!r}.")
-    if not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(
-            "make_step: `optimizer` must be an optax.GradientTransformation (for "
-            f"example `optax.sgd(1e-4, momentum=0.9)`); got {optimizer!r}."
-        )
+    loss_sig, loss_params = _check_loss_fn(loss_fn, optimizer, "make_step")
     if isinstance(static_argnames, str):
         static_argnames = (static_argnames,)
-    loss_sig = inspect.signature(loss_fn)
-    loss_params = list(loss_sig.parameters.values())
-    if not loss_params or loss_params[0].kind not in (
-        inspect.Parameter.POSITIONAL_ONLY,
-        inspect.Parameter.POSITIONAL_OR_KEYWORD,
-    ):
-        raise TypeError(
-            "make_step: `loss_fn` must take `params` as its first positional "
-            f"argument; its signature is {loss_sig}."
-        )
     batch_names = {p.name for p in loss_params[1:]}
     takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in loss_params)
     unknown = [n for n in static_argnames if n not in batch_names and not takes_kwargs]
@@ -92,29 +115,122 @@ def make_step(
             f"make_step: `static_argnames` names {unknown}, which `loss_fn` does not "
             f"take; its arguments after `params` are {sorted(batch_names)}."
         )
-
-    value_and_grad = jax.value_and_grad(loss_fn)
-
-    def step(params: Any, opt_state: Any, *batch: Any, **kwargs: Any) -> tuple:
-        loss, grads = value_and_grad(params, *batch, **kwargs)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    # The step's signature is the loss's, with `opt_state` after `params`, so
-    # that `static_argnames` resolve whether the caller passes them by position
-    # or by keyword.
-    step.__signature__ = loss_sig.replace(  # type: ignore[attr-defined]
-        parameters=[
-            inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-            inspect.Parameter("opt_state", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-            *loss_params[1:],
-        ],
-        return_annotation=inspect.Signature.empty,
-    )
+    step = _optimizer_update(loss_fn, optimizer)
+    step.__signature__ = _step_signature(loss_sig, loss_params)  # type: ignore[attr-defined]
     step.__name__ = "step"
     return jit(
         step,
         static_argnames=tuple(static_argnames),
+        donate_argnames=("params", "opt_state") if donate else (),
+        max_traces=max_traces,
+    )
+
+
+def _optimizer_update(
+    loss_fn: Callable[..., jax.Array], optimizer: optax.GradientTransformation
+) -> Callable[..., tuple]:
+    """The body shared by `make_step` and `make_fused_step`: one optimizer step."""
+    value_and_grad = jax.value_and_grad(loss_fn)
+
+    def update(params: Any, opt_state: Any, *batch: Any, **kwargs: Any) -> tuple:
+        loss, grads = value_and_grad(params, *batch, **kwargs)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return update
+
+
+def make_fused_step(
+    loss_fn: Callable[..., jax.Array],
+    optimizer: optax.GradientTransformation,
+    *,
+    shared_argnames: Sequence[str] = (),
+    donate: bool = True,
+    max_traces: int | None = None,
+) -> Compiled:
+    """Build one compiled call that runs K optimizer steps with `lax.scan`.
+
+    `fused(params, opt_state, *batch) -> (params, opt_state, losses)`. Every
+    argument of `loss_fn` after `params` carries a leading steps axis of
+    length K, which the scan walks, except those named in `shared_argnames`,
+    which every step sees whole (fixed training data, say). `losses` has shape
+    `(K,)`: the loss of each step, logged without leaving the graph.
+
+    Feed the depths as a `(K,)` int array, or draw them in the graph: pass
+    `(K,)` keys (`jax.random.split(key, K)`) and call `jax.random.randint` in
+    `loss_fn`. Either way one compile serves every depth sequence; this is the
+    static path only (a depth that changes per step cannot be a static
+    argument).
+
+    Args:
+      loss_fn: `loss_fn(params, *batch) -> scalar loss`, as for `make_step`.
+      optimizer: any `optax.GradientTransformation`.
+      shared_argnames: `loss_fn` arguments without the steps axis.
+      donate: donate `params` and `opt_state` (see `make_step`).
+      max_traces: raise `RuntimeError` if the call would trace more often.
+
+    Returns:
+      The compiled multi-step function.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import functorch_lite as fl
+    >>> net = fl.models.DynamicNet(4, 8, 2)
+    >>> def loss_fn(params, x, y, depth):
+    ...     return fl.nn.mse_loss(net.apply(params, x, depth), y)
+    >>> opt = optax.sgd(1e-4, momentum=0.9)
+    >>> fused = fl.train.make_fused_step(loss_fn, opt, shared_argnames=("x", "y"))
+    >>> params = net.init(jax.random.key(0)); opt_state = opt.init(params)
+    >>> depths = jnp.array([0, 3, 1, 2])
+    >>> params, opt_state, losses = fused(
+    ...     params, opt_state, jnp.ones((3, 4)), jnp.zeros((3, 2)), depths)
+    >>> losses.shape, fused.stats.compiles
+    ((4,), 1)
+    """
+    loss_sig, loss_params = _check_loss_fn(loss_fn, optimizer, "make_fused_step")
+    if isinstance(shared_argnames, str):
+        shared_argnames = (shared_argnames,)
+    names = [p.name for p in loss_params[1:]]
+    unknown = [n for n in shared_argnames if n not in names]
+    if unknown:
+        raise ValueError(
+            f"make_fused_step: `shared_argnames` names {unknown}, which `loss_fn` "
+            f"does not take by name; its arguments after `params` are {names}."
+        )
+    update = _optimizer_update(loss_fn, optimizer)
+    shared = frozenset(shared_argnames)
+
+    def fused(params: Any, opt_state: Any, *batch: Any, **kwargs: Any) -> tuple:
+        bound = inspect.signature(loss_fn).bind(params, *batch, **kwargs)
+        args = dict(list(bound.arguments.items())[1:])
+        stacked = {k: v for k, v in args.items() if k not in shared}
+        fixed = {k: v for k, v in args.items() if k in shared}
+        lengths = {
+            k: jax.tree.leaves(v)[0].shape[0]
+            for k, v in stacked.items()
+            if jax.tree.leaves(v) and jax.tree.leaves(v)[0].ndim > 0
+        }
+        if not lengths or len(set(lengths.values())) != 1:
+            raise ValueError(
+                "make_fused_step: the per-step arguments must share one leading "
+                f"steps axis; got leading lengths {lengths}. Stack them, or name "
+                "fixed arguments in `shared_argnames`."
+            )
+
+        def body(carry: tuple, per_step: dict) -> tuple:
+            (
+                p,
+                s,
+            ) = carry
+            p, s, loss = update(p, s, **fixed, **per_step)
+            return (p, s), loss
+
+        (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), stacked)
+        return params, opt_state, losses
+
+    fused.__signature__ = _step_signature(loss_sig, loss_params)  # type: ignore[attr-defined]
+    fused.__name__ = "fused_step"
+    return jit(
+        fused,
         donate_argnames=("params", "opt_state") if donate else (),
         max_traces=max_traces,
     )
