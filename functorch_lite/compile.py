@@ -281,8 +281,20 @@ class Compiled:
         elif event == _LOWER_EVENT and name == f"jit({self.name})":
             self.stats.compile_seconds += duration
 
+    def _canonical(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        # jax.jit caches `f(x, 3)` and `f(x, n=3)` separately: pass every
+        # argument that can go by position by position, so that one signature
+        # compiles once however the caller spells it.
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError:
+            return args, kwargs  # let jax.jit report the mismatch
+        return bound.args, bound.kwargs
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.stats.calls += 1
+        if kwargs:
+            args, kwargs = self._canonical(args, kwargs)
         with _sink(self._sink):
             return self._jitted(*args, **kwargs)
 

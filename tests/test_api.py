@@ -1,0 +1,27 @@
+"""The public API is small and pinned."""
+
+import functorch_lite as fl
+
+
+def test_all_is_pinned_and_sorted():
+    assert fl.__all__ == sorted(fl.__all__)
+    assert fl.__all__ == [
+        "CompileStats",
+        "compile",
+        "compile_counter",
+        "control",
+        "enable_persistent_cache",
+        "jit",
+        "models",
+        "nn",
+        "repeat",
+        "train",
+    ]
+    for name in fl.__all__:
+        assert hasattr(fl, name), name
+
+
+def test_submodule_all():
+    assert fl.train.__all__ == ["fit", "make_fused_step", "make_step"]
+    assert fl.models.__all__ == ["DynamicNet", "TwoLayerNet", "check_params", "check_x"]
+    assert fl.nn.__all__ == ["Layer", "linear", "mse_loss", "relu"]

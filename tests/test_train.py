@@ -1,0 +1,234 @@
+"""make_step, make_fused_step and fit: optax equivalence, parity, compile counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import functorch_lite as fl
+from tests.helpers import tree_allclose
+
+N, D_IN, H, D_OUT = 64, 1000, 100, 10
+
+
+def _copy(tree):
+    return jax.tree.map(jnp.copy, tree)
+
+
+def _problem(key, sizes=(N, D_IN, H, D_OUT), max_depth=3):
+    n, d_in, h, d_out = sizes
+    kx, ky, kp = jax.random.split(key, 3)
+    net = fl.models.DynamicNet(d_in, h, d_out, max_depth=max_depth)
+    x = jax.random.normal(kx, (n, d_in))
+    y = jax.random.normal(ky, (n, d_out))
+    return net, net.init(kp), x, y
+
+
+def _loss_fn(net, mode):
+    def loss_fn(params, x, y, depth):
+        return fl.nn.mse_loss(net.apply(params, x, depth, mode=mode), y)
+
+    return loss_fn
+
+
+def _make(net, mode, opt, **kwargs):
+    static = ("depth",) if mode == "dynamic" else ()
+    return fl.train.make_step(_loss_fn(net, mode), opt, static_argnames=static, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_one_step_equals_handwritten_optax(key, mode):
+    net, params, x, y = _problem(key, (8, 6, 5, 3))
+    opt = optax.sgd(1e-2, momentum=0.9)
+    state = opt.init(params)
+    # Hand-written: two steps, so that the momentum buffer matters.
+    p_ref, s_ref = _copy(params), _copy(state)
+    for depth in (2, 1):
+        grads = jax.grad(_loss_fn(net, "dynamic"))(p_ref, x, y, depth)
+        updates, s_ref = opt.update(grads, s_ref, p_ref)
+        p_ref = optax.apply_updates(p_ref, updates)
+    step = _make(net, mode, opt)
+    p, s = _copy(params), _copy(state)
+    for depth in (2, 1):
+        p, s, _ = step(p, s, x, y, depth)
+    tree_allclose(p, p_ref)
+    tree_allclose(s, s_ref)
+    assert jax.tree.structure(s) == jax.tree.structure(state)
+    assert jax.tree.structure(p) == jax.tree.structure(params)
+
+
+def test_two_scalar_steps_match_closed_form():
+    lr, m, c, w0 = 0.1, 0.9, 3.0, 2.0
+    opt = optax.sgd(lr, momentum=m)
+    step = fl.train.make_step(lambda p, c: 0.5 * c * jnp.sum(p["w"] ** 2), opt)
+    params = {"w": jnp.array([w0], jnp.float32)}
+    state = opt.init(params)
+    params, state, loss0 = step(params, state, c)
+    params, state, loss1 = step(params, state, c)
+    # v1 = g0, w1 = w0 - lr g0; v2 = m v1 + g1, w2 = w1 - lr v2; g = c w.
+    g0 = c * w0
+    w1 = w0 - lr * g0
+    w2 = w1 - lr * (m * g0 + c * w1)
+    assert float(loss0) == pytest.approx(0.5 * c * w0**2, rel=1e-6)
+    assert float(loss1) == pytest.approx(0.5 * c * w1**2, rel=1e-6)
+    assert float(params["w"][0]) == pytest.approx(w2, rel=1e-6)
+
+
+def test_quadratic_converges():
+    target = jnp.arange(4.0)
+    opt = optax.sgd(0.1, momentum=0.9)
+    step = fl.train.make_step(lambda p, t: jnp.sum((p["w"] - t) ** 2), opt)
+    params = {"w": jnp.zeros(4)}
+    state = opt.init(params)
+    for _ in range(200):
+        params, state, loss = step(params, state, target)
+    assert float(loss) < 1e-8
+    np.testing.assert_allclose(params["w"], target, atol=1e-4)
+
+
+def test_donated_buffers_are_consumed(key):
+    net, params, x, y = _problem(key, (8, 6, 5, 3))
+    opt = optax.sgd(1e-3)
+    step = _make(net, "static", opt)
+    state = opt.init(params)
+    new_params, _, _ = step(params, state, x, y, 1)
+    assert all(a.is_deleted() for a in jax.tree.leaves(params))
+    assert not any(a.is_deleted() for a in jax.tree.leaves(new_params))
+    keep = _make(net, "static", opt, donate=False)
+    p2 = _copy(new_params)
+    keep(p2, opt.init(p2), x, y, 1)
+    assert not any(a.is_deleted() for a in jax.tree.leaves(p2))
+
+
+def test_static_and_dynamic_training_agree_and_compile_counts(key):
+    net, params, x, y = _problem(key)
+    opt = optax.sgd(1e-4, momentum=0.9)
+    depths = np.random.default_rng(0).integers(0, 4, size=200)
+    results = {}
+    for mode in ("static", "dynamic"):
+        traces = []
+        loss_fn = _loss_fn(net, mode)
+
+        def counted(params, x, y, depth, loss_fn=loss_fn, traces=traces):
+            traces.append(depth)
+            return loss_fn(params, x, y, depth)
+
+        static = ("depth",) if mode == "dynamic" else ()
+        step = fl.train.make_step(counted, opt, static_argnames=static)
+        p, s = _copy(params), opt.init(params)
+        losses = []
+        with fl.compile_counter() as counter:
+            for d in depths:
+                p, s, loss = step(p, s, x, y, int(d))
+                losses.append(float(loss))
+        results[mode] = np.array(losses)
+        distinct = len(set(depths.tolist()))
+        expected = 1 if mode == "static" else distinct
+        assert len(traces) == expected
+        assert step.stats.traces == expected
+        assert step.stats.compiles == expected
+        assert counter.compiles == expected
+        assert step.stats.calls == 200
+    np.testing.assert_allclose(results["static"][:100], results["dynamic"][:100], rtol=1e-4)
+
+
+def test_repeated_depth_and_second_call_compile_nothing(key):
+    net, params, x, y = _problem(key, (8, 6, 5, 3))
+    opt = optax.sgd(1e-3, momentum=0.9)
+    for mode in ("static", "dynamic"):
+        step = _make(net, mode, opt)
+        p, s = _copy(params), opt.init(params)
+        p, s, _ = step(p, s, x, y, 2)
+        with fl.compile_counter() as counter:
+            p, s, _ = step(p, s, x, y, 2)
+            p, s, _ = step(p, s, x, y, depth=2)
+        assert counter.compiles == 0, mode
+
+
+def test_trace_budget_in_make_step_names_depth(key):
+    net, params, x, y = _problem(key, (8, 6, 5, 3))
+    opt = optax.sgd(1e-3)
+    step = _make(net, "dynamic", opt, max_traces=2)
+    p, s = _copy(params), opt.init(params)
+    p, s, _ = step(p, s, x, y, 0)
+    p, s, _ = step(p, s, x, y, 1)
+    with pytest.raises(RuntimeError, match=r"`depth` changed from 1 to 2"):
+        step(p, s, x, y, 2)
+
+
+def test_fused_equals_separate_steps(key):
+    net, params, x, y = _problem(key, (16, 12, 8, 4))
+    opt = optax.sgd(1e-3, momentum=0.9)
+    depths = jnp.array([0, 3, 1, 2, 2, 0, 3, 3, 1, 0])
+    step = _make(net, "static", opt)
+    p, s = _copy(params), opt.init(params)
+    ref_losses = []
+    for d in depths.tolist():
+        p, s, loss = step(p, s, x, y, d)
+        ref_losses.append(float(loss))
+    fused = fl.train.make_fused_step(_loss_fn(net, "static"), opt, shared_argnames=("x", "y"))
+    fp, fs, losses = fused(_copy(params), opt.init(params), x, y, depths)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    tree_allclose(fp, p, rtol=1e-5)
+    tree_allclose(fs, s, rtol=1e-5)
+    assert fused.stats.compiles == 1
+    fused(fp, fs, x, y, depths[::-1])
+    assert fused.stats.compiles == 1
+
+
+def test_fused_draws_depths_in_graph(key):
+    net, params, x, y = _problem(key, (16, 12, 8, 4))
+    opt = optax.sgd(1e-3)
+
+    def loss_fn(params, x, y, key):
+        depth = jax.random.randint(key, (), 0, net.max_depth + 1)
+        return fl.nn.mse_loss(net.apply(params, x, depth), y)
+
+    keys = jax.random.split(jax.random.key(4), 6)
+    fused = fl.train.make_fused_step(loss_fn, opt, shared_argnames=("x", "y"))
+    _, _, losses = fused(_copy(params), opt.init(params), x, y, keys)
+    step = fl.train.make_step(loss_fn, opt)
+    p, s = _copy(params), opt.init(params)
+    for i in range(6):
+        p, s, loss = step(p, s, x, y, keys[i])
+        assert float(loss) == pytest.approx(float(losses[i]), rel=1e-5)
+
+
+def test_fit_returns_history_and_shows_progress(key, capsys):
+    net, params, x, y = _problem(key, (8, 6, 5, 3))
+    opt = optax.sgd(1e-3, momentum=0.9)
+    step = _make(net, "static", opt)
+    batches = [(x, y, d) for d in [0, 1, 2, 3] * 3]
+    p, s, losses = fl.train.fit(step, params, opt.init(params), batches, log_every=4, total=12)
+    assert losses.shape == (12,) and losses.dtype == np.float64
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    err = capsys.readouterr().err
+    assert "step 12/12" in err and "steps/s" in err
+    _, _, again = fl.train.fit(
+        step, _copy(p), s, [{"x": x, "y": y, "depth": 1}], progress=False
+    )
+    assert again.shape == (1,)
+
+
+def test_train_errors(key):
+    net, params, x, y = _problem(key, (8, 6, 5, 3))
+    opt = optax.sgd(1e-3)
+    with pytest.raises(TypeError, match="make_step: `loss_fn` must be callable"):
+        fl.train.make_step(None, opt)
+    with pytest.raises(TypeError, match="make_step: `optimizer` must be an optax"):
+        fl.train.make_step(_loss_fn(net, "static"), lambda g: g)
+    with pytest.raises(ValueError, match=r"make_step: `static_argnames` names \['dept'\]"):
+        fl.train.make_step(_loss_fn(net, "static"), opt, static_argnames=("dept",))
+    with pytest.raises(TypeError, match="must take `params` as its first positional"):
+        fl.train.make_step(lambda *, params: 0.0, opt)
+    with pytest.raises(ValueError, match=r"make_fused_step: `shared_argnames` names \['z'\]"):
+        fl.train.make_fused_step(_loss_fn(net, "static"), opt, shared_argnames=("z",))
+    fused = fl.train.make_fused_step(_loss_fn(net, "static"), opt, shared_argnames=("x",))
+    with pytest.raises(ValueError, match="must share one leading steps axis"):
+        fused(params, opt.init(params), x, jnp.zeros((3, 8, 3)), jnp.zeros((4,), jnp.int32))
+    step = _make(net, "static", opt)
+    with pytest.raises(TypeError, match="fit: each item of `batches` must be a tuple"):
+        fl.train.fit(step, params, opt.init(params), [x], progress=False)
+    with pytest.raises(ValueError, match="fit: `log_every` must be a positive int"):
+        fl.train.fit(step, params, opt.init(params), [], log_every=0)
