@@ -197,6 +197,22 @@ class DynamicNet:
             for (name, layer), k in zip(layers.items(), keys, strict=True)
         }
 
+    def used_params(self, depth: int | jax.Array) -> dict[str, Any]:
+        """Tell which layers a forward pass at `depth` uses: a prefix tree of bools.
+
+        `middle_linear` is used iff `depth > 0`; a traced depth gives a traced
+        bool. Pass it to `make_step(..., skip_unused=...)` to reproduce PyTorch
+        2.x, which skips parameters that received no gradient.
+
+        >>> import functorch_lite as fl
+        >>> fl.models.DynamicNet(4, 8, 2).used_params(0)
+        {'input_linear': True, 'middle_linear': False, 'output_linear': True}
+        """
+        middle = depth > 0
+        if not isinstance(middle, jax.Array):
+            middle = bool(middle)
+        return {"input_linear": True, "middle_linear": middle, "output_linear": True}
+
     def apply(
         self,
         params: Params,

@@ -63,6 +63,7 @@ def make_step(
     static_argnames: Sequence[str] = (),
     donate: bool = True,
     max_traces: int | None = None,
+    skip_unused: bool | Callable[..., Any] = False,
 ) -> Compiled:
     """Build one compiled optimizer step from a loss and an optax optimizer.
 
@@ -86,6 +87,20 @@ def make_step(
         happens in place (the static graph's `assign`). The arrays passed in
         are then invalid: use the returned ones.
       max_traces: raise `RuntimeError` if the step would trace more often.
+      skip_unused: reproduce PyTorch 2.x, where `zero_grad()` sets gradients
+        to None and `optimizer.step()` skips every parameter whose gradient is
+        None: a parameter the step did not use is not updated, and its
+        optimizer state (momentum, Adam moments) does not advance. By default
+        (False) every leaf is updated, as in PyTorch 1.x, whose `zero_grad()`
+        zeroed the gradients (momentum then keeps moving unused leaves).
+        `True` finds the unused leaves from the traced program: a params leaf
+        that the loss's jaxpr never reads. That serves the dynamic path, where
+        the depth is concrete. In the static path the loop reads every leaf,
+        so pass a callable instead: `skip_unused(params, *batch)` returns a
+        tree of bools (a prefix of the params tree will do), which may be
+        traced; `DynamicNet.used_params(depth)` gives it. Optimizer state that
+        is not shaped like params (Adam's step count) still advances: optax
+        keeps one count for all leaves where PyTorch keeps one per parameter.
 
     Returns:
       The compiled step.
@@ -115,7 +130,12 @@ def make_step(
             f"make_step: `static_argnames` names {unknown}, which `loss_fn` does not "
             f"take; its arguments after `params` are {sorted(batch_names)}."
         )
-    step = _optimizer_update(loss_fn, optimizer)
+    if not (isinstance(skip_unused, bool) or callable(skip_unused)):
+        raise TypeError(
+            "make_step: `skip_unused` must be a bool or a callable returning a tree "
+            f"of bools; got {skip_unused!r}."
+        )
+    step = _optimizer_update(loss_fn, optimizer, skip_unused=skip_unused)
     step.__signature__ = _step_signature(loss_sig, loss_params)  # type: ignore[attr-defined]
     step.__name__ = "step"
     return jit(
@@ -126,16 +146,71 @@ def make_step(
     )
 
 
+def _leaves_read(fn: Callable[[Any], Any], params: Any) -> Any:
+    """Return a tree of Python bools: which `params` leaves `fn`'s jaxpr reads."""
+    jaxpr = jax.make_jaxpr(fn)(params).jaxpr
+    read = {id(v) for eqn in jaxpr.eqns for v in eqn.invars}
+    read |= {id(v) for v in jaxpr.outvars}
+    flags = [id(v) in read for v in jaxpr.invars]
+    return jax.tree.unflatten(jax.tree.structure(params), flags)
+
+
+def _broadcast_used(used: Any, params: Any) -> Any:
+    """Expand a prefix tree of bools to one bool per params leaf."""
+    try:
+        return jax.tree.map(lambda u, sub: jax.tree.map(lambda _: u, sub), used, params)
+    except ValueError as err:
+        raise TypeError(
+            "make_step: `skip_unused` must return a tree of bools shaped like params "
+            f"(or a prefix of it); got {jax.tree.structure(used)} for params "
+            f"{jax.tree.structure(params)}."
+        ) from err
+
+
+def _keep_unused(used: Any, new: Any, old: Any) -> Any:
+    """Per leaf: `new` where used, `old` where not (static bools select in Python)."""
+
+    def pick(u: Any, a: Any, b: Any) -> Any:
+        if isinstance(u, bool):
+            return a if u else b
+        return jax.numpy.where(u, a, b)
+
+    return jax.tree.map(pick, used, new, old)
+
+
+def _keep_unused_state(used: Any, new: Any, old: Any, params: Any) -> Any:
+    """Hold back every params-shaped part of an optimizer state (momentum, moments)."""
+    params_def = jax.tree.structure(params)
+    shaped = lambda t: jax.tree.structure(t) == params_def  # noqa: E731
+
+    def hold(n: Any, o: Any) -> Any:
+        return _keep_unused(used, n, o) if shaped(n) else n
+
+    return jax.tree.map(hold, new, old, is_leaf=shaped)
+
+
 def _optimizer_update(
-    loss_fn: Callable[..., jax.Array], optimizer: optax.GradientTransformation
+    loss_fn: Callable[..., jax.Array],
+    optimizer: optax.GradientTransformation,
+    *,
+    skip_unused: bool | Callable[..., Any] = False,
 ) -> Callable[..., tuple]:
     """The body shared by `make_step` and `make_fused_step`: one optimizer step."""
     value_and_grad = jax.value_and_grad(loss_fn)
 
     def update(params: Any, opt_state: Any, *batch: Any, **kwargs: Any) -> tuple:
         loss, grads = value_and_grad(params, *batch, **kwargs)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        updates, new_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        if skip_unused is False:
+            return new_params, new_state, loss
+        if skip_unused is True:
+            used = _leaves_read(lambda p: loss_fn(p, *batch, **kwargs), params)
+        else:
+            used = _broadcast_used(skip_unused(params, *batch, **kwargs), params)
+        new_params = _keep_unused(used, new_params, params)
+        new_state = _keep_unused_state(used, new_state, opt_state, params)
+        return new_params, new_state, loss
 
     return update
 

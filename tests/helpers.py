@@ -35,7 +35,9 @@ def dynamic_net_forward_np(params: Any, x: np.ndarray, depth: int) -> np.ndarray
     x = np.asarray(x, np.float64)
     h = np.maximum(x @ p["input_linear"]["weight"] + p["input_linear"]["bias"], 0.0)
     for _ in range(depth):
-        h = np.maximum(h @ p["middle_linear"]["weight"] + p["middle_linear"]["bias"], 0.0)
+        h = np.maximum(
+            h @ p["middle_linear"]["weight"] + p["middle_linear"]["bias"], 0.0
+        )
     return h @ p["output_linear"]["weight"] + p["output_linear"]["bias"]
 
 
@@ -76,3 +78,39 @@ def dynamic_net_grads_np(
     g_z0 = g_h * (z0 > 0)
     grads["input_linear"] = {"weight": x.T @ g_z0, "bias": g_z0.sum(0)}
     return loss, grads
+
+
+def torch_dynamic_net(params: Any, dtype: Any = None) -> Any:
+    """The PyTorch reference DynamicNet, loaded with `params` (weights transposed).
+
+    Written here independently of `fl.interop`, so that parity tests do not
+    check the library against itself.
+    """
+    import torch
+
+    class DynamicNet(torch.nn.Module):
+        def __init__(self, d_in: int, h: int, d_out: int) -> None:
+            super().__init__()
+            self.input_linear = torch.nn.Linear(d_in, h)
+            self.middle_linear = torch.nn.Linear(h, h)
+            self.output_linear = torch.nn.Linear(h, d_out)
+
+        def forward(self, x: Any, depth: int) -> Any:
+            h_relu = self.input_linear(x).clamp(min=0)
+            for _ in range(depth):
+                h_relu = self.middle_linear(h_relu).clamp(min=0)
+            return self.output_linear(h_relu)
+
+    d_in, h = np.shape(params["input_linear"]["weight"])
+    d_out = np.shape(params["output_linear"]["weight"])[1]
+    model = DynamicNet(d_in, h, d_out)
+    dtype = dtype or torch.float32
+    with torch.no_grad():
+        for name in ("input_linear", "middle_linear", "output_linear"):
+            layer = getattr(model, name)
+            w = np.array(params[name]["weight"], np.float64).T.copy()
+            layer.weight.copy_(torch.from_numpy(w))
+            layer.bias.copy_(
+                torch.from_numpy(np.array(params[name]["bias"], np.float64))
+            )
+    return model.to(dtype)
