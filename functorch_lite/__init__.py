@@ -1,6 +1,6 @@
 """functorch_lite: pure-function models over pytrees, compiled once or run by run."""
 
-from functorch_lite import compile, control, models, nn, train
+from functorch_lite import checkpoint, compile, control, models, nn, train
 from functorch_lite.compile import (
     CompileStats,
     compile_counter,
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CompileStats",
+    "checkpoint",
     "compile",
     "compile_counter",
     "control",

@@ -1,0 +1,839 @@
+"""Checkpoints: save and load pytrees to safetensors files, atomically and validated.
+
+`save(path, tree)` writes any pytree of arrays (params, optax state, the step
+number, PRNG keys) to one file; `load(path, like=tree)` reads it back into the
+structure of `like`. `save_numbered`, `latest` and `load_latest` keep a folder
+of periodic checkpoints for training loops.
+
+Format: a safetensors file, written and parsed by the `safetensors` library.
+Why safetensors and not NumPy `.npz`:
+
+- other tools read it: `safetensors.torch.load_file` in PyTorch, Hugging Face
+  tools, the Rust, JavaScript and C++ readers;
+- it is a well-kept, audited library with a small, fixed layout (an 8-byte
+  header length, a JSON header, raw little-endian tensor bytes) and loading
+  never runs code (a pickle inside an `.npz` can);
+- it stores `bfloat16` and `float8` tensors natively (`.npz` has no dtype for
+  them) and has a string map in its header for our manifest.
+
+Layout of a file written by `save`:
+
+- one tensor per leaf, named by the leaf's tree path in dotted form:
+  `input_linear.weight` for `params["input_linear"]["weight"]`, `0.mu.w` for
+  field `mu` of the first element of a tuple. A lone array is named `""`.
+- header metadata `functorch_lite.manifest`: JSON with the format version, the
+  tree structure (`str(treedef)`, for people; `load` matches leaves by name),
+  and per leaf its name, kind, dtype, shape and the sha256 of its bytes.
+  `functorch_lite.manifest_sha256` guards the manifest itself.
+- Python scalars (`int`, `float`, `bool`, such as the step number) are stored
+  as 0-d `int64`, `float64` and `bool` tensors and come back as the Python type
+  of the `like` leaf. New-style typed PRNG keys (`jax.random.key(0)`) are stored
+  as their `jax.random.key_data` (`uint32`), with their implementation name, and
+  rebuilt with `jax.random.wrap_key_data`. Old-style `uint32` keys are plain
+  arrays.
+
+Writes are atomic: the bytes go to a hidden temporary file in the same folder,
+which is flushed and fsync'ed, then renamed over the target with `os.replace`,
+and the folder is fsync'ed. A crash at any point leaves either the previous
+file or the new one, never a mix; a temporary file left by a killed writer is
+ignored by `latest` and removed by the next `save_numbered`.
+
+Errors:
+
+- `CheckpointError` (a `ValueError`): the file is not a readable checkpoint:
+  truncated, a byte changed (checksum mismatch), not a safetensors file, or a
+  safetensors file without our manifest. The message names the file.
+- `TypeError`: the leaves in the file and the leaves of `like` differ (a
+  missing or an extra leaf); `ValueError`: a leaf's shape or dtype differs from
+  `like`. Both messages name the file and the leaf path.
+- `FileNotFoundError`: there is no file at `path`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "latest",
+    "load",
+    "load_latest",
+    "save",
+    "save_numbered",
+]
+
+FORMAT_VERSION = 1
+
+_MANIFEST_KEY = "functorch_lite.manifest"
+_MANIFEST_SHA_KEY = "functorch_lite.manifest_sha256"
+_FORMAT_NAME = "functorch_lite.checkpoint"
+
+# numpy dtype name -> safetensors dtype code. These are the dtypes that both the
+# safetensors writer and PyTorch's reader understand.
+_DTYPE_CODES = {
+    "bool": "BOOL",
+    "int8": "I8",
+    "int16": "I16",
+    "int32": "I32",
+    "int64": "I64",
+    "uint8": "U8",
+    "uint16": "U16",
+    "uint32": "U32",
+    "uint64": "U64",
+    "float16": "F16",
+    "float32": "F32",
+    "float64": "F64",
+    "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "complex64": "C64",
+}
+_ML_DTYPES = {
+    "bfloat16": ml_dtypes.bfloat16,
+    "float8_e4m3fn": ml_dtypes.float8_e4m3fn,
+    "float8_e5m2": ml_dtypes.float8_e5m2,
+}
+
+_KINDS = ("array", "int", "float", "bool", "key")
+
+_NUMBERED = re.compile(r"^ckpt_(\d+)\.safetensors$")
+_TEMP = re.compile(
+    r"^\.(?P<target>.+)\.(?P<host>[0-9a-f]{8})\.(?P<pid>\d+)\.[0-9a-f]+\.tmp$"
+)
+
+_log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A file is not a readable checkpoint: truncated, corrupted or of another kind.
+
+    Raised by `load` (and `load_latest` when no checkpoint in the folder is
+    readable). The message names the file. It subclasses `ValueError`, so
+    `except ValueError` catches it too.
+    """
+
+
+# ----------------------------------------------------------------------- naming
+
+
+def _key_name(entry: Any) -> str:
+    if isinstance(entry, jax.tree_util.DictKey):
+        return str(entry.key)
+    if isinstance(entry, jax.tree_util.SequenceKey):
+        return str(entry.idx)
+    if isinstance(entry, jax.tree_util.GetAttrKey):
+        return entry.name
+    if isinstance(entry, jax.tree_util.FlattenedIndexKey):
+        return str(entry.key)
+    return str(entry)
+
+
+def _leaf_name(path: tuple) -> str:
+    """Name a leaf by its tree path in dotted form: `input_linear.weight`."""
+    return ".".join(_key_name(entry) for entry in path)
+
+
+def _named_leaves(fn: str, arg: str, tree: Any) -> tuple[list[tuple[str, Any]], Any]:
+    """Flatten `tree` to `(name, leaf)` pairs, checking that names are unique."""
+    pairs, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    named: list[tuple[str, Any]] = []
+    seen: dict[str, str] = {}
+    for path, leaf in pairs:
+        name = _leaf_name(path)
+        keystr = jax.tree_util.keystr(path)
+        if name in seen:
+            raise ValueError(
+                f"{fn}: two leaves of `{arg}`, {seen[name]} and {keystr}, have "
+                f"the same checkpoint name {name!r}. Rename a key so that the "
+                "dotted paths differ."
+            )
+        seen[name] = keystr
+        named.append((name, leaf))
+    return named, treedef
+
+
+def _check_path(fn: str, path: Any) -> str:
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(
+            f"{fn}: `path` must be a str or os.PathLike; got {type(path).__name__} "
+            f"{path!r}."
+        )
+    return os.fspath(path)
+
+
+def _is_key(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _np_dtype(name: str) -> np.dtype:
+    return np.dtype(_ML_DTYPES.get(name, name))
+
+
+# ------------------------------------------------------------------------ save
+
+
+def _encode_leaf(name: str, leaf: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """Turn one leaf into a little-endian, contiguous array and its manifest entry."""
+    entry: dict[str, Any] = {"name": name}
+    if _is_key(leaf) and isinstance(leaf, jax.Array):
+        kind = "key"
+        entry["key_dtype"] = str(leaf.dtype)
+        entry["key_impl"] = str(jax.random.key_impl(leaf))
+        entry["key_shape"] = list(leaf.shape)
+        arr = np.asarray(jax.device_get(jax.random.key_data(leaf)))
+    elif isinstance(leaf, jax.Array | np.ndarray | np.generic):
+        # Before the Python types: np.float64 subclasses float.
+        kind, arr = "array", np.asarray(jax.device_get(leaf))
+    elif isinstance(leaf, bool):
+        kind, arr = "bool", np.asarray(leaf, dtype=np.bool_)
+    elif isinstance(leaf, int):
+        try:
+            kind, arr = "int", np.asarray(leaf, dtype=np.int64)
+        except OverflowError as err:
+            raise ValueError(
+                f"save: leaf {name!r} is the int {leaf!r}, outside the int64 range "
+                "that a checkpoint stores. Store it as a smaller int or an array."
+            ) from err
+    elif isinstance(leaf, float):
+        kind, arr = "float", np.asarray(leaf, dtype=np.float64)
+    else:
+        raise TypeError(
+            f"save: leaf {name!r} is a {type(leaf).__name__} ({leaf!r}); expected a "
+            "jax.Array, a NumPy array or a Python int, float or bool."
+        )
+    if arr.dtype.name not in _DTYPE_CODES:
+        raise TypeError(
+            f"save: leaf {name!r} has dtype {arr.dtype.name}, which safetensors "
+            f"cannot store; expected one of {sorted(_DTYPE_CODES)}. Cast the leaf "
+            "first."
+        )
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    if not arr.flags.c_contiguous:
+        arr = arr.copy(order="C")
+    entry.update(
+        kind=kind,
+        dtype=arr.dtype.name,
+        shape=list(arr.shape),
+        sha256=_sha256(arr),
+    )
+    return arr, entry
+
+
+def _sha256(arr: np.ndarray) -> str:
+    # The bytes that safetensors writes: the contiguous little-endian buffer.
+    return hashlib.sha256(memoryview(arr.reshape(-1).view(np.uint8))).hexdigest()
+
+
+def _fsync_dir(directory: str) -> None:
+    # Make the rename itself durable. Not every platform can open a folder, and
+    # some file systems refuse to fsync one; the new file is in place by now, so
+    # a refusal must not turn a finished save into an error.
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temp_path(path: str) -> str:
+    """Name a hidden temporary file beside `path`, tagged with host and pid."""
+    directory, base = os.path.split(os.path.abspath(path))
+    tag = f"{_host_tag()}.{os.getpid()}.{secrets.token_hex(4)}"
+    return os.path.join(directory, f".{base}.{tag}.tmp")
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = _temp_path(path)
+    # os.open with mode 0o666 lets the umask decide the final permissions, as
+    # for a file created with open().
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    fd = os.open(tmp, flags, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def save(path: str | os.PathLike, tree: Any) -> None:
+    """Write `tree` to a safetensors checkpoint at `path`, atomically.
+
+    The previous file at `path`, if any, stays intact until the new one is
+    complete on disk; see the module docstring for the layout.
+
+    Args:
+      path: the file to write. Its folder must exist.
+      tree: a pytree whose leaves are `jax.Array`s (typed PRNG keys included),
+        NumPy arrays or Python `int`, `float` or `bool`: params, optax state,
+        the step number, a key. `None` and empty nodes (optax `EmptyState`)
+        have no leaves and need no storage.
+
+    Raises:
+      TypeError: a leaf is of another kind, or its dtype cannot be stored.
+      ValueError: two leaves get the same dotted name, or an int does not fit
+        in int64.
+      FileNotFoundError: the folder of `path` does not exist.
+
+    >>> import os, tempfile, jax, optax
+    >>> import functorch_lite as fl
+    >>> net = fl.models.TwoLayerNet(3, 4, 1)
+    >>> params = net.init(jax.random.key(0))
+    >>> state = {"params": params, "opt_state": optax.adam(1e-3).init(params),
+    ...          "step": 7, "key": jax.random.key(1)}
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = os.path.join(tmp, "state.safetensors")
+    ...     fl.checkpoint.save(path, state)
+    ...     restored = fl.checkpoint.load(path, like=state)
+    >>> restored["step"], bool((restored["params"]["w1"] == params["w1"]).all())
+    (7, True)
+    """
+    path = _check_path("save", path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"save: the folder {directory!r} of `path` {path!r} does not exist; "
+            "create it first."
+        )
+    named, treedef = _named_leaves("save", "tree", tree)
+    tensors: dict[str, np.ndarray] = {}
+    entries = []
+    for name, leaf in named:
+        arr, entry = _encode_leaf(name, leaf)
+        tensors[name] = arr
+        entries.append(entry)
+    manifest = json.dumps(
+        {
+            "format": _FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "treedef": str(treedef),
+            "leaves": entries,
+        },
+        sort_keys=True,
+    )
+    metadata = {
+        _MANIFEST_KEY: manifest,
+        _MANIFEST_SHA_KEY: hashlib.sha256(manifest.encode()).hexdigest(),
+    }
+    _atomic_write(path, safetensors.numpy.save(tensors, metadata=metadata))
+
+
+# ------------------------------------------------------------------------ load
+
+
+def _corrupt(path: str, what: str) -> CheckpointError:
+    return CheckpointError(f"load: {path!r} is not a readable checkpoint: {what}")
+
+
+def _check_entry(entry: Any) -> None:
+    """Check one manifest entry's fields, raising ValueError when one is wrong."""
+    fields = ["name", "kind", "dtype", "shape", "sha256"]
+    if isinstance(entry, dict) and entry.get("kind") == "key":
+        fields += ["key_dtype", "key_impl", "key_shape"]
+    if not isinstance(entry, dict) or any(f not in entry for f in fields):
+        raise ValueError(f"a leaf entry lacks one of {fields}: {entry!r}")
+    if entry["kind"] not in _KINDS or entry["dtype"] not in _DTYPE_CODES:
+        raise ValueError(f"unknown kind or dtype in {entry!r}")
+
+
+def _read(path: str) -> tuple[dict[str, Any], dict[str, tuple[dict, bytes]]]:
+    """Read and verify a checkpoint file: its manifest and `{name: (entry, bytes)}`."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"load: there is no checkpoint file at {path!r}."
+        ) from err
+
+    # The safetensors layout: u64 little-endian header size, JSON header, bytes.
+    if len(data) < 8:
+        raise _corrupt(path, f"it has {len(data)} bytes, fewer than a header needs.")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > len(data) - 8:
+        raise _corrupt(
+            path,
+            f"its header claims {header_len} bytes but the file has {len(data)}; "
+            "it is truncated or not a safetensors file.",
+        )
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+        if not isinstance(header, dict):
+            raise TypeError(f"the header is a {type(header).__name__}, not an object")
+    except (ValueError, TypeError) as err:
+        raise _corrupt(
+            path,
+            f"its header is not safetensors JSON ({err}); it is not a "
+            "safetensors file or it is corrupted.",
+        ) from err
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or _MANIFEST_KEY not in metadata:
+        raise _corrupt(
+            path,
+            "it has no functorch_lite manifest, so it was not written by "
+            "functorch_lite.checkpoint.save (read plain safetensors files with "
+            "`safetensors.numpy.load_file`).",
+        )
+    manifest_text = metadata[_MANIFEST_KEY]
+    digest = hashlib.sha256(str(manifest_text).encode()).hexdigest()
+    if digest != metadata.get(_MANIFEST_SHA_KEY):
+        raise _corrupt(path, "the checksum of its manifest does not match.")
+    try:
+        manifest = json.loads(manifest_text)
+        version = manifest["version"]
+        entries = manifest["leaves"]
+        for entry in entries:
+            _check_entry(entry)
+    except (ValueError, TypeError, KeyError) as err:
+        raise _corrupt(path, f"its manifest is malformed ({err!r}).") from err
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise _corrupt(
+            path,
+            f"it has format version {version!r}; this functorch_lite reads versions "
+            f"up to {FORMAT_VERSION}. Upgrade functorch_lite.",
+        )
+
+    # Truncation: the tensor bytes must reach as far as the header says.
+    payload = len(data) - 8 - header_len
+    needed = max(
+        (
+            info["data_offsets"][1]
+            for name, info in header.items()
+            if name != "__metadata__"
+            and isinstance(info, dict)
+            and isinstance(info.get("data_offsets"), list)
+            and len(info["data_offsets"]) == 2
+            and isinstance(info["data_offsets"][1], int)
+        ),
+        default=0,
+    )
+    if payload < needed:
+        raise _corrupt(
+            path,
+            f"it is truncated: the header lists {needed} bytes of tensor data but "
+            f"the file holds {payload}.",
+        )
+    try:
+        views = dict(safetensors.deserialize(data))
+    except Exception as err:  # The decoder's own error type varies by version.
+        raise _corrupt(path, f"safetensors cannot decode it ({err}).") from err
+
+    leaves: dict[str, tuple[dict, bytes]] = {}
+    for entry in entries:
+        name = entry["name"]
+        if name not in views:
+            raise _corrupt(
+                path, f"its manifest lists leaf {name!r} but no tensor has that name."
+            )
+        view = views.pop(name)
+        if _DTYPE_CODES.get(entry["dtype"]) != view["dtype"] or list(
+            view["shape"]
+        ) != list(entry["shape"]):
+            raise _corrupt(
+                path,
+                f"leaf {name!r} is {view['dtype']}{list(view['shape'])} in the "
+                f"tensor table but {entry['dtype']}{entry['shape']} in the manifest.",
+            )
+        raw = bytes(view["data"])
+        if hashlib.sha256(raw).hexdigest() != entry["sha256"]:
+            raise _corrupt(
+                path,
+                f"checksum mismatch on leaf {name!r}: its bytes changed after it "
+                "was written.",
+            )
+        leaves[name] = (entry, raw)
+    if views:
+        raise _corrupt(path, f"tensors {sorted(views)} are not in its manifest.")
+    return manifest, leaves
+
+
+def _decode(entry: dict, raw: bytes) -> np.ndarray:
+    dtype = _np_dtype(entry["dtype"]).newbyteorder("<")
+    return np.frombuffer(raw, dtype=dtype).reshape(entry["shape"]).copy()
+
+
+def _as_python(entry: dict, arr: np.ndarray) -> Any:
+    kind = entry["kind"]
+    if kind == "key":
+        return jax.random.wrap_key_data(jnp.asarray(arr), impl=entry["key_impl"])
+    if kind in ("int", "float", "bool"):
+        return {"int": int, "float": float, "bool": bool}[kind](arr.item())
+    return arr
+
+
+def _short(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return shown + more
+
+
+def _kind_of(dtype: Any) -> str:
+    dtype = np.dtype(dtype)
+    if dtype == np.bool_:
+        return "bool"
+    if jnp.issubdtype(dtype, jnp.integer):
+        return "int"
+    if jnp.issubdtype(dtype, jnp.floating):
+        return "float"
+    return dtype.name
+
+
+def _restore(path: str, name: str, entry: dict, raw: bytes, like: Any) -> Any:
+    """Rebuild one leaf as the kind of its `like` leaf, checking shape and dtype."""
+    arr = _decode(entry, raw)
+    kind = entry["kind"]
+    got = (
+        f"{entry['key_dtype']}{tuple(entry['key_shape'])}"
+        if kind == "key"
+        else f"{entry['dtype']}{tuple(entry['shape'])}"
+    )
+
+    def mismatch(expected: str) -> ValueError:
+        return ValueError(
+            f"load: leaf {name!r} in {path!r} is {got}; `like` expects {expected}. "
+            "Pass a `like` that matches the checkpoint, or convert it after loading."
+        )
+
+    # `like` a Python scalar: any 0-d leaf of the same kind converts exactly.
+    if isinstance(like, bool | int | float) and not isinstance(like, np.generic):
+        if isinstance(like, bool):
+            want = "bool"
+        elif isinstance(like, int):
+            want = "int"
+        else:
+            want = "float"
+        if kind == "key" or arr.shape != () or _kind_of(arr.dtype) != want:
+            raise mismatch(f"a Python {type(like).__name__} (a 0-d {want} tensor)")
+        return type(like)(arr.item())
+
+    if isinstance(like, jax.Array | jax.ShapeDtypeStruct | np.ndarray | np.generic):
+        want_shape, want_dtype = tuple(like.shape), like.dtype
+    else:
+        raise TypeError(
+            f"load: leaf {name!r} of `like` is a {type(like).__name__} ({like!r}); "
+            "expected a jax.Array, a jax.ShapeDtypeStruct, a NumPy array or a "
+            "Python int, float or bool."
+        )
+    expected = f"{want_dtype}{want_shape}"
+
+    if _is_key(like):
+        if kind != "key" or str(want_dtype) != entry["key_dtype"]:
+            raise mismatch(expected)
+        if tuple(entry["key_shape"]) != want_shape:
+            raise mismatch(expected)
+        value = jax.random.wrap_key_data(jnp.asarray(arr), impl=entry["key_impl"])
+    else:
+        if kind == "key" or arr.shape != want_shape:
+            raise mismatch(expected)
+        want_dtype = np.dtype(want_dtype)
+        if arr.dtype != want_dtype:
+            # A Python scalar (such as the step number, stored as int64) may fill a
+            # 0-d leaf of another dtype of its kind when the value converts exactly.
+            if kind not in ("int", "float") or _kind_of(want_dtype) != kind:
+                raise mismatch(expected)
+            with np.errstate(all="ignore"):  # Overflow shows in the check below.
+                converted = arr.astype(want_dtype)
+                back = converted.astype(arr.dtype)
+            if not np.array_equal(back, arr, equal_nan=kind == "float"):
+                raise mismatch(expected)
+            arr = converted
+        if isinstance(like, np.ndarray):
+            return arr
+        if isinstance(like, np.generic):
+            return arr[()]
+        value = arr
+    sharding = getattr(like, "sharding", None)
+    if sharding is not None:
+        return jax.device_put(value, sharding)
+    return jax.device_put(value)
+
+
+def load(path: str | os.PathLike, like: Any = None) -> Any:
+    """Read a checkpoint written by `save`, verifying its checksums.
+
+    Args:
+      path: the file to read.
+      like: a pytree with the structure to restore (the tree that was saved,
+        or one of `jax.ShapeDtypeStruct`s such as `jax.eval_shape` returns).
+        Each leaf of the result has the kind of its `like` leaf: a `jax.Array`
+        (placed with the `like` leaf's sharding, when it has one) for a
+        `jax.Array` or `jax.ShapeDtypeStruct`, a NumPy array for a NumPy array,
+        and the same Python type for a Python `int`, `float` or `bool`. A
+        Python scalar saved in the file fills a 0-d leaf of another dtype of its
+        kind when its value converts exactly (a saved step `7` into an `int32`
+        leaf). When `like` is `None`, return a flat `{name: leaf}` dict in the
+        saved order: NumPy arrays, Python scalars and typed PRNG keys.
+
+    Returns:
+      The restored tree, with the structure of `like`.
+
+    Raises:
+      CheckpointError: the file is truncated, corrupted (checksum mismatch) or
+        not a checkpoint. Names the file.
+      FileNotFoundError: there is no file at `path`.
+      TypeError: the file lacks a leaf of `like`, or has a leaf that `like`
+        lacks; or a `like` leaf is of an unsupported kind. Names the leaf.
+      ValueError: a leaf's shape or dtype differs from `like`. Names the leaf.
+
+    >>> import os, tempfile, jax, jax.numpy as jnp
+    >>> import functorch_lite as fl
+    >>> tree = {"w": jnp.arange(3.0), "step": 10}
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = os.path.join(tmp, "ckpt.safetensors")
+    ...     fl.checkpoint.save(path, tree)
+    ...     shapes = jax.eval_shape(lambda: {"w": jnp.zeros(3), "step": 0})
+    ...     restored = fl.checkpoint.load(path, like=shapes)
+    ...     flat = fl.checkpoint.load(path)
+    >>> restored["w"].tolist(), int(restored["step"]), sorted(flat)
+    ([0.0, 1.0, 2.0], 10, ['step', 'w'])
+    """
+    path = _check_path("load", path)
+    manifest, leaves = _read(path)
+    if like is None:
+        return {
+            name: _as_python(entry, _decode(entry, raw))
+            for name, (entry, raw) in leaves.items()
+        }
+
+    named, like_def = _named_leaves("load", "like", like)
+    like_names = {name for name, _ in named}
+    missing = [name for name, _ in named if name not in leaves]
+    extra = [name for name in leaves if name not in like_names]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"has no leaf {_short(missing)} that `like` has")
+        if extra:
+            parts.append(f"has leaf {_short(extra)} that `like` lacks")
+        raise TypeError(
+            f"load: checkpoint {path!r} " + " and ".join(parts) + ". The file's "
+            f"tree is {manifest.get('treedef')}; `like`'s tree is {like_def}. Pass "
+            "a `like` with the saved structure."
+        )
+    values = [_restore(path, name, *leaves[name], leaf) for name, leaf in named]
+    return jax.tree.unflatten(like_def, values)
+
+
+# -------------------------------------------------------------------- rotation
+
+
+def _numbered(directory: str) -> list[tuple[int, str]]:
+    """List `(step, path)` of the numbered checkpoints in `directory`, newest first."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        match = _NUMBERED.match(name)
+        if match:
+            found.append((int(match.group(1)), os.path.join(directory, name)))
+    return sorted(found, reverse=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # Alive, but another user's.
+        return True
+    return True
+
+
+def _remove_stale_temps(directory: str) -> None:
+    """Remove temporary files of numbered checkpoints whose writer has died."""
+    # os.kill(pid, 0) only probes on POSIX (elsewhere it would end the process),
+    # and it sees only this machine's processes: in a folder shared between
+    # hosts, other hosts' temporaries (another host tag) are left alone, and
+    # `latest` ignores them anyway.
+    if os.name != "posix":
+        return
+    host = _host_tag()
+    for name in os.listdir(directory):
+        match = _TEMP.match(name)
+        if (
+            match
+            and match.group("host") == host
+            and _NUMBERED.match(match.group("target"))
+            and not _pid_alive(int(match.group("pid")))
+        ):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+
+
+def save_numbered(
+    directory: str | os.PathLike, step: int, tree: Any, *, keep: int | None = 3
+) -> str:
+    """Save `tree` as checkpoint number `step` in `directory`, then prune old ones.
+
+    The file is `directory/ckpt_{step:08d}.safetensors`, written atomically by
+    `save`. Only after it is complete are other checkpoints deleted: the folder
+    keeps the one just written and the `keep - 1` others with the highest step
+    numbers. Temporary files of writers that were killed (on this machine) are
+    removed first (those tagged with this host and a dead process id).
+
+    Args:
+      directory: the folder of checkpoints; created if missing.
+      step: the step number, an int >= 0.
+      tree: the pytree to save, as for `save`.
+      keep: how many checkpoints to keep, >= 1; `None` keeps them all.
+
+    Returns:
+      The path of the new checkpoint.
+
+    Raises:
+      TypeError: `step` is not an int, or `keep` is neither an int nor `None`.
+      ValueError: `step` is negative or `keep` is below 1.
+
+    >>> import os, tempfile, jax.numpy as jnp
+    >>> import functorch_lite as fl
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     for step in range(0, 500, 100):
+    ...         _ = fl.checkpoint.save_numbered(tmp, step, {"w": jnp.ones(2)}, keep=2)
+    ...     print(sorted(os.listdir(tmp)))
+    ['ckpt_00000300.safetensors', 'ckpt_00000400.safetensors']
+    """
+    directory = _check_path("save_numbered", directory)
+    if isinstance(step, bool) or not isinstance(step, int | np.integer):
+        raise TypeError(
+            f"save_numbered: `step` must be an int >= 0; got {type(step).__name__} "
+            f"{step!r}."
+        )
+    if step < 0:
+        raise ValueError(f"save_numbered: `step` must be an int >= 0; got {step!r}.")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int)):
+        raise TypeError(
+            f"save_numbered: `keep` must be an int >= 1 or None; got "
+            f"{type(keep).__name__} {keep!r}."
+        )
+    if keep is not None and keep < 1:
+        raise ValueError(
+            f"save_numbered: `keep` must be an int >= 1 or None; got {keep!r}. "
+            "Pass None to keep every checkpoint."
+        )
+    os.makedirs(directory, exist_ok=True)
+    _remove_stale_temps(directory)
+    path = os.path.join(directory, f"ckpt_{int(step):08d}.safetensors")
+    save(path, tree)
+    if keep is not None:
+        others = [p for _, p in _numbered(directory) if p != path]
+        for old in others[keep - 1 :]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(old)
+    return path
+
+
+def latest(directory: str | os.PathLike) -> tuple[int, str] | None:
+    """Find the numbered checkpoint with the highest step in `directory`.
+
+    Only names `ckpt_<digits>.safetensors` count; temporary files do not. The
+    file is not opened: use `load_latest` to skip unreadable ones.
+
+    Args:
+      directory: the folder of checkpoints.
+
+    Returns:
+      `(step, path)`, or `None` when the folder has no checkpoint or does not
+      exist.
+
+    >>> import os, tempfile, jax.numpy as jnp
+    >>> import functorch_lite as fl
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     print(fl.checkpoint.latest(tmp))
+    ...     _ = fl.checkpoint.save_numbered(tmp, 12, {"w": jnp.ones(2)})
+    ...     step, path = fl.checkpoint.latest(tmp)
+    None
+    >>> step, os.path.basename(path)
+    (12, 'ckpt_00000012.safetensors')
+    """
+    directory = _check_path("latest", directory)
+    found = _numbered(directory)
+    return found[0] if found else None
+
+
+def load_latest(
+    directory: str | os.PathLike, like: Any = None
+) -> tuple[int, Any] | None:
+    """Load the newest readable numbered checkpoint in `directory`.
+
+    Checkpoints are tried from the highest step down. One that is truncated or
+    corrupted (a `CheckpointError`) is skipped with a warning on the
+    `functorch_lite.checkpoint` logger (not `warnings.warn`, so that test suites
+    run with warnings as errors can exercise it), and the next older one is
+    tried. A mismatch against `like` is not skipped: it is raised, because
+    older checkpoints of the same run would not match either.
+
+    Args:
+      directory: the folder of checkpoints.
+      like: the structure to restore, as for `load`.
+
+    Returns:
+      `(step, tree)`, or `None` when the folder has no checkpoint or does not
+      exist.
+
+    Raises:
+      CheckpointError: every checkpoint in the folder is unreadable; the
+        message names each one.
+      TypeError, ValueError: the newest readable checkpoint does not match
+        `like`, as for `load`.
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> import functorch_lite as fl
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     for step in (10, 20):
+    ...         _ = fl.checkpoint.save_numbered(tmp, step, {"w": jnp.full(2, step)})
+    ...     step, tree = fl.checkpoint.load_latest(tmp, like={"w": jnp.zeros(2, int)})
+    >>> step, tree["w"].tolist()
+    (20, [20, 20])
+    """
+    directory = _check_path("load_latest", directory)
+    errors = []
+    for step, path in _numbered(directory):
+        try:
+            return step, load(path, like)
+        except CheckpointError as err:
+            _log.warning("load_latest: skipping unreadable checkpoint: %s", err)
+            errors.append(str(err))
+        except FileNotFoundError:  # Pruned by a concurrent save_numbered.
+            continue
+    if errors:
+        raise CheckpointError(
+            f"load_latest: no readable checkpoint in {directory!r}; " + " ".join(errors)
+        )
+    return None
