@@ -92,7 +92,11 @@ def relu() -> Layer:
 
 
 def mse_loss(
-    pred: jax.Array, target: jax.Array, *, reduction: str = "sum"
+    pred: jax.Array,
+    target: jax.Array,
+    *,
+    reduction: str = "sum",
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     """Compute the squared error between `pred` and `target`.
 
@@ -101,6 +105,9 @@ def mse_loss(
       target: targets, the same shape as `pred`.
       reduction: `"sum"` (the reference programs' loss) or `"mean"` over every
         element, as in `torch.nn.functional.mse_loss`.
+      mask: optional `(N,)` row weights, 1 for real rows and 0 for padding
+        (from `fl.train.pad_batch`): padded rows add nothing, and `"mean"`
+        divides by the real rows only, so the loss equals the unpadded one.
 
     Returns:
       A scalar.
@@ -124,4 +131,17 @@ def mse_loss(
             "not broadcast, so that a (N,) vs (N, 1) mix-up cannot pass silently."
         )
     sq = jnp.square(pred - target)
-    return jnp.sum(sq) if reduction == "sum" else jnp.mean(sq)
+    if mask is None:
+        return jnp.sum(sq) if reduction == "sum" else jnp.mean(sq)
+    mask_shape = jnp.shape(mask)
+    if len(pred_shape) == 0 or mask_shape != pred_shape[:1]:
+        raise ValueError(
+            f"mse_loss: `mask` must have shape (N,) = {pred_shape[:1]}, one weight "
+            f"per row of `pred`; got {mask_shape}."
+        )
+    weights = jnp.asarray(mask, sq.dtype).reshape(mask_shape + (1,) * (sq.ndim - 1))
+    total = jnp.sum(sq * weights)
+    if reduction == "sum":
+        return total
+    per_row = math.prod(pred_shape[1:])
+    return total / (jnp.sum(weights) * per_row)

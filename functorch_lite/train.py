@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
+from functorch_lite import checkpoint
 from functorch_lite.compile import Compiled, jit
 
-__all__ = ["fit", "make_fused_step", "make_step"]
+__all__ = ["bucket_size", "fit", "make_fused_step", "make_step", "pad_batch"]
 
 
 def _check_loss_fn(
@@ -64,6 +68,7 @@ def make_step(
     donate: bool = True,
     max_traces: int | None = None,
     skip_unused: bool | Callable[..., Any] = False,
+    guard: bool = False,
 ) -> Compiled:
     """Build one compiled optimizer step from a loss and an optax optimizer.
 
@@ -101,9 +106,14 @@ def make_step(
         traced; `DynamicNet.used_params(depth)` gives it. Optimizer state that
         is not shaped like params (Adam's step count) still advances: optax
         keeps one count for all leaves where PyTorch keeps one per parameter.
+      guard: check in the graph that the loss and every gradient are finite;
+        if not, return `params` and `opt_state` unchanged (so a NaN never
+        reaches them, even though their buffers are donated) and return the
+        loss as NaN. `fit` relies on this to hand back the last finite state.
+        Costs one pass over the gradients and the state per step.
 
     Returns:
-      The compiled step.
+      The compiled step; `step.guarded` tells whether `guard` is on.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> import functorch_lite as fl
@@ -135,15 +145,17 @@ def make_step(
             "make_step: `skip_unused` must be a bool or a callable returning a tree "
             f"of bools; got {skip_unused!r}."
         )
-    step = _optimizer_update(loss_fn, optimizer, skip_unused=skip_unused)
+    step = _optimizer_update(loss_fn, optimizer, skip_unused=skip_unused, guard=guard)
     step.__signature__ = _step_signature(loss_sig, loss_params)  # type: ignore[attr-defined]
     step.__name__ = "step"
-    return jit(
+    compiled = jit(
         step,
         static_argnames=tuple(static_argnames),
         donate_argnames=("params", "opt_state") if donate else (),
         max_traces=max_traces,
     )
+    compiled.guarded = bool(guard)  # type: ignore[attr-defined]
+    return compiled
 
 
 def _leaves_read(fn: Callable[[Any], Any], params: Any) -> Any:
@@ -189,11 +201,18 @@ def _keep_unused_state(used: Any, new: Any, old: Any, params: Any) -> Any:
     return jax.tree.map(hold, new, old, is_leaf=shaped)
 
 
+def _all_finite(tree: Any) -> jax.Array:
+    """One bool: whether every element of every leaf is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 def _optimizer_update(
     loss_fn: Callable[..., jax.Array],
     optimizer: optax.GradientTransformation,
     *,
     skip_unused: bool | Callable[..., Any] = False,
+    guard: bool = False,
 ) -> Callable[..., tuple]:
     """The body shared by `make_step` and `make_fused_step`: one optimizer step."""
     value_and_grad = jax.value_and_grad(loss_fn)
@@ -202,14 +221,18 @@ def _optimizer_update(
         loss, grads = value_and_grad(params, *batch, **kwargs)
         updates, new_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        if skip_unused is False:
-            return new_params, new_state, loss
-        if skip_unused is True:
-            used = _leaves_read(lambda p: loss_fn(p, *batch, **kwargs), params)
-        else:
-            used = _broadcast_used(skip_unused(params, *batch, **kwargs), params)
-        new_params = _keep_unused(used, new_params, params)
-        new_state = _keep_unused_state(used, new_state, opt_state, params)
+        if skip_unused is not False:
+            if skip_unused is True:
+                used = _leaves_read(lambda p: loss_fn(p, *batch, **kwargs), params)
+            else:
+                used = _broadcast_used(skip_unused(params, *batch, **kwargs), params)
+            new_params = _keep_unused(used, new_params, params)
+            new_state = _keep_unused_state(used, new_state, opt_state, params)
+        if guard:
+            finite = _all_finite((loss, grads))
+            new_params = jax.tree.map(partial(jnp.where, finite), new_params, params)
+            new_state = jax.tree.map(partial(jnp.where, finite), new_state, opt_state)
+            loss = jnp.where(finite, loss, jnp.nan)
         return new_params, new_state, loss
 
     return update
@@ -318,6 +341,64 @@ def _progress(stream: Any, i: int, total: int | None, loss: float, rate: float) 
     stream.flush()
 
 
+def _batch_call(
+    step: Callable, params: Any, opt_state: Any, batch: Any, i: int
+) -> tuple:
+    if isinstance(batch, dict):
+        return step(params, opt_state, **batch)
+    if isinstance(batch, tuple | list):
+        return step(params, opt_state, *batch)
+    raise TypeError(
+        "fit: each item of `batches` must be a tuple of step arguments or a dict "
+        f"of keyword arguments; item {i} is {type(batch).__name__}."
+    )
+
+
+def _nonfinite_inputs(batch: Any) -> list[str]:
+    """Name every floating input leaf of `batch` that holds a NaN or an Inf."""
+    bad = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
+        if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact):
+            if not np.all(np.isfinite(np.asarray(leaf))):
+                bad.append(jax.tree_util.keystr(path) or "<batch>")
+    return bad
+
+
+def _check_fit_options(
+    on_nonfinite: str,
+    checkpoint_every: int | None,
+    checkpoint_dir: Any,
+    resume: bool,
+    log_every: int,
+    step: Any,
+) -> None:
+    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+        raise ValueError(f"fit: `log_every` must be a positive int; got {log_every!r}.")
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(
+            f'fit: `on_nonfinite` must be "raise" or "skip"; got {on_nonfinite!r}.'
+        )
+    if on_nonfinite == "skip" and not getattr(step, "guarded", False):
+        raise ValueError(
+            'fit: `on_nonfinite="skip"` needs a step that skips non-finite updates '
+            "itself; build it with `make_step(..., guard=True)`."
+        )
+    if checkpoint_every is not None and (
+        isinstance(checkpoint_every, bool)
+        or not isinstance(checkpoint_every, int)
+        or checkpoint_every < 1
+    ):
+        raise ValueError(
+            "fit: `checkpoint_every` must be a positive int or None; got "
+            f"{checkpoint_every!r}."
+        )
+    if (checkpoint_every is not None or resume) and checkpoint_dir is None:
+        raise ValueError(
+            "fit: `checkpoint_every` and `resume` need `checkpoint_dir`; got "
+            "checkpoint_dir=None."
+        )
+
+
 def fit(
     step: Callable[..., tuple],
     params: Any,
@@ -327,11 +408,33 @@ def fit(
     progress: bool = True,
     log_every: int = 50,
     total: int | None = None,
+    on_nonfinite: str = "raise",
+    check_inputs: bool = False,
+    checkpoint_every: int | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    keep: int = 3,
+    resume: bool = False,
 ) -> tuple[Any, Any, np.ndarray]:
     """Run `step` over `batches` and return the final state and the loss history.
 
-    Losses stay on the device between logs, so the loop does not wait for the
-    device every step.
+    Guarded training: with `on_nonfinite="raise"` (the default), the first
+    step whose loss is NaN or Inf stops `fit` with a `FloatingPointError` that
+    names the step. Its `.params`, `.opt_state` and `.step` attributes hold the
+    last finite state, which is also saved to `checkpoint_dir` if given. The
+    state can only be the last finite one if the step did not apply the bad
+    update over donated buffers: build it with `make_step(..., guard=True)`
+    (the error says so otherwise). `on_nonfinite="skip"` (guarded steps only)
+    carries on past such steps, leaving the state as it was.
+
+    Checking each loss waits for each step to finish. For the last few
+    percent of speed, use `make_fused_step`, which runs many steps per call.
+
+    Checkpoints: every `checkpoint_every` steps, `{"params", "opt_state",
+    "step"}` is saved atomically to `checkpoint_dir` (the newest `keep` are
+    kept). With `resume=True`, `fit` restores the newest readable checkpoint
+    there and skips that many items of `batches`, so that a resumed run, fed
+    the same batches, ends with bitwise the same params as an uninterrupted
+    one.
 
     Args:
       step: a step from `make_step`.
@@ -342,9 +445,23 @@ def fit(
       progress: print step, loss and steps/s to stderr every `log_every` steps.
       log_every: how often to print.
       total: the number of batches, for the progress display.
+      on_nonfinite: `"raise"` or `"skip"`, see above.
+      check_inputs: look for NaN or Inf in each batch's float arrays before
+        training on it (a host-side check; off by default, as it costs a copy).
+        A bad batch raises `FloatingPointError` naming the step and the input,
+        or is skipped (its loss recorded as NaN) with `on_nonfinite="skip"`.
+      checkpoint_every: save every this many steps; None saves nothing.
+      checkpoint_dir: the folder for checkpoints.
+      keep: how many checkpoints to keep.
+      resume: continue from the newest good checkpoint in `checkpoint_dir`.
 
     Returns:
-      `(params, opt_state, losses)`, `losses` a float NumPy array, one per step.
+      `(params, opt_state, losses)`, `losses` a float NumPy array with one
+      entry per step run in this call.
+
+    Raises:
+      FloatingPointError: a non-finite loss, or a non-finite input with
+        `check_inputs=True`.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> import functorch_lite as fl
@@ -359,25 +476,159 @@ def fit(
     >>> losses.shape, bool(losses[-1] < losses[0])
     ((5,), True)
     """
-    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
-        raise ValueError(f"fit: `log_every` must be a positive int; got {log_every!r}.")
-    losses: list[jax.Array] = []
+
+    _check_fit_options(
+        on_nonfinite, checkpoint_every, checkpoint_dir, resume, log_every, step
+    )
+    done = 0
+    if resume:
+        like = {"params": params, "opt_state": opt_state, "step": 0}
+        found = checkpoint.load_latest(checkpoint_dir, like=like)  # type: ignore[arg-type]
+        if found is not None:
+            done, tree = found
+            params, opt_state = tree["params"], tree["opt_state"]
+
+    def save(at: int) -> None:
+        tree = {"params": params, "opt_state": opt_state, "step": at}
+        checkpoint.save_numbered(checkpoint_dir, at, tree, keep=keep)  # type: ignore[arg-type]
+
+    losses: list[Any] = []
     start = time.perf_counter()
-    for i, batch in enumerate(batches, start=1):
-        if isinstance(batch, dict):
-            params, opt_state, loss = step(params, opt_state, **batch)
-        elif isinstance(batch, tuple | list):
-            params, opt_state, loss = step(params, opt_state, *batch)
-        else:
-            raise TypeError(
-                "fit: each item of `batches` must be a tuple of step arguments or a "
-                f"dict of keyword arguments; item {i} is {type(batch).__name__}."
+    ran = 0
+    for i, batch in enumerate(batches):
+        if i < done:
+            continue  # consumed before the checkpoint we resumed from
+        number = i + 1
+        if check_inputs and (bad := _nonfinite_inputs(batch)):
+            message = (
+                f"fit: step {number} has non-finite values in its input "
+                f"{', '.join(bad)}; it was not trained on."
             )
+            if on_nonfinite == "raise":
+                raise _nonfinite_error(message, params, opt_state, number - 1)
+            losses.append(np.nan)
+            continue
+        params, opt_state, loss = _batch_call(step, params, opt_state, batch, number)
         losses.append(loss)
-        if progress and i % log_every == 0:
-            rate = i / max(time.perf_counter() - start, 1e-9)
-            _progress(sys.stderr, i, total, float(loss), rate)
-    if progress and losses and sys.stderr.isatty():
+        ran += 1
+        if on_nonfinite == "raise" and not np.isfinite(float(loss)):
+            guarded = getattr(step, "guarded", False)
+            message = f"fit: the loss at step {number} is {float(loss)}. "
+            if guarded:
+                message += (
+                    f"params and opt_state are those after step {number - 1}, the "
+                    "last finite ones"
+                )
+                if checkpoint_dir is not None:
+                    save(number - 1)
+                    message += f", saved to {os.fspath(checkpoint_dir)!r}"
+                message += "."
+            else:
+                message += (
+                    "The step was not guarded, so its update may have reached "
+                    "params; build it with `make_step(..., guard=True)` to keep the "
+                    "last finite state"
+                    + (
+                        f", or resume from the checkpoints in {checkpoint_dir!r}."
+                        if checkpoint_dir is not None
+                        else "."
+                    )
+                )
+            raise _nonfinite_error(message, params, opt_state, number - 1)
+        if checkpoint_every is not None and number % checkpoint_every == 0:
+            save(number)
+        if progress and number % log_every == 0:
+            rate = ran / max(time.perf_counter() - start, 1e-9)
+            _progress(sys.stderr, number, total, float(loss), rate)
+    if progress and ran and sys.stderr.isatty():
         sys.stderr.write("\n")
-    history = np.asarray(jax.device_get(losses), dtype=np.float64).reshape(-1)
+    history = np.array([float(v) for v in jax.device_get(losses)], dtype=np.float64)
     return params, opt_state, history
+
+
+def _nonfinite_error(
+    message: str, params: Any, opt_state: Any, step: int
+) -> FloatingPointError:
+    err = FloatingPointError(message)
+    err.params = params  # type: ignore[attr-defined]
+    err.opt_state = opt_state  # type: ignore[attr-defined]
+    err.step = step  # type: ignore[attr-defined]
+    return err
+
+
+def bucket_size(n: int, buckets: Sequence[int] | None = None) -> int:
+    """Return the bucket a batch of `n` rows is padded to.
+
+    Args:
+      n: the batch size, >= 1.
+      buckets: the allowed sizes; default: powers of two.
+
+    >>> import functorch_lite as fl
+    >>> fl.train.bucket_size(100), fl.train.bucket_size(3, buckets=[8, 64])
+    (128, 8)
+    """
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise ValueError(f"bucket_size: `n` must be a positive int; got {n!r}.")
+    if buckets is None:
+        return 1 << (int(n) - 1).bit_length()
+    sizes = sorted(int(b) for b in buckets)
+    fits = [b for b in sizes if b >= n]
+    if not fits:
+        raise ValueError(
+            f"bucket_size: a batch of {n} rows is larger than the largest bucket "
+            f"{sizes[-1] if sizes else None}; add a larger bucket to `buckets`."
+        )
+    return fits[0]
+
+
+def pad_batch(
+    *arrays: Any, buckets: Sequence[int] | None = None
+) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    """Pad a batch to its bucket size, so that one compile serves many sizes.
+
+    A TensorFlow 1 placeholder of shape `(None, d_in)` serves every batch size
+    with one graph; `jax.jit` compiles once per shape instead. Padding each
+    batch with zero rows to the next bucket (powers of two by default) bounds
+    the compiles by the number of buckets: 9 for every size from 1 to 256.
+    Pass the returned `mask` to the loss (`fl.nn.mse_loss(..., mask=mask)`),
+    which drops the padded rows, so that loss and gradients equal those of the
+    unpadded batch.
+
+    Args:
+      *arrays: arrays with the same leading (batch) dimension N.
+      buckets: allowed sizes; default: powers of two.
+
+    Returns:
+      `(padded_arrays, mask)`: the arrays padded to the bucket size along axis
+      0, and a float32 `(bucket,)` mask, 1 for real rows and 0 for padding.
+
+    >>> import jax.numpy as jnp
+    >>> import functorch_lite as fl
+    >>> (x, y), mask = fl.train.pad_batch(jnp.ones((5, 3)), jnp.ones((5, 1)))
+    >>> x.shape, y.shape, mask.tolist()
+    ((8, 3), (8, 1), [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    """
+    if not arrays:
+        raise TypeError("pad_batch: give at least one array.")
+    sizes = []
+    for i, a in enumerate(arrays):
+        if not hasattr(a, "shape") or len(a.shape) == 0:
+            raise ValueError(
+                f"pad_batch: argument {i} must be an array with a batch dimension; "
+                f"got {type(a).__name__} of shape {getattr(a, 'shape', None)}."
+            )
+        sizes.append(a.shape[0])
+    if len(set(sizes)) != 1:
+        raise ValueError(
+            f"pad_batch: every array must have the same batch size; got {sizes}."
+        )
+    n = sizes[0]
+    size = bucket_size(n, buckets)
+    # Pad on the host: `jnp.pad` would compile one small program per input
+    # size, which is the very cost that buckets exist to avoid.
+    padded = tuple(
+        jnp.asarray(np.pad(np.asarray(a), [(0, size - n)] + [(0, 0)] * (a.ndim - 1)))
+        for a in arrays
+    )
+    mask = jnp.asarray((np.arange(size) < n).astype(np.float32))
+    return padded, mask

@@ -1,0 +1,357 @@
+"""Guarded training, checkpointed fit and resume, batch buckets, reproducibility."""
+
+import hashlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import functorch_lite as fl
+from tests.helpers import tree_allclose
+
+N, D_IN, H, D_OUT = 16, 12, 8, 4
+
+
+def _setup(key, mode="static", **step_kwargs):
+    kx, ky, kp = jax.random.split(key, 3)
+    net = fl.models.DynamicNet(D_IN, H, D_OUT)
+    x, y = jax.random.normal(kx, (N, D_IN)), jax.random.normal(ky, (N, D_OUT))
+    opt = optax.sgd(1e-3, momentum=0.9)
+
+    def loss_fn(params, x, y, depth):
+        return fl.nn.mse_loss(net.apply(params, x, depth, mode=mode), y)
+
+    static = ("depth",) if mode == "dynamic" else ()
+    step = fl.train.make_step(loss_fn, opt, static_argnames=static, **step_kwargs)
+    params = net.init(kp)
+    return step, params, opt.init(params), x, y
+
+
+def _copy(tree):
+    return jax.tree.map(jnp.copy, tree)
+
+
+def _batches(x, y, n=20, bad_at=None):
+    depths = np.random.default_rng(0).integers(0, 4, size=n)
+    out = []
+    for i, d in enumerate(depths):
+        xi = x.at[0, 0].set(jnp.nan) if i == bad_at else x
+        out.append((xi, y, int(d)))
+    return out
+
+
+def _bytes(tree):
+    return b"".join(np.asarray(a).tobytes() for a in jax.tree.leaves(tree))
+
+
+# ------------------------------------------------------------ guarded training
+
+
+def test_nonfinite_loss_stops_fit_with_last_finite_state(key, tmp_path):
+    step, params, state, x, y = _setup(key, guard=True)
+    batches = _batches(x, y, bad_at=7)
+    # The same run, stopped by hand after 7 good steps: the state to expect.
+    ref_p, ref_s, _ = fl.train.fit(
+        step, _copy(params), _copy(state), batches[:7], progress=False
+    )
+    with pytest.raises(
+        FloatingPointError, match=r"fit: the loss at step 8 is nan.*after step 7"
+    ) as info:
+        fl.train.fit(
+            step,
+            _copy(params),
+            _copy(state),
+            batches,
+            progress=False,
+            checkpoint_dir=tmp_path,
+        )
+    err = info.value
+    assert err.step == 7
+    assert _bytes(err.params) == _bytes(ref_p)
+    assert _bytes(err.opt_state) == _bytes(ref_s)
+    saved_step, saved = fl.checkpoint.load_latest(
+        tmp_path, like={"params": params, "opt_state": state, "step": 0}
+    )
+    assert saved_step == 7 and _bytes(saved["params"]) == _bytes(ref_p)
+
+
+def test_unguarded_step_says_how_to_keep_the_state(key):
+    step, params, state, x, y = _setup(key)
+    with pytest.raises(
+        FloatingPointError, match=r"step 3 is nan.*not guarded.*guard=True"
+    ):
+        fl.train.fit(step, params, state, _batches(x, y, bad_at=2), progress=False)
+
+
+def test_nonfinite_gradient_with_finite_loss_is_caught(key):
+    opt = optax.sgd(0.1)
+    # sqrt has an infinite gradient at 0 while the loss there is finite.
+    step = fl.train.make_step(
+        lambda p, t: jnp.sum(jnp.sqrt(jnp.abs(p["w"] - t))), opt, guard=True
+    )
+    params = {"w": jnp.ones(3)}
+    new, _, loss = step(_copy(params), opt.init(params), jnp.array([1.0, 0.0, 0.0]))
+    assert np.isnan(float(loss))
+    np.testing.assert_array_equal(new["w"], params["w"])
+
+
+def test_skip_carries_on_past_bad_steps(key):
+    step, params, state, x, y = _setup(key, guard=True)
+    batches = _batches(x, y, bad_at=4)
+    p, s, losses = fl.train.fit(
+        step, _copy(params), _copy(state), batches, progress=False, on_nonfinite="skip"
+    )
+    assert np.isnan(losses[4]) and np.isfinite(np.delete(losses, 4)).all()
+    good = batches[:4] + batches[5:]
+    p_ref, _, _ = fl.train.fit(step, _copy(params), _copy(state), good, progress=False)
+    assert _bytes(p) == _bytes(p_ref)
+
+
+def test_check_inputs_reports_the_input_and_skips(key):
+    step, params, state, x, y = _setup(key, guard=True)
+    batches = _batches(x, y, bad_at=3)
+    with pytest.raises(
+        FloatingPointError, match=r"step 4 has non-finite values in its input \[0\]"
+    ):
+        fl.train.fit(
+            step,
+            _copy(params),
+            _copy(state),
+            batches,
+            progress=False,
+            check_inputs=True,
+        )
+    _, _, losses = fl.train.fit(
+        step,
+        _copy(params),
+        _copy(state),
+        batches,
+        progress=False,
+        check_inputs=True,
+        on_nonfinite="skip",
+    )
+    assert np.isnan(losses[3]) and np.isfinite(np.delete(losses, 3)).all()
+
+
+def test_fit_option_errors(key, tmp_path):
+    step, params, state, x, y = _setup(key)
+    with pytest.raises(
+        ValueError, match=r'`on_nonfinite="skip"` needs a step .* guard=True'
+    ):
+        fl.train.fit(step, params, state, [], on_nonfinite="skip")
+    with pytest.raises(
+        ValueError, match=r'fit: `on_nonfinite` must be "raise" or "skip"'
+    ):
+        fl.train.fit(step, params, state, [], on_nonfinite="warn")
+    with pytest.raises(
+        ValueError, match=r"fit: `checkpoint_every` must be a positive int"
+    ):
+        fl.train.fit(
+            step, params, state, [], checkpoint_every=0, checkpoint_dir=tmp_path
+        )
+    with pytest.raises(ValueError, match=r"need `checkpoint_dir`"):
+        fl.train.fit(step, params, state, [], resume=True)
+
+
+# ----------------------------------------------------------- checkpoint + resume
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crashing(batches, at):
+    for i, b in enumerate(batches):
+        if i == at:
+            raise _Crash
+        yield b
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_resumed_run_is_bitwise_identical(key, tmp_path, mode):
+    step, params, state, x, y = _setup(key, mode)
+    batches = _batches(x, y, n=23)
+    full_p, full_s, full_losses = fl.train.fit(
+        step, _copy(params), _copy(state), batches, progress=False
+    )
+    with pytest.raises(_Crash):
+        fl.train.fit(
+            step,
+            _copy(params),
+            _copy(state),
+            _crashing(batches, 17),
+            progress=False,
+            checkpoint_every=5,
+            checkpoint_dir=tmp_path,
+            keep=2,
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt_00000010.safetensors",
+        "ckpt_00000015.safetensors",
+    ]
+    p, s, losses = fl.train.fit(
+        step,
+        _copy(params),
+        _copy(state),
+        batches,
+        progress=False,
+        checkpoint_every=5,
+        checkpoint_dir=tmp_path,
+        resume=True,
+    )
+    assert len(losses) == 23 - 15
+    np.testing.assert_array_equal(losses, full_losses[15:])
+    assert _bytes(p) == _bytes(full_p)
+    assert _bytes(s) == _bytes(full_s)
+
+
+def test_resume_skips_a_corrupted_newest_checkpoint(key, tmp_path):
+    step, params, state, x, y = _setup(key)
+    batches = _batches(x, y, n=12)
+    full_p, _, _ = fl.train.fit(
+        step, _copy(params), _copy(state), batches, progress=False
+    )
+    fl.train.fit(
+        step,
+        _copy(params),
+        _copy(state),
+        batches[:10],
+        progress=False,
+        checkpoint_every=5,
+        checkpoint_dir=tmp_path,
+    )
+    newest = tmp_path / "ckpt_00000010.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-20])  # truncated
+    p, _, losses = fl.train.fit(
+        step,
+        _copy(params),
+        _copy(state),
+        batches,
+        progress=False,
+        checkpoint_dir=tmp_path,
+        resume=True,
+    )
+    assert len(losses) == 12 - 5
+    assert _bytes(p) == _bytes(full_p)
+
+
+# ------------------------------------------------------------------ bucketing
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("n", [1, 3, 8, 13, 100])
+def test_padded_batch_gives_the_unpadded_loss_and_grads(key, reduction, n):
+    net = fl.models.DynamicNet(D_IN, H, D_OUT)
+    params = net.init(key)
+    kx, ky = jax.random.split(jax.random.key(n))
+    x, y = jax.random.normal(kx, (n, D_IN)), jax.random.normal(ky, (n, D_OUT))
+
+    def loss(params, x, y, mask=None):
+        return fl.nn.mse_loss(
+            net.apply(params, x, 2), y, reduction=reduction, mask=mask
+        )
+
+    (xp, yp), mask = fl.train.pad_batch(x, y)
+    assert xp.shape[0] == fl.train.bucket_size(n) >= n
+    ref_val, ref_grad = jax.value_and_grad(loss)(params, x, y)
+    val, grad = jax.value_and_grad(loss)(params, xp, yp, mask)
+    np.testing.assert_allclose(val, ref_val, rtol=1e-5)
+    tree_allclose(grad, ref_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_every_batch_size_to_256_compiles_at_most_9_times(key):
+    net = fl.models.DynamicNet(D_IN, H, D_OUT)
+    opt = optax.sgd(1e-3)
+
+    def loss_fn(params, x, y, mask, depth):
+        return fl.nn.mse_loss(net.apply(params, x, depth), y, mask=mask)
+
+    step = fl.train.make_step(loss_fn, opt, max_traces=9)
+    params = net.init(key)
+    state = opt.init(params)
+    rng = np.random.default_rng(0)  # host data, as a data loader yields it
+    x_all = rng.normal(size=(256, D_IN)).astype(np.float32)
+    y_all = rng.normal(size=(256, D_OUT)).astype(np.float32)
+    with fl.compile_counter() as counter:
+        for n in range(1, 257):
+            (x, y), mask = fl.train.pad_batch(x_all[:n], y_all[:n])
+            params, state, _ = step(params, state, x, y, mask, n % 4)
+    assert step.stats.compiles == 9
+    assert counter.compiles == 9  # pad_batch pads on the host: no programs of its own
+
+
+def test_bucket_errors():
+    with pytest.raises(
+        ValueError, match=r"bucket_size: `n` must be a positive int; got 0"
+    ):
+        fl.train.bucket_size(0)
+    with pytest.raises(ValueError, match=r"larger than the largest bucket 64"):
+        fl.train.bucket_size(65, buckets=[8, 64])
+    with pytest.raises(
+        ValueError,
+        match=r"pad_batch: every array must have the same batch size; got \[3, 4\]",
+    ):
+        fl.train.pad_batch(jnp.ones((3, 2)), jnp.ones((4, 2)))
+    with pytest.raises(
+        ValueError,
+        match=r"pad_batch: argument 0 must be an array with a batch dimension",
+    ):
+        fl.train.pad_batch(jnp.float32(1.0))
+    with pytest.raises(TypeError, match="pad_batch: give at least one array"):
+        fl.train.pad_batch()
+    with pytest.raises(
+        ValueError, match=r"mse_loss: `mask` must have shape \(N,\) = \(4,\)"
+    ):
+        fl.nn.mse_loss(jnp.ones((4, 2)), jnp.ones((4, 2)), mask=jnp.ones(3))
+    assert fl.train.bucket_size(64) == 64 and fl.train.bucket_size(65) == 128
+
+
+# ------------------------------------------------------------ reproducibility
+
+
+def _train_digest(mode: str, fused: bool) -> str:
+    step, params, state, x, y = _setup(jax.random.key(42), mode)
+    batches = _batches(x, y, n=15)
+    if fused:
+        net = fl.models.DynamicNet(D_IN, H, D_OUT)
+        fused_step = fl.train.make_fused_step(
+            lambda p, x, y, depth: fl.nn.mse_loss(net.apply(p, x, depth), y),
+            optax.sgd(1e-3, momentum=0.9),
+            shared_argnames=("x", "y"),
+        )
+        depths = jnp.array([b[2] for b in batches])
+        params, state, _ = fused_step(params, state, x, y, depths)
+    else:
+        params, state, _ = fl.train.fit(step, params, state, batches, progress=False)
+    return hashlib.sha256(_bytes(params) + _bytes(state)).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("mode", "fused"), [("static", False), ("dynamic", False), ("static", True)]
+)
+def test_same_key_same_data_gives_bitwise_identical_params(mode, fused):
+    assert _train_digest(mode, fused) == _train_digest(mode, fused)
+
+
+def test_reproducible_across_processes():
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.path.insert(0, ".")
+        from tests.test_reliability import _train_digest
+        print(_train_digest("static", False), _train_digest("static", True))
+        """
+    )
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.split()
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1]
+    assert runs[0] == [_train_digest("static", False), _train_digest("static", True)]
