@@ -23,6 +23,12 @@ def test_all_is_pinned_and_sorted():
 
 
 def test_submodule_all():
-    assert fl.train.__all__ == ["bucket_size", "fit", "make_fused_step", "make_step", "pad_batch"]
+    assert fl.train.__all__ == [
+        "bucket_size",
+        "fit",
+        "make_fused_step",
+        "make_step",
+        "pad_batch",
+    ]
     assert fl.models.__all__ == ["DynamicNet", "TwoLayerNet", "check_params", "check_x"]
     assert fl.nn.__all__ == ["Layer", "linear", "mse_loss", "relu"]

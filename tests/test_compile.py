@@ -67,9 +67,13 @@ def test_trace_budget_names_the_changed_argument():
     f = fl.jit(lambda x, n: x * n, static_argnames=("n",), max_traces=2)
     f(jnp.ones(3), n=1)
     f(jnp.ones(3), n=2)
-    with pytest.raises(RuntimeError, match=r"trace budget exceeded.*`n` changed from 2 to 3"):
+    with pytest.raises(
+        RuntimeError, match=r"trace budget exceeded.*`n` changed from 2 to 3"
+    ):
         f(jnp.ones(3), n=3)
-    with pytest.raises(RuntimeError, match=r"`x` changed from float32\[3\] to float32\[4\]"):
+    with pytest.raises(
+        RuntimeError, match=r"`x` changed from float32\[3\] to float32\[4\]"
+    ):
         f(jnp.ones(4), n=2)
     assert f.stats.traces == 2
 
@@ -94,8 +98,13 @@ def test_persistent_cache_switch(tmp_path):
     import os
 
     env = {**os.environ, **env}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip() == str(tmp_path / "cache")
     assert any((tmp_path / "cache").iterdir()), "no compiled program was cached"
     folder = fl.enable_persistent_cache(tmp_path / "other")

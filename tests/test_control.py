@@ -47,8 +47,12 @@ def test_plain_python_reference(key):
             if i < n:
                 h = np.tanh(h @ w + b)
         out = fl.repeat(
-            lambda c: jnp.tanh(c @ jnp.asarray(w, jnp.float32) + jnp.asarray(b, jnp.float32)[None]),
-            jnp.asarray(h0, jnp.float32), n, max_n=4,
+            lambda c: jnp.tanh(
+                c @ jnp.asarray(w, jnp.float32) + jnp.asarray(b, jnp.float32)[None]
+            ),
+            jnp.asarray(h0, jnp.float32),
+            n,
+            max_n=4,
         )
         np.testing.assert_allclose(out, h, rtol=1e-5, atol=1e-6)
 
@@ -59,8 +63,10 @@ def test_check_grads_float64(key, method):
         w, b, h0 = (a.astype(jnp.float64) for a in _setup(key))
         for n in (0, 1, 3):
             check_grads(
-                lambda w, b, h0: _loss(w, b, h0, n, "static", method),
-                (w, b, h0), order=1, modes=["rev"],
+                lambda w, b, h0, n=n: _loss(w, b, h0, n, "static", method),
+                (w, b, h0),
+                order=1,
+                modes=["rev"],
             )
 
 
@@ -95,8 +101,11 @@ def test_vmap_over_n_and_jit_vs_eager(key, method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_traced_n_is_clamped(method):
-    f = jax.jit(lambda n: fl.repeat(lambda c: c + 1.0, jnp.float32(0.0), n, max_n=3,
-                                    static_method=method))
+    f = jax.jit(
+        lambda n: fl.repeat(
+            lambda c: c + 1.0, jnp.float32(0.0), n, max_n=3, static_method=method
+        )
+    )
     assert [float(f(n)) for n in (-2, 0, 2, 3, 7)] == [0.0, 0.0, 2.0, 3.0, 3.0]
 
 
@@ -107,7 +116,9 @@ def test_integer_carry_and_pytree_carry():
 
     carry = (jnp.int32(0), {"v": jnp.ones(2)})
     for method in METHODS:
-        i, x = jax.jit(lambda n: fl.repeat(body, carry, n, max_n=5, static_method=method))(3)
+        i, x = jax.jit(
+            lambda n, m=method: fl.repeat(body, carry, n, max_n=5, static_method=m)
+        )(3)
         assert int(i) == 3
         np.testing.assert_allclose(x["v"], [8.0, 8.0])
 
@@ -119,17 +130,41 @@ def test_max_n_zero():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"mode": "eager"}, ValueError, r'repeat: `mode` must be "static" or "dynamic"'),
-        ({"static_method": "while"}, ValueError, r"repeat: `static_method` must be one of"),
+        (
+            {"mode": "eager"},
+            ValueError,
+            r'repeat: `mode` must be "static" or "dynamic"',
+        ),
+        (
+            {"static_method": "while"},
+            ValueError,
+            r"repeat: `static_method` must be one of",
+        ),
         ({"max_n": None}, ValueError, r"repeat: `max_n` must be a non-negative int"),
         ({"max_n": -1}, ValueError, r"repeat: `max_n` must be a non-negative int"),
         ({"n": 6}, ValueError, r"repeat: `n` must be an int in \[0, 5\]; got 6"),
         ({"n": 2.0}, TypeError, r"repeat: `n` must be an int; got 2.0"),
-        ({"n": 2.0, "mode": "dynamic"}, TypeError, r"repeat: `n` must be an int; got 2.0"),
-        ({"n": -1, "mode": "dynamic"}, ValueError, r"repeat: `n` must be an int in \[0, 5\]"),
+        (
+            {"n": 2.0, "mode": "dynamic"},
+            TypeError,
+            r"repeat: `n` must be an int; got 2.0",
+        ),
+        (
+            {"n": -1, "mode": "dynamic"},
+            ValueError,
+            r"repeat: `n` must be an int in \[0, 5\]",
+        ),
         ({"body": 3}, TypeError, r"repeat: `body` must be callable"),
-        ({"body": lambda c: (c, c)}, TypeError, r"repeat: `body` must return a carry with the structure"),
-        ({"body": lambda c: jnp.ones(3)}, TypeError, r"keep each carry leaf's shape and dtype"),
+        (
+            {"body": lambda c: (c, c)},
+            TypeError,
+            r"repeat: `body` must return a carry with the structure",
+        ),
+        (
+            {"body": lambda c: jnp.ones(3)},
+            TypeError,
+            r"keep each carry leaf's shape and dtype",
+        ),
     ],
 )
 def test_repeat_errors(kwargs, error, match):
@@ -141,5 +176,7 @@ def test_repeat_errors(kwargs, error, match):
 
 def test_dynamic_mode_rejects_traced_n():
     f = jax.jit(lambda n: fl.repeat(lambda c: c * 2.0, jnp.ones(2), n, mode="dynamic"))
-    with pytest.raises(TypeError, match=r"must be a concrete Python int in the dynamic path"):
+    with pytest.raises(
+        TypeError, match=r"must be a concrete Python int in the dynamic path"
+    ):
         f(2)

@@ -1,4 +1,4 @@
-"""Both reference programs run to the end; the static-graph one matches float64 NumPy."""
+"""Both reference programs run to the end; the TF1 one matches float64 NumPy."""
 
 import importlib.util
 import pathlib
@@ -40,7 +40,11 @@ def test_tf_two_layer_net_matches_float64_numpy(capsys):
     assert out["compiles"] == 1
     assert "compiles: 1" in capsys.readouterr().out
     ref = _tf_program_numpy(
-        out["x"], out["y"], out["initial_params"]["w1"], out["initial_params"]["w2"], 500
+        out["x"],
+        out["y"],
+        out["initial_params"]["w1"],
+        out["initial_params"]["w2"],
+        500,
     )
     losses = out["losses"]
     assert 1e6 < ref[0] < 1e9, ref[0]  # about 3e7, as in the reference program
@@ -82,7 +86,9 @@ def test_tf_two_layer_net_every_step_matches_float64_numpy(key):
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
 def test_dynamic_net_example_runs(mode, capsys):
-    out = load("dynamic_net").main(["--mode", mode, "--steps", "60", "--print-every", "20"])
+    out = load("dynamic_net").main(
+        ["--mode", mode, "--steps", "60", "--print-every", "20"]
+    )
     printed = capsys.readouterr().out
     expected = 1 if mode == "static" else out["distinct_depths"]
     assert out["compiles"] == expected

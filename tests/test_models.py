@@ -33,8 +33,14 @@ def test_dynamic_net_params_shapes_and_dtypes(key):
     params = fl.models.DynamicNet(1000, 100, 10).init(key)
     shapes = jax.tree.map(lambda a: (a.shape, str(a.dtype)), params)
     assert shapes == {
-        "input_linear": {"weight": ((1000, 100), "float32"), "bias": ((100,), "float32")},
-        "middle_linear": {"weight": ((100, 100), "float32"), "bias": ((100,), "float32")},
+        "input_linear": {
+            "weight": ((1000, 100), "float32"),
+            "bias": ((100,), "float32"),
+        },
+        "middle_linear": {
+            "weight": ((100, 100), "float32"),
+            "bias": ((100,), "float32"),
+        },
         "output_linear": {"weight": ((100, 10), "float32"), "bias": ((10,), "float32")},
     }
 
@@ -44,7 +50,11 @@ def test_dynamic_net_init_is_torch_default_and_deterministic(key):
     a, b = net.init(key), net.init(key)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         assert (np.asarray(x) == np.asarray(y)).all()
-    for name, fan_in in [("input_linear", 400), ("middle_linear", 50), ("output_linear", 50)]:
+    for name, fan_in in [
+        ("input_linear", 400),
+        ("middle_linear", 50),
+        ("output_linear", 50),
+    ]:
         bound = 1 / np.sqrt(fan_in)
         for leaf in a[name].values():
             leaf = np.asarray(leaf)
@@ -52,7 +62,9 @@ def test_dynamic_net_init_is_torch_default_and_deterministic(key):
             # U(-b, b) has std b/sqrt(3): the draw fills the interval.
             assert abs(leaf.std() - bound / np.sqrt(3)) < 0.2 * bound
     c = net.init(jax.random.key(1))
-    assert not np.array_equal(c["middle_linear"]["weight"], a["middle_linear"]["weight"])
+    assert not np.array_equal(
+        c["middle_linear"]["weight"], a["middle_linear"]["weight"]
+    )
 
 
 @pytest.mark.parametrize("depth", range(4), ids=lambda d: f"depth{d}")
@@ -88,10 +100,15 @@ def test_weight_sharing_gradient_is_sum_of_per_use_gradients(key):
     x, y = _data(jax.random.key(3))
 
     def untied_loss(params, middles):
-        h = jax.nn.relu(x @ params["input_linear"]["weight"] + params["input_linear"]["bias"][None])
+        h = jax.nn.relu(
+            x @ params["input_linear"]["weight"] + params["input_linear"]["bias"][None]
+        )
         for m in middles:
             h = jax.nn.relu(h @ m["weight"] + m["bias"][None])
-        out = h @ params["output_linear"]["weight"] + params["output_linear"]["bias"][None]
+        out = (
+            h @ params["output_linear"]["weight"]
+            + params["output_linear"]["bias"][None]
+        )
         return jnp.sum((out - y) ** 2)
 
     copies = [params["middle_linear"]] * 3
@@ -111,12 +128,12 @@ def test_check_grads_float64(key, method, depth):
         x, y = (a.astype(jnp.float64) for a in _data(jax.random.key(5), 5, 4, 2))
         order_modes = ["rev"]
         check_grads(
-            lambda p: _loss(net, "static")(p, x, y, depth), (params,), order=1,
+            lambda p: _loss(net, "static")(p, x, y, depth),
+            (params,),
+            order=1,
             modes=order_modes,
         )
-        check_grads(
-            lambda p: _loss(net, "dynamic")(p, x, y, depth), (params,), order=2
-        )
+        check_grads(lambda p: _loss(net, "dynamic")(p, x, y, depth), (params,), order=2)
 
 
 def test_traced_out_of_range_depth_is_clamped(key):
@@ -124,7 +141,9 @@ def test_traced_out_of_range_depth_is_clamped(key):
     params = net.init(key)
     x, _ = _data(key)
     f = jax.jit(lambda p, x, d: net.apply(p, x, d))
-    np.testing.assert_allclose(f(params, x, -4), net.apply(params, x, 0, mode="dynamic"))
+    np.testing.assert_allclose(
+        f(params, x, -4), net.apply(params, x, 0, mode="dynamic")
+    )
     np.testing.assert_allclose(
         f(params, x, 9), net.apply(params, x, 3, mode="dynamic"), rtol=1e-6
     )
@@ -138,9 +157,11 @@ def test_vmap_over_depth(key):
     ys = jax.vmap(lambda d: net.apply(params, x, d))(depths)
     gs = jax.vmap(lambda d: jax.grad(_loss(net, "static"))(params, x, y, d))(depths)
     for d in range(4):
-        np.testing.assert_allclose(ys[d], net.apply(params, x, d, mode="dynamic"), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            ys[d], net.apply(params, x, d, mode="dynamic"), rtol=1e-5, atol=1e-6
+        )
         tree_allclose(
-            jax.tree.map(lambda g: g[d], gs),
+            jax.tree.map(lambda g, d=d: g[d], gs),
             jax.grad(_loss(net, "dynamic"))(params, x, y, d),
         )
 
@@ -149,25 +170,67 @@ def test_single_example_input(key):
     net = fl.models.DynamicNet(6, 5, 3)
     params = net.init(key)
     x, _ = _data(key)
-    np.testing.assert_allclose(net.apply(params, x[0], 2), net.apply(params, x, 2)[0], rtol=1e-6)
+    np.testing.assert_allclose(
+        net.apply(params, x[0], 2), net.apply(params, x, 2)[0], rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"x": np.ones((4, 7), np.float32)}, ValueError, r"DynamicNet.apply: `x` must have shape \(N, 6\)"),
-        ({"x": np.ones((2, 4, 6), np.float32)}, ValueError, r"`x` must have shape .*got \(2, 4, 6\)"),
+        (
+            {"x": np.ones((4, 7), np.float32)},
+            ValueError,
+            r"DynamicNet.apply: `x` must have shape \(N, 6\)",
+        ),
+        (
+            {"x": np.ones((2, 4, 6), np.float32)},
+            ValueError,
+            r"`x` must have shape .*got \(2, 4, 6\)",
+        ),
         ({"x": np.float32(1.0)}, ValueError, r"`x` must have shape"),
-        ({"x": np.ones((4, 6), np.int32)}, TypeError, r"`x` must have a floating dtype; got int32"),
+        (
+            {"x": np.ones((4, 6), np.int32)},
+            TypeError,
+            r"`x` must have a floating dtype; got int32",
+        ),
         ({"x": [[1.0] * 6]}, TypeError, r"`x` must be a float array"),
         ({"depth": -1}, ValueError, r"`depth` must be an int in \[0, 3\]; got -1"),
-        ({"depth": 4}, ValueError, r"`depth` must be an int in \[0, 3\]; got 4. Raise `max_depth`"),
-        ({"depth": 4, "mode": "dynamic"}, ValueError, r"`depth` must be an int in \[0, 3\]; got 4"),
-        ({"depth": 1.0, "mode": "dynamic"}, TypeError, r"`depth` must be an int; got 1.0"),
-        ({"depth": True, "mode": "dynamic"}, TypeError, r"`depth` must be an int; got True"),
-        ({"depth": jnp.float32(1.0)}, TypeError, r"`depth` must be an int or an integer scalar"),
-        ({"depth": jnp.array([1, 2])}, TypeError, r"`depth` must be an int or an integer scalar"),
-        ({"mode": "eager"}, ValueError, r'`mode` must be "static" or "dynamic"; got \'eager\''),
+        (
+            {"depth": 4},
+            ValueError,
+            r"`depth` must be an int in \[0, 3\]; got 4. Raise `max_depth`",
+        ),
+        (
+            {"depth": 4, "mode": "dynamic"},
+            ValueError,
+            r"`depth` must be an int in \[0, 3\]; got 4",
+        ),
+        (
+            {"depth": 1.0, "mode": "dynamic"},
+            TypeError,
+            r"`depth` must be an int; got 1.0",
+        ),
+        (
+            {"depth": True, "mode": "dynamic"},
+            TypeError,
+            r"`depth` must be an int; got True",
+        ),
+        (
+            {"depth": jnp.float32(1.0)},
+            TypeError,
+            r"`depth` must be an int or an integer scalar",
+        ),
+        (
+            {"depth": jnp.array([1, 2])},
+            TypeError,
+            r"`depth` must be an int or an integer scalar",
+        ),
+        (
+            {"mode": "eager"},
+            ValueError,
+            r'`mode` must be "static" or "dynamic"; got \'eager\'',
+        ),
     ],
     ids=lambda v: None,
 )
@@ -183,7 +246,9 @@ def test_traced_depth_in_dynamic_mode_is_rejected(key):
     net = fl.models.DynamicNet(6, 5, 3)
     params = net.init(key)
     f = jax.jit(lambda d: net.apply(params, jnp.ones((2, 6)), d, mode="dynamic"))
-    with pytest.raises(TypeError, match=r"`depth` must be a concrete Python int in the dynamic path"):
+    with pytest.raises(
+        TypeError, match=r"`depth` must be a concrete Python int in the dynamic path"
+    ):
         f(1)
 
 
@@ -192,11 +257,17 @@ def test_params_errors(key):
     params = net.init(key)
     x = jnp.ones((2, 6))
     missing = {k: v for k, v in params.items() if k != "middle_linear"}
-    with pytest.raises(TypeError, match=r"`params` has the wrong tree structure(.|\n)*expected"):
+    with pytest.raises(
+        TypeError, match=r"`params` has the wrong tree structure(.|\n)*expected"
+    ):
         net.apply(missing, x, 1)
     bad = jax.tree.map(lambda a: a, params)
     bad["middle_linear"]["weight"] = jnp.ones((5, 4))
-    with pytest.raises(ValueError, match=r"`params\['middle_linear'\]\['weight'\]` must have shape \(5, 5\); got \(5, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"`params\['middle_linear'\]\['weight'\]` must have shape "
+        r"\(5, 5\); got \(5, 4\)",
+    ):
         net.apply(bad, x, 1)
     bad["middle_linear"]["weight"] = jnp.ones((5, 5), jnp.int32)
     with pytest.raises(TypeError, match=r"must have a floating dtype; got int32"):
@@ -226,7 +297,11 @@ def test_two_layer_net_matches_numpy(key):
     p = to_f64(params)
     expected = np.maximum(x.astype(np.float64) @ p["w1"], 0) @ p["w2"]
     np.testing.assert_allclose(net.apply(params, x), expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match=r"TwoLayerNet.apply: `x` must have shape \(N, 7\)"):
+    with pytest.raises(
+        ValueError, match=r"TwoLayerNet.apply: `x` must have shape \(N, 7\)"
+    ):
         net.apply(params, np.ones((4, 3), np.float32))
-    with pytest.raises(TypeError, match=r"TwoLayerNet.apply: `params` has the wrong tree"):
+    with pytest.raises(
+        TypeError, match=r"TwoLayerNet.apply: `params` has the wrong tree"
+    ):
         net.apply({"w1": params["w1"]}, x)

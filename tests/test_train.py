@@ -34,7 +34,9 @@ def _loss_fn(net, mode):
 
 def _make(net, mode, opt, **kwargs):
     static = ("depth",) if mode == "dynamic" else ()
-    return fl.train.make_step(_loss_fn(net, mode), opt, static_argnames=static, **kwargs)
+    return fl.train.make_step(
+        _loss_fn(net, mode), opt, static_argnames=static, **kwargs
+    )
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
@@ -130,7 +132,9 @@ def test_static_and_dynamic_training_agree_and_compile_counts(key):
         assert step.stats.compiles == expected
         assert counter.compiles == expected
         assert step.stats.calls == 200
-    np.testing.assert_allclose(results["static"][:100], results["dynamic"][:100], rtol=1e-4)
+    np.testing.assert_allclose(
+        results["static"][:100], results["dynamic"][:100], rtol=1e-4
+    )
 
 
 def test_repeated_depth_and_second_call_compile_nothing(key):
@@ -167,7 +171,9 @@ def test_fused_equals_separate_steps(key):
     for d in depths.tolist():
         p, s, loss = step(p, s, x, y, d)
         ref_losses.append(float(loss))
-    fused = fl.train.make_fused_step(_loss_fn(net, "static"), opt, shared_argnames=("x", "y"))
+    fused = fl.train.make_fused_step(
+        _loss_fn(net, "static"), opt, shared_argnames=("x", "y")
+    )
     fp, fs, losses = fused(_copy(params), opt.init(params), x, y, depths)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     tree_allclose(fp, p, rtol=1e-5)
@@ -200,7 +206,9 @@ def test_fit_returns_history_and_shows_progress(key, capsys):
     opt = optax.sgd(1e-3, momentum=0.9)
     step = _make(net, "static", opt)
     batches = [(x, y, d) for d in [0, 1, 2, 3] * 3]
-    p, s, losses = fl.train.fit(step, params, opt.init(params), batches, log_every=4, total=12)
+    p, s, losses = fl.train.fit(
+        step, params, opt.init(params), batches, log_every=4, total=12
+    )
     assert losses.shape == (12,) and losses.dtype == np.float64
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
     err = capsys.readouterr().err
@@ -218,15 +226,27 @@ def test_train_errors(key):
         fl.train.make_step(None, opt)
     with pytest.raises(TypeError, match="make_step: `optimizer` must be an optax"):
         fl.train.make_step(_loss_fn(net, "static"), lambda g: g)
-    with pytest.raises(ValueError, match=r"make_step: `static_argnames` names \['dept'\]"):
+    with pytest.raises(
+        ValueError, match=r"make_step: `static_argnames` names \['dept'\]"
+    ):
         fl.train.make_step(_loss_fn(net, "static"), opt, static_argnames=("dept",))
     with pytest.raises(TypeError, match="must take `params` as its first positional"):
         fl.train.make_step(lambda *, params: 0.0, opt)
-    with pytest.raises(ValueError, match=r"make_fused_step: `shared_argnames` names \['z'\]"):
+    with pytest.raises(
+        ValueError, match=r"make_fused_step: `shared_argnames` names \['z'\]"
+    ):
         fl.train.make_fused_step(_loss_fn(net, "static"), opt, shared_argnames=("z",))
-    fused = fl.train.make_fused_step(_loss_fn(net, "static"), opt, shared_argnames=("x",))
+    fused = fl.train.make_fused_step(
+        _loss_fn(net, "static"), opt, shared_argnames=("x",)
+    )
     with pytest.raises(ValueError, match="must share one leading steps axis"):
-        fused(params, opt.init(params), x, jnp.zeros((3, 8, 3)), jnp.zeros((4,), jnp.int32))
+        fused(
+            params,
+            opt.init(params),
+            x,
+            jnp.zeros((3, 8, 3)),
+            jnp.zeros((4,), jnp.int32),
+        )
     step = _make(net, "static", opt)
     with pytest.raises(TypeError, match="fit: each item of `batches` must be a tuple"):
         fl.train.fit(step, params, opt.init(params), [x], progress=False)
