@@ -1,6 +1,15 @@
 """functorch_lite: pure-function models over pytrees, compiled once or run by run."""
 
-from functorch_lite import checkpoint, compile, control, models, nn, train
+from functorch_lite import (
+    checkpoint,
+    compile,
+    control,
+    interop,
+    models,
+    nn,
+    train,
+    transforms,
+)
 from functorch_lite.compile import (
     CompileStats,
     compile_counter,
@@ -18,9 +27,11 @@ __all__ = [
     "compile_counter",
     "control",
     "enable_persistent_cache",
+    "interop",
     "jit",
     "models",
     "nn",
     "repeat",
     "train",
+    "transforms",
 ]

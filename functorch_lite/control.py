@@ -16,8 +16,8 @@ The static mode has three interchangeable loop mechanisms (`static_method`):
 * `"bounded"` (default): a `lax.while_loop` that runs exactly `n` iterations,
   with its own reverse-mode rule (`jax.custom_vjp`) that saves each iteration's
   residuals in a `(max_n, ...)` buffer and runs the backward loop exactly `n`
-  times. Fastest; reverse mode, `jit` and `vmap` compose with it, forward mode
-  (`jvp`, `jacfwd`, `hessian`) does not.
+  times. Fastest; reverse mode, `jit`, `vmap` and forward-over-reverse
+  (`hessian`) compose with it; pure forward mode (`jvp`, `jacfwd`) does not.
 * `"scan"`: `lax.scan` over `max_n` steps with the steps past `n` skipped by
   `lax.cond`. Every transformation composes with it, forward mode included.
 * `"masked"`: `lax.scan` over `max_n` steps, all of them computed, the results

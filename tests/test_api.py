@@ -12,11 +12,13 @@ def test_all_is_pinned_and_sorted():
         "compile_counter",
         "control",
         "enable_persistent_cache",
+        "interop",
         "jit",
         "models",
         "nn",
         "repeat",
         "train",
+        "transforms",
     ]
     for name in fl.__all__:
         assert hasattr(fl, name), name

@@ -1,0 +1,302 @@
+"""PyTorch interop: `from_torch` (state_dict to params) and `to_torch` (back).
+
+A state_dict's dotted keys become nested dicts (`"input_linear.weight"` ->
+`params["input_linear"]["weight"]`), and every 2-D `weight` is transposed
+between torch's `(out, in)` and our `(in, out)`; every other tensor is copied
+as it is. Values are copied bit for bit and keep their float dtype, so
+`from_torch(to_torch(params))` equals `params` and `to_torch(from_torch(sd))`
+equals `sd` exactly.
+
+torch is optional: it is imported only when these functions run.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["from_torch", "to_torch"]
+
+Params = Any
+
+_INSTALL_HINT = (
+    "PyTorch is needed for `fl.interop` but is not installed. Install it with "
+    "`pip install torch` (CPU wheels: `pip install torch --index-url "
+    "https://download.pytorch.org/whl/cpu`); the rest of functorch_lite works "
+    "without it."
+)
+
+
+def _import_torch(where: str) -> Any:
+    try:
+        return importlib.import_module("torch")
+    except ImportError as err:
+        raise ImportError(f"{where}: {_INSTALL_HINT}") from err
+
+
+def _transposes(name: str, ndim: int) -> bool:
+    """Tell whether a leaf is a linear weight, stored `(out, in)` by torch."""
+    return name.rsplit(".", 1)[-1] == "weight" and ndim == 2
+
+
+def _flatten(tree: Any, *, where: str, arg: str) -> dict[str, Any]:
+    """Flatten nested dicts to `{"a.b": leaf}`, in insertion order."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            if not isinstance(key, str) or not key or "." in key:
+                raise TypeError(
+                    f"{where}: every key of `{arg}` must be a non-empty str without "
+                    f"dots; got {key!r} at {prefix or 'the top level'!r}."
+                )
+            name = f"{prefix}.{key}" if prefix else key
+            if isinstance(value, Mapping):
+                walk(value, name)
+            else:
+                flat[name] = value
+
+    if not isinstance(tree, Mapping):
+        raise TypeError(
+            f"{where}: `{arg}` must be a nested dict of arrays (like "
+            f"`net.init(key)`); got {type(tree).__name__}."
+        )
+    walk(tree, "")
+    return flat
+
+
+def _unflatten(flat: Mapping[str, Any], *, where: str) -> dict[str, Any]:
+    """Turn `{"a.b": leaf}` into nested dicts, or raise on clashing names."""
+    tree: dict[str, Any] = {}
+    clashes = []
+    for name, value in flat.items():
+        *parents, leaf = name.split(".")
+        node = tree
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                clashes.append(name)
+                break
+            node = child
+        else:
+            if leaf in node:
+                clashes.append(name)
+            else:
+                node[leaf] = value
+    if clashes:
+        raise TypeError(
+            f"{where}: these state_dict keys clash with a shorter key that is "
+            f"already a tensor, so they cannot nest: {clashes!r}."
+        )
+    return tree
+
+
+def _expected_shapes(like: Any, *, where: str) -> dict[str, tuple[int, ...]]:
+    """Map each dotted name of `like` (a params tree or a model) to its torch shape."""
+    init = getattr(like, "init", None)
+    if callable(init):
+        like = jax.eval_shape(init, jax.random.key(0))
+    flat = _flatten(like, where=where, arg="like")
+    shapes = {}
+    for name, leaf in flat.items():
+        if not hasattr(leaf, "shape"):
+            raise TypeError(
+                f"{where}: `like` must hold arrays; {name!r} is {type(leaf).__name__}."
+            )
+        shape = tuple(leaf.shape)
+        shapes[name] = shape[::-1] if _transposes(name, len(shape)) else shape
+    return shapes
+
+
+def _tensor_to_numpy(torch: Any, tensor: Any) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        # NumPy has no bfloat16; move the bits, then view them as ml_dtypes'.
+        bits = tensor.view(torch.int16).numpy()
+        return bits.view(jnp.bfloat16)
+    return tensor.numpy()
+
+
+def from_torch(state_dict_or_module: Any, *, like: Any = None) -> Params:
+    """Convert a PyTorch state_dict (or module) to a params tree.
+
+    Args:
+      state_dict_or_module: a mapping from dotted names to float tensors (a
+        `state_dict()`), or a `torch.nn.Module`, whose `state_dict()` is used.
+        For the reference `DynamicNet`: `"input_linear.weight"` of shape
+        `(d_hidden, d_in)`, `"input_linear.bias"`, and so on.
+      like: optional expected structure: a params tree (arrays or
+        `jax.ShapeDtypeStruct`s) or a model with `init(key)`. Every missing
+        key, extra key and wrong shape is then reported, all in one error.
+
+    Returns:
+      Nested dicts of `jax.Array`s: `{"input_linear": {"weight": (d_in,
+      d_hidden), "bias": (d_hidden,)}, ...}`, each leaf with its tensor's
+      float dtype, 2-D `weight`s transposed to `(in, out)`.
+
+    Raises:
+      ImportError: torch is not installed.
+      TypeError: a tensor is not floating point or, with `like`, keys are
+        missing or unexpected (every such key is named, with any shape
+        mismatches too); a value is not a tensor; the input is neither a
+        mapping nor a module.
+      ValueError: with `like`, shapes differ (and nothing else is wrong), each
+        key named; or a float64 tensor while JAX's 64-bit mode is off.
+
+    >>> import pytest; torch = pytest.importorskip("torch")
+    >>> import functorch_lite as fl
+    >>> layer = torch.nn.Linear(3, 2)
+    >>> params = fl.interop.from_torch(layer.state_dict())
+    >>> params["weight"].shape, params["bias"].shape
+    ((3, 2), (2,))
+    """
+    where = "from_torch"
+    torch = _import_torch(where)
+    state_dict = state_dict_or_module
+    if not isinstance(state_dict, Mapping):
+        get_state = getattr(state_dict, "state_dict", None)
+        if not callable(get_state):
+            raise TypeError(
+                f"{where}: `state_dict_or_module` must be a state_dict (a mapping "
+                f"from names to tensors) or a torch.nn.Module; got "
+                f"{type(state_dict).__name__}."
+            )
+        state_dict = get_state()
+
+    not_tensor = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if not_tensor:
+        raise TypeError(
+            f"{where}: every state_dict value must be a torch.Tensor; these are "
+            f"not: {not_tensor!r}."
+        )
+    bad_keys = [k for k in state_dict if not isinstance(k, str) or "" in k.split(".")]
+    if bad_keys:
+        raise TypeError(
+            f"{where}: state_dict keys must be dotted names such as "
+            f"'input_linear.weight', without empty parts; got {bad_keys!r}."
+        )
+
+    # Collect every problem, so that one run names every offending key.
+    kind_problems: list[str] = []
+    value_problems: list[str] = []
+    not_float = {
+        k: str(v.dtype).removeprefix("torch.")
+        for k, v in state_dict.items()
+        if not v.is_floating_point()
+    }
+    if not_float:
+        kind_problems.append(
+            f"tensors that are not floating point: {not_float!r} (drop them from "
+            "the state_dict or convert them with `.float()`)"
+        )
+    if like is not None:
+        expected = _expected_shapes(like, where=where)
+        missing = [k for k in expected if k not in state_dict]
+        extra = [k for k in state_dict if k not in expected]
+        if missing:
+            kind_problems.append(f"missing keys: {missing!r}")
+        if extra:
+            kind_problems.append(f"unexpected keys: {extra!r}")
+        wrong = [
+            f"{k!r} has shape {tuple(state_dict[k].shape)}, expected {want}"
+            for k, want in expected.items()
+            if k in state_dict and tuple(state_dict[k].shape) != want
+        ]
+        if wrong:
+            value_problems.append(
+                "wrong shapes (torch layout, `weight` as (out, in)): "
+                + ", ".join(wrong)
+            )
+    if kind_problems or value_problems:
+        # TypeError for the wrong kind or structure, ValueError for shapes only.
+        error = TypeError if kind_problems else ValueError
+        against = " (checked against `like`)" if like is not None else ""
+        raise error(
+            f"{where}: the state_dict cannot be converted{against}: "
+            + "; ".join(kind_problems + value_problems)
+            + "."
+        )
+    if not jax.config.jax_enable_x64:
+        wide = [k for k, v in state_dict.items() if v.dtype == torch.float64]
+        if wide:
+            raise ValueError(
+                f"{where}: these tensors are float64, which JAX keeps only in "
+                f"64-bit mode: {wide!r}. Run inside `with jax.enable_x64(True):`, "
+                "or convert the model with `.float()` first."
+            )
+
+    flat = {}
+    for name, tensor in state_dict.items():
+        array = _tensor_to_numpy(torch, tensor)
+        if _transposes(name, array.ndim):
+            array = array.T
+        # Copy: on CPU, JAX may alias a NumPy buffer, which torch could mutate.
+        flat[name] = jnp.asarray(np.array(array, copy=True, order="C"))
+    return _unflatten(flat, where=where)
+
+
+def to_torch(params: Params) -> collections.OrderedDict:
+    """Convert a params tree to a PyTorch state_dict; the inverse of `from_torch`.
+
+    Args:
+      params: nested dicts (str keys without dots) of float arrays, such as
+        `net.init(key)`.
+
+    Returns:
+      An `OrderedDict` from dotted names to CPU tensors, in the tree's
+      insertion order, with each leaf's dtype; 2-D `weight`s are transposed
+      to torch's `(out, in)`. Load it with `module.load_state_dict(...)`.
+
+    Raises:
+      ImportError: torch is not installed.
+      TypeError: `params` is not nested dicts, or a leaf is not a float array
+        (each such key is named).
+
+    >>> import pytest; torch = pytest.importorskip("torch")
+    >>> import jax
+    >>> import functorch_lite as fl
+    >>> params = fl.nn.linear(3, 2).init(jax.random.key(0))
+    >>> state_dict = fl.interop.to_torch(params)
+    >>> {k: tuple(v.shape) for k, v in state_dict.items()}
+    {'weight': (2, 3), 'bias': (2,)}
+    >>> torch.nn.Linear(3, 2).load_state_dict(state_dict)
+    <All keys matched successfully>
+    """
+    where = "to_torch"
+    torch = _import_torch(where)
+    flat = _flatten(params, where=where, arg="params")
+    not_array = [k for k, v in flat.items() if not hasattr(v, "dtype")]
+    if not_array:
+        raise TypeError(
+            f"{where}: every leaf of `params` must be an array; these are not: "
+            f"{not_array!r}."
+        )
+    not_float = {
+        k: str(v.dtype)
+        for k, v in flat.items()
+        if not jnp.issubdtype(v.dtype, jnp.floating)
+    }
+    if not_float:
+        raise TypeError(
+            f"{where}: every leaf of `params` must have a floating dtype; these do "
+            f"not: {not_float!r}."
+        )
+    state_dict: collections.OrderedDict = collections.OrderedDict()
+    for name, leaf in flat.items():
+        # A writable copy: torch.from_numpy warns on read-only buffers.
+        array = np.array(leaf, copy=True)
+        if _transposes(name, array.ndim):
+            array = array.T
+        array = np.ascontiguousarray(array)
+        if array.dtype == jnp.bfloat16:
+            tensor = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+        else:
+            tensor = torch.from_numpy(array)
+        state_dict[name] = tensor
+    return state_dict
