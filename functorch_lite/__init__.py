@@ -7,6 +7,7 @@ from functorch_lite import (
     interop,
     models,
     nn,
+    parallel,
     train,
     transforms,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "jit",
     "models",
     "nn",
+    "parallel",
     "repeat",
     "train",
     "transforms",

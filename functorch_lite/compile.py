@@ -215,6 +215,8 @@ class Compiled:
             )
         self.fun = fun
         self.name = name or getattr(fun, "__name__", "fun")
+        self.static_argnames = tuple(static_argnames)
+        self.donate_argnames = tuple(donate_argnames)
         self.stats = CompileStats()
         self.max_traces = max_traces
         self._signature = inspect.signature(fun)

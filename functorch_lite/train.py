@@ -327,11 +327,14 @@ def make_fused_step(
 
     fused.__signature__ = _step_signature(loss_sig, loss_params)  # type: ignore[attr-defined]
     fused.__name__ = "fused_step"
-    return jit(
+    compiled = jit(
         fused,
         donate_argnames=("params", "opt_state") if donate else (),
         max_traces=max_traces,
     )
+    # Data parallelism reads this to shard per-step arguments on axis 1.
+    compiled.shared_argnames = tuple(shared_argnames)  # type: ignore[attr-defined]
+    return compiled
 
 
 def _progress(stream: Any, i: int, total: int | None, loss: float, rate: float) -> None:

@@ -16,6 +16,7 @@ def test_all_is_pinned_and_sorted():
         "jit",
         "models",
         "nn",
+        "parallel",
         "repeat",
         "train",
         "transforms",

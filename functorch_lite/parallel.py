@@ -1,0 +1,607 @@
+"""Data parallelism for compiled steps over a `jax.sharding` device mesh.
+
+`data_parallel(step)` runs a step from `fl.train.make_step` (or
+`make_fused_step`) on every device of a mesh: the batch is split along one mesh
+axis, params and optimizer state are replicated on every device. The program is
+the same global-view program as on one device; JAX's partitioner (GSPMD) splits
+it and inserts the collectives, so the gradient of a summed loss is summed
+across devices and the gradient of a mean loss is averaged, with no change to
+the loss. Several processes (hosts) join with `initialize`, which calls
+`jax.distributed.initialize`; each then feeds its own rows of the batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from functorch_lite.compile import Compiled, CompileStats, jit
+
+__all__ = ["DataParallel", "data_parallel", "initialize"]
+
+# The static argument that carries the real (unpadded) row count into the
+# compiled program. It is an argument, not a closure, so that each padded
+# shape is one cached compile and the trace budget names it.
+_ROWS_ARG = "dp_rows"
+
+# XLA's CPU runtime runs each host device's share of a program on one shared
+# thread pool. With two programs in flight, the shares of the later one can hold
+# the threads that the earlier one's all-reduce is waiting for, and both hang:
+# with 8 host devices on 2 cores, a loop of asynchronously dispatched steps dies
+# with "Expected 8 threads to join the rendezvous, but only 7 of them arrived".
+# So on CPU at most one data-parallel program is in flight: a call first waits
+# for the outputs of the previous one (host devices share the same cores, so
+# little overlap is lost; accelerators are not affected).
+_cpu_in_flight: list[list[jax.Array]] = []
+
+
+def _wait_for_cpu_in_flight() -> None:
+    while _cpu_in_flight:
+        for leaf in _cpu_in_flight.pop():
+            if not leaf.is_deleted():
+                leaf.block_until_ready()
+
+
+def _jit_option(step: Compiled, name: str) -> tuple[str, ...]:
+    """Read `static_argnames` or `donate_argnames` of an `fl.jit` function."""
+    return tuple(getattr(step, name, ()))
+
+
+def _shared_argnames(step: Compiled) -> frozenset[str] | None:
+    """The arguments without a steps axis of a fused step; None for a plain step."""
+    shared = getattr(step, "shared_argnames", None)
+    return None if shared is None else frozenset(shared)
+
+
+def _auto_mesh(mesh: Mesh) -> Mesh:
+    # Data parallelism relies on the automatic partitioner: it shards what it
+    # must, pads uneven shards and masks the padding. A mesh with `Explicit`
+    # axes would make sharding part of every array's type and reject, for
+    # example, the slice that drops padded rows; only its devices and names
+    # are used.
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(
+        mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * mesh.devices.ndim
+    )
+
+
+def _leaves_ok(value: Any, axis: int) -> bool:
+    leaves = jax.tree.leaves(value)
+    return bool(leaves) and all(
+        hasattr(leaf, "shape") and len(leaf.shape) > axis for leaf in leaves
+    )
+
+
+def _pad_rows(leaf: Any, axis: int, rows: int) -> Any:
+    """Pad `leaf` along `axis` to `rows` by repeating its last row."""
+    widths = [(0, 0)] * len(leaf.shape)
+    widths[axis] = (0, rows - leaf.shape[axis])
+    # Repeat a real row rather than append zeros: the padded rows are dropped
+    # before the loss, but the partitioner may still compute on them, and a
+    # real row keeps a loss such as log() finite there.
+    if isinstance(leaf, np.ndarray | np.generic):
+        return np.pad(leaf, widths, mode="edge")
+    return jnp.pad(leaf, widths, mode="edge")
+
+
+def _unpad(x: jax.Array, axis: int, groups: int, rows: int) -> jax.Array:
+    """Keep the first `rows` of each of `groups` equal blocks along `axis`.
+
+    One process holds one block: its rows, padded. With one process this is
+    `x[:rows]` along `axis`. The result's size is not a multiple of the device
+    count; the partitioner keeps it sharded with a padded last shard and masks
+    the padding out of every reduction, so the loss and the gradients are
+    those of the unpadded batch.
+    """
+    if groups == 1:
+        return lax.slice_in_dim(x, 0, rows, axis=axis)
+    shape = tuple(x.shape)
+    blocked = x.reshape(
+        shape[:axis] + (groups, shape[axis] // groups) + shape[axis + 1 :]
+    )
+    kept = lax.slice_in_dim(blocked, 0, rows, axis=axis + 1)
+    return kept.reshape(shape[:axis] + (groups * rows,) + shape[axis + 1 :])
+
+
+class DataParallel:
+    """A step that runs data parallel over a device mesh (see `data_parallel`).
+
+    Call it like the step it wraps. Treat the attributes as read-only.
+
+    Attributes:
+      step: the wrapped step.
+      mesh: the device mesh (its axes are `AxisType.Auto`).
+      axis: the mesh axis that splits the batch.
+      pad: whether a batch that does not divide is padded.
+      fun: the Python function that is compiled.
+      stats: the compiled program's `CompileStats`.
+      replicated: the sharding of params and optimizer state, `P()`.
+    """
+
+    def __init__(
+        self,
+        step: Compiled,
+        *,
+        mesh: Mesh,
+        axis: str,
+        batch_argnames: Sequence[str] | Mapping[str, int] | None,
+        pad: bool,
+    ) -> None:
+        self.step = step
+        self.mesh = mesh
+        self.axis = axis
+        self.pad = pad
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        self._signature = inspect.signature(step.fun)
+        self._static = frozenset(_jit_option(step, "static_argnames"))
+        self._shared = _shared_argnames(step)
+        self._multiprocess = jax.process_count() > 1
+
+        params = list(self._signature.parameters.values())
+        if (
+            len(params) < 2
+            or params[0].name != "params"
+            or params[1].name != "opt_state"
+        ):
+            raise TypeError(
+                "data_parallel: `step` must be called as `step(params, opt_state, "
+                f"*batch)`, like the result of `fl.train.make_step`; its signature "
+                f"is {self._signature}."
+            )
+        candidates = [p.name for p in params[2:] if p.name not in self._static]
+        # Each batch argument: (axis of the batch dimension, strict). Inferred
+        # arguments shard only if every leaf has that axis; named ones must.
+        self._batch: dict[str, tuple[int, bool]] = {}
+        if batch_argnames is None:
+            for name in candidates:
+                self._batch[name] = (self._default_axis(name), False)
+        else:
+            if isinstance(batch_argnames, str):
+                batch_argnames = (batch_argnames,)
+            items = (
+                list(batch_argnames.items())
+                if isinstance(batch_argnames, Mapping)
+                else [(name, None) for name in batch_argnames]
+            )
+            for name, axis_index in items:
+                if name not in candidates:
+                    why = (
+                        "it is a static argument of the step, and static arguments "
+                        "are Python values, never sharded"
+                        if name in self._static
+                        else "the step does not take it"
+                    )
+                    raise ValueError(
+                        f"data_parallel: `batch_argnames` names {name!r}, but {why}. "
+                        f"The step's batch arguments are {candidates}."
+                    )
+                if axis_index is None:
+                    axis_index = self._default_axis(name)
+                if (
+                    isinstance(axis_index, bool)
+                    or not isinstance(axis_index, int)
+                    or axis_index < 0
+                ):
+                    raise ValueError(
+                        f"data_parallel: the batch axis of {name!r} in "
+                        "`batch_argnames` must be a non-negative int; got "
+                        f"{axis_index!r}."
+                    )
+                self._batch[name] = (axis_index, True)
+
+        # Devices along `axis` that belong to this process: its rows are split
+        # over them, and the other processes hold the other blocks.
+        axis_pos = mesh.axis_names.index(axis)
+        me = jax.process_index()
+        coords = sorted(
+            {
+                index[axis_pos]
+                for index, device in np.ndenumerate(mesh.devices)
+                if device.process_index == me
+            }
+        )
+        if not coords:
+            raise ValueError(
+                f"data_parallel: `mesh` has no device of this process "
+                f"(process {me}); got devices {mesh.devices.ravel().tolist()}."
+            )
+        self._local_parts = len(coords)
+        self._groups = mesh.shape[axis] // self._local_parts
+        self._contiguous = coords == list(range(coords[0], coords[0] + len(coords)))
+
+        self._serialize = mesh.devices.size > 1 and any(
+            device.platform == "cpu" for device in mesh.devices.flat
+        )
+        self.fun = self._make_fun()
+        donate = _jit_option(step, "donate_argnames")
+        self._compiled = jit(
+            self.fun,
+            static_argnames=(*sorted(self._static), _ROWS_ARG),
+            donate_argnames=donate,
+            max_traces=step.max_traces,
+            name=f"dp_{step.name}",
+        )
+        self.__signature__ = self._signature
+        self.__doc__ = step.__doc__
+        self.__name__ = f"dp_{step.name}"
+
+    def _default_axis(self, name: str) -> int:
+        # A fused step stacks per-step arguments on a leading steps axis; the
+        # batch is the next one.
+        return 0 if self._shared is None or name in self._shared else 1
+
+    @property
+    def stats(self) -> CompileStats:
+        """The traces, compiles and compile seconds of the data-parallel program."""
+        return self._compiled.stats
+
+    def batch_sharding(self, batch_axis: int = 0) -> NamedSharding:
+        """The sharding of an array whose dimension `batch_axis` is the batch."""
+        return NamedSharding(self.mesh, PartitionSpec(*(None,) * batch_axis, self.axis))
+
+    def _make_fun(self) -> Callable[..., Any]:
+        fun, signature, replicated = self.step.fun, self._signature, self.replicated
+        batch = self._batch
+
+        def data_parallel_step(*args: Any, **kwargs: Any) -> Any:
+            rows = kwargs.pop(_ROWS_ARG, None)
+            bound = signature.bind(*args, **kwargs)
+            if rows is not None:
+                groups, local_rows, names = rows
+                for name in names:
+                    batch_axis = batch[name][0]
+                    bound.arguments[name] = jax.tree.map(
+                        lambda x, a=batch_axis: _unpad(x, a, groups, local_rows),
+                        bound.arguments[name],
+                    )
+            out = fun(*bound.args, **bound.kwargs)
+            params, opt_state, *rest = out
+            # Pin the new state to the replicated layout it came in with, so
+            # that the next call takes it as is (and can donate it).
+            params = lax.with_sharding_constraint(params, replicated)
+            opt_state = lax.with_sharding_constraint(opt_state, replicated)
+            return (params, opt_state, *rest)
+
+        parameters = list(signature.parameters.values())
+        extra = inspect.Parameter(
+            _ROWS_ARG, inspect.Parameter.KEYWORD_ONLY, default=None
+        )
+        at = len(parameters)
+        if parameters and parameters[-1].kind is inspect.Parameter.VAR_KEYWORD:
+            at -= 1
+        parameters.insert(at, extra)
+        data_parallel_step.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=parameters
+        )
+        data_parallel_step.__name__ = f"dp_{self.step.name}"
+        return data_parallel_step
+
+    # ---------------------------------------------------------------- placing
+
+    def _put(self, value: Any, sharding: NamedSharding) -> Any:
+        def put(leaf: Any) -> Any:
+            if isinstance(leaf, jax.Array):
+                # Equal, not merely equivalent: a single-device array is
+                # equivalent to a 1-device mesh's sharding, but jit caches on
+                # the sharding itself, so passing it on would retrace next call.
+                if leaf.sharding == sharding:
+                    return leaf
+                if not leaf.is_fully_addressable:
+                    return jax.device_put(leaf, sharding)
+            elif not isinstance(leaf, np.ndarray | np.generic):
+                # Python scalars stay as they are: jit treats them as weakly
+                # typed, as the wrapped step would.
+                return leaf
+            if self._multiprocess:
+                # Each process passes its own rows; the global array is their
+                # concatenation in mesh order (replicated values: its own copy).
+                return jax.make_array_from_process_local_data(sharding, leaf)
+            return jax.device_put(leaf, sharding)
+
+        return jax.tree.map(put, value)
+
+    def _bind(self, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+        try:
+            return self._signature.bind(*args, **kwargs)
+        except TypeError as err:
+            raise TypeError(
+                f"data_parallel({self.step.name}): the arguments do not match the "
+                f"step's signature {self._signature}: {err}."
+            ) from err
+
+    def _prepare(
+        self, bound: inspect.BoundArguments, *, allow_pad: bool
+    ) -> tuple | None:
+        """Place the bound arguments in place; return the padding record or None."""
+        where = f"data_parallel({self.step.name})"
+        sharded: dict[str, int] = {}
+        for name, (batch_axis, strict) in self._batch.items():
+            if name not in bound.arguments:
+                continue
+            value = bound.arguments[name]
+            if _leaves_ok(value, batch_axis):
+                sharded[name] = batch_axis
+            elif strict:
+                shapes = [
+                    getattr(leaf, "shape", type(leaf).__name__)
+                    for leaf in jax.tree.leaves(value)
+                ]
+                raise ValueError(
+                    f"{where}: batch argument `{name}` must hold arrays with a "
+                    f"dimension {batch_axis} (its batch axis); got leaves of shape "
+                    f"{shapes}. Fix its axis in `batch_argnames`."
+                )
+        if not sharded:
+            raise ValueError(
+                f"{where}: no argument to split over the batch: every argument is "
+                "static or has too few dimensions. Pass the batch as arrays with a "
+                "leading batch axis, or name them in `batch_argnames`."
+            )
+        sizes = {
+            f"{name}{jax.tree_util.keystr(path)}": leaf.shape[batch_axis]
+            for name, batch_axis in sharded.items()
+            for path, leaf in jax.tree_util.tree_flatten_with_path(
+                bound.arguments[name]
+            )[0]
+        }
+        if len(set(sizes.values())) != 1:
+            raise ValueError(
+                f"{where}: the batch arguments must have one batch size; got sizes "
+                f"{sizes}. Name the batch arguments in `batch_argnames` (the others "
+                "are replicated)."
+            )
+        local_rows = next(iter(sizes.values()))
+        parts = self._local_parts
+        rows = None
+        if local_rows % parts:
+            whose = (
+                "this process's batch size" if self._multiprocess else "the batch size"
+            )
+            if not (self.pad and allow_pad):
+                fix = (
+                    f"`place` does not pad: use a multiple of {parts}, or call the "
+                    "step itself, which pads."
+                    if self.pad
+                    else f"Use a batch size that is a multiple of {parts}, or pass "
+                    "`pad=True` to pad the batch and drop the padded rows from the "
+                    "loss."
+                )
+                raise ValueError(
+                    f"{where}: {whose} must be divisible by the {parts} devices of "
+                    f"mesh axis {self.axis!r}; got {local_rows} (sizes {sizes}). "
+                    f"{fix}"
+                )
+            if self._groups > 1 and not self._contiguous:
+                raise ValueError(
+                    f"{where}: `pad=True` needs each process's devices to be "
+                    f"consecutive along mesh axis {self.axis!r}; got "
+                    f"{self.mesh.devices.tolist()}. Build the mesh with "
+                    "`jax.make_mesh`, or pass a divisible batch."
+                )
+            padded = math.ceil(local_rows / parts) * parts
+            for name, batch_axis in sharded.items():
+                bound.arguments[name] = jax.tree.map(
+                    lambda x, a=batch_axis: _pad_rows(x, a, padded),
+                    bound.arguments[name],
+                )
+            rows = (self._groups, local_rows, tuple(sorted(sharded)))
+        for name, value in bound.arguments.items():
+            if name in self._static:
+                continue
+            if name in sharded:
+                bound.arguments[name] = self._put(
+                    value, self.batch_sharding(sharded[name])
+                )
+            else:
+                bound.arguments[name] = self._put(value, self.replicated)
+        return rows
+
+    def place(self, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        """Place arguments on the mesh as a call would, without running the step.
+
+        Params, optimizer state and non-batch arguments are replicated; batch
+        arguments are split along the mesh axis. Pass the placed arrays to the
+        step to skip the copy on every call (data fed once, reused). The batch
+        must divide: padding happens only inside a call.
+
+        Returns:
+          `(args, kwargs)`, ready for `self(*args, **kwargs)`.
+        """
+        bound = self._bind(args, kwargs)
+        self._prepare(bound, allow_pad=False)
+        return bound.args, bound.kwargs
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        bound = self._bind(args, kwargs)
+        rows = self._prepare(bound, allow_pad=True)
+        if not self._serialize:
+            return self._compiled(*bound.args, **bound.kwargs, **{_ROWS_ARG: rows})
+        _wait_for_cpu_in_flight()
+        out = self._compiled(*bound.args, **bound.kwargs, **{_ROWS_ARG: rows})
+        # The loss finishes with the program; params and opt_state may be
+        # donated to the next call before anyone waits on them.
+        _cpu_in_flight.append(
+            [leaf for leaf in jax.tree.leaves(out[2:]) if isinstance(leaf, jax.Array)]
+        )
+        return out
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        """Lower for these arguments, as `jax.jit(...).lower` (counts as a trace)."""
+        bound = self._bind(args, kwargs)
+        rows = self._prepare(bound, allow_pad=True)
+        return self._compiled.lower(*bound.args, **bound.kwargs, **{_ROWS_ARG: rows})
+
+    def __repr__(self) -> str:
+        return (
+            f"<fl.parallel.data_parallel {self.step.name} axis={self.axis!r} "
+            f"devices={self.mesh.shape[self.axis]} {self.stats}>"
+        )
+
+
+def data_parallel(
+    step: Compiled,
+    *,
+    mesh: Mesh | None = None,
+    axis: str = "data",
+    batch_argnames: Sequence[str] | Mapping[str, int] | None = None,
+    pad: bool = False,
+) -> DataParallel:
+    """Run a compiled step data parallel: batch split over devices, state replicated.
+
+    The result is called like `step`:
+    `dp(params, opt_state, *batch) -> (params, opt_state, loss)`. It places
+    `params`, `opt_state` and the non-batch arguments replicated on every
+    device of `mesh` (`PartitionSpec()`), splits each batch argument along
+    `axis` (`PartitionSpec(axis)` on its batch dimension), and runs one
+    compiled program over all of them. The loss is unchanged: it still sees
+    the whole batch, and the compiler inserts the all-reduce that sums the
+    gradients of a summed loss and averages those of a mean loss. Static
+    arguments (the dynamic path's `depth`) are Python values, never sharded.
+
+    Batch arguments: by default every non-static argument after `opt_state`
+    whose leaves all have the batch dimension: dimension 0, or for a step from
+    `fl.train.make_fused_step` dimension 1 of the stacked per-step arguments
+    (dimension 0 is the steps axis) and 0 of the `shared_argnames` ones.
+    Arguments without it (a scalar depth, `(K,)` depths or keys) are
+    replicated.
+
+    On CPU devices (host devices for testing) one call waits for the
+    previous one to finish before it starts: XLA's CPU runtime can deadlock
+    with two data-parallel programs in flight. Accelerators keep asynchronous
+    dispatch.
+
+    Several processes: call `initialize` first; then each process passes its
+    own rows, and the global batch is their concatenation in process order.
+    Arrays already placed (the returned state, or `place`'s result) are used
+    as they are.
+
+    Padding (`pad=True`): a batch whose size does not divide by the devices
+    along `axis` is padded by repeating its last row, and the compiled program
+    drops the padded rows again before the loss (a static slice back to the
+    real size, which the partitioner keeps sharded with a masked last shard).
+    The loss and gradients are those of the unpadded batch for any loss, summed
+    or mean, with no mask in the loss. Each batch size compiles once, as it
+    does without padding.
+
+    Args:
+      step: a step from `fl.train.make_step` or `fl.train.make_fused_step`
+        (an `fl.jit` function called as `step(params, opt_state, *batch)`).
+        Its static arguments, donated arguments and trace budget carry over.
+      mesh: the devices; default all devices, `jax.make_mesh((n,), (axis,))`.
+        Its axes are used as `AxisType.Auto`.
+      axis: the mesh axis that splits the batch.
+      batch_argnames: which arguments to split: a sequence of names (batch
+        dimension as above), or a mapping from name to batch dimension. The
+        others are replicated.
+      pad: pad a batch that does not divide (see above), instead of raising
+        `ValueError`.
+
+    Returns:
+      A `DataParallel` callable with the step's signature and `.stats`.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import functorch_lite as fl
+    >>> from functorch_lite import parallel
+    >>> net = fl.models.DynamicNet(4, 8, 2)
+    >>> def loss_fn(params, x, y, depth):
+    ...     return fl.nn.mse_loss(net.apply(params, x, depth), y)
+    >>> opt = optax.sgd(1e-4, momentum=0.9)
+    >>> dp = parallel.data_parallel(fl.train.make_step(loss_fn, opt))
+    >>> params = net.init(jax.random.key(0)); opt_state = opt.init(params)
+    >>> n = len(jax.devices())
+    >>> x, y = jnp.ones((2 * n, 4)), jnp.zeros((2 * n, 2))
+    >>> for depth in [0, 3, 1]:
+    ...     params, opt_state, loss = dp(params, opt_state, x, y, depth)
+    >>> params["output_linear"]["bias"].sharding.is_fully_replicated
+    True
+    >>> x_placed = dp.place(params, opt_state, x, y, 0)[0][2]
+    >>> x_placed.sharding.spec == jax.sharding.PartitionSpec("data")
+    True
+    >>> dp.stats.compiles
+    1
+    """
+    if not isinstance(step, Compiled):
+        raise TypeError(
+            "data_parallel: `step` must be a compiled step from "
+            "`fl.train.make_step` or `fl.train.make_fused_step`; got "
+            f"{type(step).__name__} {step!r}."
+        )
+    if not isinstance(axis, str):
+        raise TypeError(f"data_parallel: `axis` must be a str; got {axis!r}.")
+    if not isinstance(pad, bool):
+        raise TypeError(f"data_parallel: `pad` must be a bool; got {pad!r}.")
+    if mesh is None:
+        mesh = jax.make_mesh(
+            (jax.device_count(),), (axis,), axis_types=(AxisType.Auto,)
+        )
+    elif not isinstance(mesh, Mesh):
+        raise TypeError(
+            f"data_parallel: `mesh` must be a jax.sharding.Mesh (for example "
+            f"`jax.make_mesh((8,), ({axis!r},))`); got {type(mesh).__name__}."
+        )
+    elif axis not in mesh.axis_names:
+        raise ValueError(
+            f"data_parallel: `axis` must be an axis of `mesh`, one of "
+            f"{list(mesh.axis_names)}; got {axis!r}."
+        )
+    return DataParallel(
+        step,
+        mesh=_auto_mesh(mesh),
+        axis=axis,
+        batch_argnames=batch_argnames,
+        pad=pad,
+    )
+
+
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    cpu_devices: int | None = None,
+) -> None:
+    """Join this process to a multi-process run with `jax.distributed.initialize`.
+
+    Call it first, before any other JAX work, in every process. After it,
+    `jax.devices()` lists the devices of all processes, and `data_parallel`'s
+    default mesh spans them. On CPU, collectives across processes use gloo
+    (`jax_cpu_collectives_implementation`); GPUs and TPUs use their own.
+
+    Args:
+      coordinator_address: `"host:port"` of process 0, reachable from every
+        process. None lets JAX detect it (SLURM, Cloud TPU, ...).
+      num_processes: how many processes join.
+      process_id: this process's index in `[0, num_processes)`.
+      cpu_devices: if given, the number of CPU devices this process shows
+        (`jax_num_cpu_devices`): several host devices for testing on one
+        machine.
+
+    >>> import functorch_lite as fl
+    >>> fl.parallel.initialize("10.0.0.1:1234", 2, 0)  # doctest: +SKIP
+    """
+    if cpu_devices is not None:
+        if (
+            isinstance(cpu_devices, bool)
+            or not isinstance(cpu_devices, int)
+            or cpu_devices < 1
+        ):
+            raise ValueError(
+                "initialize: `cpu_devices` must be a positive int; got "
+                f"{cpu_devices!r}."
+            )
+        jax.config.update("jax_num_cpu_devices", cpu_devices)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )
