@@ -1,0 +1,562 @@
+"""Reporting for retrace_vs_scan.py: stdout table, findings in words, markdown, PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["findings", "markdown", "plot", "table"]
+
+STATIC_NAMES = ("static", "static-scan", "static-masked", "fused", "plain-jax")
+COLORS = {
+    "dynamic": "#d62728",
+    "dynamic-nocache": "#ff9896",
+    "static-scan": "#1f77b4",
+    "static-masked": "#9edae5",
+    "static": "#2ca02c",
+    "fused": "#17becf",
+    "torch-eager": "#ff7f0e",
+    "plain-jax": "#7f7f7f",
+}
+
+
+# ------------------------------------------------------------------- lookups
+
+
+def _cell(results: dict, strategy: str, max_depth: int, steps: int) -> dict | None:
+    for c in results["cells"]:
+        if (c["strategy"], c["max_depth"], c["steps"]) == (strategy, max_depth, steps):
+            return c
+    return None
+
+
+def _ok(results: dict, strategy: str, max_depth: int) -> dict | None:
+    """The cell at the largest step count, if the strategy ran."""
+    c = _cell(results, strategy, max_depth, max(results["config"]["steps"]))
+    return c if c and c["status"] == "ok" else None
+
+
+def _crossover(
+    results: dict, strategy: str, max_depth: int, versus: str = "dynamic"
+) -> dict | None:
+    for x in results["crossover"]:
+        if (x["strategy"], x["max_depth"], x["versus"]) == (
+            strategy,
+            max_depth,
+            versus,
+        ):
+            return x
+    return None
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g}"
+
+
+def _s(seconds: float) -> str:
+    if seconds >= 100:
+        return f"{seconds:.0f}"
+    if seconds >= 10:
+        return f"{seconds:.1f}"
+    return f"{seconds:.3g}" if seconds >= 0.01 else f"{seconds:.2g}"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "n/a"
+
+
+def _wins(x: dict | None) -> str:
+    if x is None:
+        return ""
+    first, again = x["static_wins_from"], x["dynamic_wins_again_from"]
+    if first is None:
+        return "never"
+    if again is None:
+        return f"from step {first}"
+    return f"steps {first}-{again - 1}"
+
+
+# --------------------------------------------------------------------- table
+
+
+def _rows(results: dict, max_depth: int) -> tuple[list[str], list[list[str]]]:
+    steps = results["config"]["steps"]
+    header = [
+        "strategy",
+        "compiles",
+        "compile s",
+        "1st call s",
+        "steady ms/step [min-max]",
+    ]
+    header += [f"total s @{s}" for s in steps]
+    header += ["GFLOP/s", "% peak", "ahead of dynamic", "ahead of torch"]
+    rows = []
+    for name in results["strategies"]:
+        last = _cell(results, name, max_depth, max(steps))
+        if last is None:
+            continue
+        if last["status"] != "ok":
+            rows.append([name, last["status"]] + [""] * (len(header) - 2))
+            continue
+        st = last["steady_seconds"]
+        approx = "~" if last["total_kind"] == "extrapolated" else ""
+        row = [
+            name,
+            f"{approx}{last['compiles']}",
+            f"{approx}{_s(last['compile_seconds'])}",
+            _s(last["first_call_seconds"]),
+            f"{_ms(st['median'])} [{_ms(st['min'])}-{_ms(st['max'])}]",
+        ]
+        for s in steps:
+            c = _cell(results, name, max_depth, s)
+            mark = "~" if c["total_kind"] == "extrapolated" else ""
+            row.append(f"{mark}{_s(c['total_seconds'])}")
+        peak = last["peak_fraction"]
+        row += [
+            f"{last['gflops']:.3g}",
+            f"{100 * peak:.2g}" if peak is not None else "",
+        ]
+        for versus in ("dynamic", "torch-eager"):
+            x = _crossover(results, name, max_depth, versus)
+            row.append(_wins(x) if name in STATIC_NAMES else "")
+        rows.append(row)
+    return header, rows
+
+
+def table(results: dict) -> str:
+    """A plain-text table per max_depth, for stdout."""
+    env, peak = results["env"], results["peak"]
+    lines = [
+        f"retrace_vs_scan  jax {env['jax']}  optax {env['optax']}  torch "
+        f"{env['torch'] or '-'}  {env['backend']}: {env['device_kind']} "
+        f"({env['cpu_count']} cores)",
+        f"matmul peak ({peak['size']}^2 float32): {peak['gflops']:.1f} GFLOP/s.  "
+        "'~' = extrapolated.  'ahead of dynamic/torch': the steps at which a "
+        "one-compile strategy's total time (compile included) is below that "
+        "strategy's (analytic).",
+    ]
+    for max_depth in results["config"]["depths"]:
+        header, rows = _rows(results, max_depth)
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        lines.append("")
+        lines.append(f"max_depth = {max_depth}")
+
+        def fmt(r: list[str], widths: list[int] = widths) -> str:
+            return "  ".join(
+                v.ljust(w) if i == 0 else v.rjust(w)
+                for i, (v, w) in enumerate(zip(r, widths, strict=True))
+            )
+
+        lines.append(fmt(header))
+        lines.append("  ".join("-" * w for w in widths))
+        for r in rows:
+            if len(r) > 1 and r[1].startswith("skipped"):
+                lines.append(f"{r[0].ljust(widths[0])}  {r[1]}")
+            else:
+                lines.append(fmt(r))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ findings
+
+
+def findings(results: dict) -> list[str]:
+    """What the figures show, in words, with ratios (one sentence per point)."""
+    out = []
+    steps = results["config"]["steps"]
+    small, large = min(steps), max(steps)
+    for d in results["config"]["depths"]:
+        dyn = _ok(results, "dynamic", d)
+        sta = _ok(results, "static", d)
+        parts = []
+        if dyn and sta:
+            t_dyn = dyn["steady_seconds"]["median"]
+            t_sta = sta["steady_seconds"]["median"]
+            faster = "static" if t_sta < t_dyn else "dynamic"
+            parts.append(
+                f"steady step {_ms(t_sta)} ms (`static`) vs {_ms(t_dyn)} ms "
+                f"(`dynamic`): `{faster}` is "
+                f"{max(t_sta, t_dyn) / min(t_sta, t_dyn):.2f}x faster per step"
+            )
+            parts.append(
+                f"`dynamic` compiled {dyn['compiles']} programs in "
+                f"{_s(dyn['compile_seconds'])} s over {large} steps, `static` 1 in "
+                f"{_s(sta['compile_seconds'])} s "
+                f"({_ratio(dyn['compile_seconds'], sta['compile_seconds'])})"
+            )
+            x = _crossover(results, "static", d)
+            if x is not None:
+                if x["static_wins_from"] is None:
+                    parts.append("`static` never beats `dynamic` in total time")
+                else:
+                    text = (
+                        f"`static` beats `dynamic` in total time from step "
+                        f"{x['static_wins_from']}"
+                    )
+                    if x["dynamic_wins_again_from"] is not None:
+                        text += (
+                            f" until `dynamic`'s faster steps repay its compiles "
+                            f"at step {x['dynamic_wins_again_from']}"
+                        )
+                    parts.append(text)
+            for s in (small, large):
+                a = _cell(results, "static", d, s)["total_seconds"]
+                b = _cell(results, "dynamic", d, s)["total_seconds"]
+                parts.append(
+                    f"total at {s} steps {_s(a)} s vs {_s(b)} s "
+                    f"(`dynamic`/`static` = {_ratio(b, a)})"
+                )
+        others = []
+        if dyn:
+            t_dyn = dyn["steady_seconds"]["median"]
+            for name in ("static-scan", "static-masked", "fused"):
+                c = _ok(results, name, d)
+                if c:
+                    others.append(
+                        f"`{name}` {_ratio(t_dyn, c['steady_seconds']['median'])}"
+                    )
+        if others:
+            parts.append(
+                "steady speed relative to `dynamic` (>1 = faster): " + ", ".join(others)
+            )
+        nocache = _ok(results, "dynamic-nocache", d)
+        if nocache and dyn:
+            t = nocache["steady_seconds"]["median"]
+            parts.append(
+                f"`dynamic-nocache` pays {_s(t)} s per step (a trace and compile each "
+                f"time), {t / dyn['steady_seconds']['median']:.0f}x `dynamic`'s step"
+            )
+        torch = _ok(results, "torch-eager", d)
+        if torch and sta:
+            t = torch["steady_seconds"]["median"]
+            text = (
+                f"`torch-eager` {_ms(t)} ms/step: `static` is "
+                f"{_ratio(t, sta['steady_seconds']['median'])} its speed"
+            )
+            x = _crossover(results, "static", d, "torch-eager")
+            if x is not None and x["static_wins_from"] is not None:
+                text += (
+                    f", and having no compile to pay, torch is ahead in total time "
+                    f"until step {x['static_wins_from'] - 1}"
+                    if x["static_wins_from"] > 1
+                    else ", and `static` is ahead in total time from the first step"
+                )
+            parts.append(text)
+        plain, scan = _ok(results, "plain-jax", d), _ok(results, "static-scan", d)
+        if plain and scan:
+            t_plain = plain["steady_seconds"]["median"]
+            t_scan = scan["steady_seconds"]["median"]
+            parts.append(
+                f"`plain-jax` (the same scan loop without the library) "
+                f"{_ms(t_plain)} ms/step vs `static-scan` {_ms(t_scan)} ms "
+                f"(`static-scan`/`plain-jax` = {_ratio(t_scan, t_plain)})"
+            )
+        best = max(
+            (c for c in (_ok(results, n, d) for n in results["strategies"]) if c),
+            key=lambda c: c["gflops"],
+            default=None,
+        )
+        if best is not None and best["peak_fraction"] is not None:
+            parts.append(
+                f"best throughput {best['gflops']:.3g} GFLOP/s (`{best['strategy']}`), "
+                f"{100 * best['peak_fraction']:.2g}% of the measured matmul peak"
+            )
+        if parts:
+            out.append(f"max_depth={d}: " + "; ".join(parts) + ".")
+    return out
+
+
+# ------------------------------------------------------------------ markdown
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def markdown(results: dict) -> str:
+    """A markdown summary: command, machine, findings, tables, method, plot."""
+    env, peak, cfg = results["env"], results["peak"], results["config"]
+    lines = [
+        f"# retrace_vs_scan: {results['name']}",
+        "",
+        f"Command: `{results['command']}` ({cfg['preset']} preset), "
+        f"{results['wall_seconds']:.0f} s wall.",
+        "",
+        f"Machine: {env['backend']} `{env['device_kind']}` "
+        f"({env.get('cpu_model') or 'unknown CPU'}), {env['cpu_count']} cores, "
+        f"{env['platform']}; load average at start "
+        f"{', '.join(f'{v:.2f}' for v in env['load_average_at_start'] or [])}.",
+        f"Versions: python {env['python']}, jax {env['jax']}, jaxlib {env['jaxlib']}, "
+        f"optax {env['optax']}, numpy {env['numpy']}, torch {env['torch'] or '-'} "
+        f"({env['torch_threads'] or '-'} threads), functorch_lite "
+        f"{env['functorch_lite']}.",
+        "",
+        f"Workload: DynamicNet N={cfg['n']}, D_in={cfg['d_in']}, H={cfg['d_hidden']}, "
+        f"D_out={cfg['d_out']}, {cfg['loss']}, {cfg['optimizer']}; depth uniform in "
+        f"[0, max_depth] per step, one seeded sequence per max_depth shared by every "
+        f"strategy. Steady figures: median [min-max] of {cfg['repeats']} blocks of "
+        f"{cfg['block_steps']} steps; `fused` runs K={cfg['fuse_k']} steps per call.",
+        "",
+        f"Matmul peak, measured in the same run: {peak['gflops']:.1f} GFLOP/s "
+        f"({peak['size']}x{peak['size']} float32, median of {peak['repeats']}; best "
+        f"{peak['gflops_best']:.1f}).",
+    ]
+    check = results.get("flops_check") or {}
+    if "xla_flops" in check:
+        lines.append(
+            f"FLOPs are counted (matmuls). Check: XLA's cost analysis of a `dynamic` "
+            f"step at depth {check['depth']} gives {check['xla_flops']:.4g} vs "
+            f"{check['counted_matmul_flops']:.4g} counted "
+            f"({check['ratio_xla_to_counted']:.3f}x; the rest is elementwise work)."
+        )
+    lines += ["", "## Findings", ""]
+    lines += [f"- {f}" for f in findings(results)]
+    for d in cfg["depths"]:
+        header, rows = _rows(results, d)
+        lines += ["", f"## max_depth = {d}", ""]
+        lines += _md_table(header, rows)
+    lines += ["", "## Crossover (analytic)", ""]
+    xrows = []
+    for x in results["crossover"]:
+        measured = ", ".join(
+            f"{s}: {x['strategy'] if m['static_wins'] else x['versus']}"
+            for s, m in x["measured"].items()
+        )
+        xrows.append(
+            [
+                str(x["max_depth"]),
+                x["strategy"],
+                x["versus"],
+                str(x["static_wins_from"]),
+                str(x["dynamic_wins_again_from"] or "-"),
+                measured,
+            ]
+        )
+    lines += _md_table(
+        [
+            "max_depth",
+            "strategy",
+            "versus",
+            "ahead from step",
+            "behind again from step",
+            "measured winner at step counts",
+        ],
+        xrows,
+    )
+    lines += [
+        "",
+        "`~`: extrapolated (`dynamic-nocache` is measured over "
+        f"{cfg['nocache_steps']} steps, each a new trace and compile). Totals are "
+        "measured directly: one fresh run per strategy and max_depth, clock read "
+        "(after `block_until_ready`) at each step count, compiles included. The "
+        "crossover is analytic: total(s) = compile seconds up to step s + s x steady "
+        "median, with `dynamic`'s compile seconds growing as new depths appear in "
+        "the sequence.",
+    ]
+    plot = results.get("plot")
+    if results.get("outputs", {}).get("png"):
+        lines += ["", f"![total, compile and steady time]({results['outputs']['png']})"]
+    elif plot:
+        lines += ["", f"Plot {plot}."]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------- plot
+
+
+def plot(results: dict, path: Path) -> str | None:
+    """Write the three-panel PNG; return None, or why it was skipped."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return "skipped: matplotlib not installed (pip install 'functorch-lite[bench]')"
+
+    cfg = results["config"]
+    depths, steps = cfg["depths"], cfg["steps"]
+    d_plot = max(depths)
+    names = results["strategies"]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
+
+    # Panel 1: total time vs steps at the largest max_depth, as measured.
+    ax = axes[0]
+    for name in names:
+        c = _ok(results, name, d_plot)
+        run = next(
+            (
+                r
+                for r in results["runs"]
+                if (r["strategy"], r["max_depth"]) == (name, d_plot)
+            ),
+            None,
+        )
+        if c is None or run is None or not run.get("total_curve"):
+            continue
+        xs, ys = zip(*run["total_curve"], strict=True)
+        ax.plot(xs, ys, color=COLORS[name], lw=1.6)
+        if xs[-1] < max(steps):  # dynamic-nocache: extrapolated past its few steps
+            t = c["steady_seconds"]["median"]
+            ax.plot(
+                [xs[-1], max(steps)],
+                [ys[-1], ys[-1] + (max(steps) - xs[-1]) * t],
+                color=COLORS[name],
+                lw=1.6,
+                ls="--",
+            )
+    x = _crossover(results, "static", d_plot)
+    if x is not None and x["static_wins_from"] is not None:
+        k = x["static_wins_from"]
+        ax.axvline(k, color=COLORS["static"], ls=":", lw=1.2)
+        ax.annotate(
+            f"static beats dynamic\nfrom step {k}",
+            xy=(k, 0.97),
+            xycoords=("data", "axes fraction"),
+            va="top",
+            ha="left",
+            fontsize=8,
+            color=COLORS["static"],
+            xytext=(4, 0),
+            textcoords="offset points",
+        )
+        again = x["dynamic_wins_again_from"]
+        if again is not None and again <= max(steps):
+            ax.axvline(again, color=COLORS["dynamic"], ls=":", lw=1.2)
+            ax.annotate(
+                f"dynamic ahead\nagain from {again}",
+                xy=(again, 0.97),
+                xycoords=("data", "axes fraction"),
+                va="top",
+                ha="right",
+                fontsize=8,
+                color=COLORS["dynamic"],
+                xytext=(-4, 0),
+                textcoords="offset points",
+            )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="training steps",
+        ylabel="total seconds (compile included)",
+        title=f"Total time vs steps (max_depth={d_plot})",
+    )
+    ax.grid(True, which="both", alpha=0.25)
+    ax.text(
+        0.99,
+        0.01,
+        "measured, one fresh run each\ndashed: extrapolated\n"
+        "dotted: crossover (analytic)",
+        transform=ax.transAxes,
+        ha="right",
+        fontsize=7,
+        color="0.4",
+    )
+
+    # Panel 2: compile seconds vs max_depth (the longest run).
+    ax = axes[1]
+    for name in names:
+        ys, xs, approx = [], [], False
+        for d in depths:
+            c = _ok(results, name, d)
+            if c is None or c["compiles"] == 0:
+                continue
+            xs.append(d)
+            ys.append(c["compile_seconds"])
+            approx = approx or c["total_kind"] == "extrapolated"
+        if xs:
+            ax.plot(xs, ys, marker="o", color=COLORS[name], ls="--" if approx else "-")
+    ax.set(
+        yscale="log",
+        xlabel="max_depth",
+        ylabel=f"compile seconds over {max(steps)} steps",
+        title="Compile time vs max_depth",
+    )
+    ax.set_xticks(depths)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.text(
+        0.01,
+        0.01,
+        "dashed: extrapolated; torch-eager does not compile",
+        transform=ax.transAxes,
+        fontsize=7,
+        color="0.4",
+    )
+
+    # Panel 3: steady per-step time vs max_depth, min-max bars. dynamic-nocache
+    # (a compile per step, hundreds of times slower) would squash the rest.
+    ax = axes[2]
+    for name in names:
+        if name == "dynamic-nocache":
+            continue
+        xs, med, lo, hi = [], [], [], []
+        for d in depths:
+            c = _ok(results, name, d)
+            if c is None:
+                continue
+            st = c["steady_seconds"]
+            xs.append(d)
+            med.append(st["median"] * 1e3)
+            lo.append((st["median"] - st["min"]) * 1e3)
+            hi.append((st["max"] - st["median"]) * 1e3)
+        if xs:
+            ax.errorbar(
+                xs,
+                med,
+                yerr=[lo, hi],
+                marker="o",
+                color=COLORS[name],
+                capsize=3,
+                ms=4,
+                ls="--" if name == "dynamic-nocache" else "-",
+            )
+    ax.set(
+        yscale="log",
+        xlabel="max_depth",
+        ylabel="ms per step (median, min-max)",
+        title="Steady per-step time vs max_depth",
+    )
+    ax.set_xticks(depths)
+    ax.grid(True, which="both", alpha=0.25)
+    plain = matplotlib.ticker.FormatStrFormatter("%g")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+    nocache = [_ok(results, "dynamic-nocache", d) for d in depths]
+    nocache_ms = [c["steady_seconds"]["median"] * 1e3 for c in nocache if c]
+    if nocache_ms:
+        ax.text(
+            0.01,
+            0.99,
+            f"dynamic-nocache, off the scale: {min(nocache_ms):.0f}-"
+            f"{max(nocache_ms):.0f} ms/step",
+            transform=ax.transAxes,
+            va="top",
+            fontsize=7,
+            color="0.4",
+        )
+
+    # One legend for the three panels: a strategy has one colour throughout.
+    handles = [
+        plt.Line2D([], [], color=COLORS[n], marker="o", ms=4, lw=1.6) for n in names
+    ]
+    fig.legend(
+        handles, names, loc="lower center", ncol=len(names), fontsize=9, frameon=False
+    )
+    env = results["env"]
+    fig.suptitle(
+        f"functorch_lite retrace vs scan: {env['backend']} "
+        f"{env.get('cpu_model') if env['backend'] == 'cpu' else env['device_kind']}, "
+        f"{env['cpu_count']} cores, jax {env['jax']}; matmul peak "
+        f"{results['peak']['gflops']:.0f} GFLOP/s",
+        fontsize=10,
+    )
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None

@@ -1,0 +1,281 @@
+"""The retrace-vs-scan benchmark, run in-process at a tiny size (seconds)."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import importlib.util
+import io
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import functorch_lite as fl
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+STRATEGIES = [
+    "dynamic",
+    "dynamic-nocache",
+    "static-scan",
+    "static-masked",
+    "static",
+    "fused",
+    "torch-eager",
+    "plain-jax",
+]
+ONE_COMPILE = ["static-scan", "static-masked", "static", "fused", "plain-jax"]
+DEPTHS = [3]
+STEPS = [4, 8]
+NOCACHE_STEPS = 2
+TINY = [
+    "--n", "4", "--d-in", "8", "--hidden", "6", "--d-out", "3",
+    "--depths", ",".join(map(str, DEPTHS)), "--steps", ",".join(map(str, STEPS)),
+    "--repeats", "5", "--block", "4", "--nocache-steps", str(NOCACHE_STEPS),
+    "--fuse-k", "4", "--record", "8", "--peak-size", "64", "--name", "tiny",
+]  # fmt: skip
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location(
+        "retrace_vs_scan", BENCH / "retrace_vs_scan.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load_script()
+
+
+@pytest.fixture(scope="module")
+def run(bench, tmp_path_factory):
+    """One tiny run: (returned results, JSON read back, stdout, stderr, out dir)."""
+    out = tmp_path_factory.mktemp("bench")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        returned = bench.main([*TINY, "--out", str(out)])
+    on_disk = json.loads((out / "tiny.json").read_text())
+    return returned, on_disk, stdout.getvalue(), stderr.getvalue(), out
+
+
+def _cells(results, strategy):
+    return [c for c in results["cells"] if c["strategy"] == strategy]
+
+
+def _torch_importable() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+def test_json_schema(run):
+    returned, results, *_ = run
+    assert returned == results
+    assert results["schema"] == "functorch_lite/bench/retrace_vs_scan/1"
+    for key in ("name", "created", "command", "config", "strategies", "env", "peak",
+                "flops_check", "cells", "runs", "crossover", "depth_sequences",
+                "wall_seconds", "plot", "outputs"):  # fmt: skip
+        assert key in results, key
+    env = results["env"]
+    for key in ("jax", "jaxlib", "optax", "torch", "numpy", "python", "backend",
+                "device", "device_kind", "cpu_count"):  # fmt: skip
+        assert key in env, key
+    assert env["jax"] == jax.__version__
+    assert env["backend"] == jax.devices()[0].platform
+    assert isinstance(env["cpu_count"], int) and env["cpu_count"] >= 1
+    assert results["peak"]["gflops"] > 0 and results["peak"]["size"] == 64
+    assert results["config"]["depths"] == DEPTHS
+    assert results["config"]["steps"] == STEPS
+    # One cell per (strategy, max_depth, steps), each with every field.
+    keys = {(c["strategy"], c["max_depth"], c["steps"]) for c in results["cells"]}
+    assert keys == {(s, d, n) for s in STRATEGIES for d in DEPTHS for n in STEPS}
+    assert len(results["cells"]) == len(keys)
+    fields = {
+        "status", "compiles", "compile_seconds", "first_call_seconds",
+        "steady_seconds", "total_seconds", "total_kind", "total_seconds_model",
+        "flops_per_step", "gflops", "peak_fraction",
+    }  # fmt: skip
+    for cell in results["cells"]:
+        assert fields <= set(cell), cell["strategy"]
+    # Crossover: each static strategy against `dynamic`, at each max_depth.
+    versus = ["dynamic", "torch-eager"] if _torch_importable() else ["dynamic"]
+    pairs = {(x["strategy"], x["max_depth"], x["versus"]) for x in results["crossover"]}
+    assert pairs == {(s, d, v) for s in ONE_COMPILE for d in DEPTHS for v in versus}
+    for x in results["crossover"]:
+        first = x["static_wins_from"]
+        assert first is None or (isinstance(first, int) and first >= 1)
+        assert x["method"].startswith("analytic")
+
+
+def test_every_strategy_ran(run):
+    _, results, *_ = run
+    assert results["strategies"] == STRATEGIES
+    for cell in results["cells"]:
+        if cell["strategy"] == "torch-eager" and not _torch_importable():
+            assert cell["status"] == "skipped: torch not installed"
+        else:
+            assert cell["status"] == "ok", cell
+            assert cell["steady_seconds"]["median"] > 0
+
+
+def test_compile_counts(run):
+    _, results, *_ = run
+    for name in ONE_COMPILE:
+        for cell in _cells(results, name):
+            assert cell["compiles"] == 1, (name, cell["max_depth"], cell["steps"])
+    for cell in _cells(results, "dynamic"):
+        seq = results["depth_sequences"][str(cell["max_depth"])]
+        assert cell["compiles"] == len(set(seq[: cell["steps"]])), cell
+    for cell in _cells(results, "dynamic-nocache"):
+        assert cell["compiles"] == cell["steps"]  # one per step, measured or not
+    if _torch_importable():
+        assert all(c["compiles"] == 0 for c in _cells(results, "torch-eager"))
+
+
+def test_losses_match_across_strategies(run):
+    _, results, *_ = run
+    for depth in DEPTHS:
+        runs = {
+            r["strategy"]: r["losses"]
+            for r in results["runs"]
+            if r["max_depth"] == depth and r["status"] == "ok"
+        }
+        reference = np.asarray(runs["dynamic"])
+        assert len(reference) == 8 and np.all(np.isfinite(reference))
+        assert np.ptp(reference) > 0  # the params move
+        for name, losses in runs.items():
+            n = NOCACHE_STEPS if name == "dynamic-nocache" else 8
+            assert len(losses) == n, name
+            np.testing.assert_allclose(
+                losses, reference[:n], rtol=1e-4, err_msg=f"{name}, max_depth={depth}"
+            )
+
+
+def test_timing_figures(run):
+    _, results, *_ = run
+    for cell in results["cells"]:
+        if cell["status"] != "ok":
+            continue
+        st = cell["steady_seconds"]
+        assert 0 < st["min"] <= st["median"] <= st["max"]
+        if cell["strategy"] == "dynamic-nocache":
+            assert st["repeats"] == NOCACHE_STEPS
+            kind = "extrapolated" if cell["steps"] > NOCACHE_STEPS else "measured"
+            assert cell["total_kind"] == kind
+        else:
+            assert st["repeats"] == 5 and st["block_steps"] == 4
+            assert cell["total_kind"] == "measured"
+        assert cell["first_call_seconds"] > 0
+        assert cell["total_seconds"] >= cell["first_call_seconds"] * 0.999
+        assert cell["flops_per_step"] > 0 and cell["gflops"] > 0
+    for name in STRATEGIES:
+        for depth in DEPTHS:
+            totals = [
+                c["total_seconds"]
+                for c in _cells(results, name)
+                if c["max_depth"] == depth and c["status"] == "ok"
+            ]
+            assert totals == sorted(totals)
+
+
+def test_outputs(run):
+    _, results, stdout, stderr, out = run
+    markdown = (out / "tiny.md").read_text()
+    for name in STRATEGIES:
+        assert f"\n{name} " in stdout or f"\n{name}  " in stdout, name
+        assert f"| {name} |" in markdown, name
+    assert "max_depth=3" in stderr and "[" in stderr  # the progress display
+    if importlib.util.find_spec("matplotlib") is not None:
+        png = out / "tiny.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert results["outputs"]["png"] == "tiny.png"
+        assert "tiny.png" in markdown
+    else:
+        assert results["plot"].startswith("skipped")
+
+
+def test_no_plot_flag(bench, tmp_path):
+    # The cheapest real run: one strategy, one depth, no plot.
+    with contextlib.redirect_stdout(io.StringIO()):
+        results = bench.main(
+            [
+                *TINY,
+                "--out",
+                str(tmp_path),
+                "--no-plot",
+                "--quiet",
+                "--strategies",
+                "static",
+                "--depths",
+                "1",
+            ]  # fmt: skip
+        )
+    assert results["plot"] == "skipped: --no-plot"
+    assert not (tmp_path / "tiny.png").exists()
+    assert (tmp_path / "tiny.json").exists() and (tmp_path / "tiny.md").exists()
+    assert {c["strategy"] for c in results["cells"]} == {"static"}
+
+
+def test_crossover_is_where_static_total_drops_below_dynamic(bench):
+    # dynamic: 0.5 s compile at step 1, another 0.5 s when a new depth shows up
+    # at step 3; 2 ms per step. static: 1 s compile, 1 ms per step.
+    curve = [0.5, 0.5] + [1.0] * 98
+    x = bench.crossover(1.0, 0.001, curve, 0.002)
+    assert x["static_wins_from"] == 3  # 1.003 < 1.006, and 1.002 > 0.504 before
+    assert x["dynamic_wins_again_from"] is None and x["static_ahead_at_end"]
+    # static slower per step: dynamic's cheaper steps repay its compiles, at
+    # s > (1.5005 - 1.0) / (0.002 - 0.001) = 500.5, whether or not the curve
+    # reaches that far.
+    for length in (10, 1000):
+        curve = [0.5, 0.5] + [1.5005] * (length - 2)
+        x = bench.crossover(1.0, 0.002, curve, 0.001)
+        assert x["static_wins_from"] == 3
+        assert x["dynamic_wins_again_from"] == 501
+        assert not x["static_ahead_at_end"]
+    # static faster per step but behind within the curve: solved past its end.
+    x = bench.crossover(3.0, 0.001, [1.0] * 10, 0.002)
+    assert x["static_wins_from"] == 2001  # 3 + s*0.001 < 1 + s*0.002 from s=2001
+    # never
+    x = bench.crossover(3.0, 0.002, [1.0] * 10, 0.001)
+    assert x["static_wins_from"] is None and x["dynamic_wins_again_from"] is None
+
+
+def test_counted_flops_agree_with_xla(bench):
+    # At the reference size matmuls are nearly all the work: XLA's count of a
+    # dynamic step (no loop to misprice) is within a few percent of ours.
+    net = fl.models.DynamicNet(1000, 100, 10, max_depth=3)
+    params = net.init(jax.random.key(0))
+    x, y = jnp.ones((64, 1000), jnp.float32), jnp.zeros((64, 10), jnp.float32)
+    check = bench._xla_flops_check(net, params, x, y, 3)
+    assert check["counted_matmul_flops"] == bench.count_flops(64, 1000, 100, 10, 3)
+    assert 1.0 <= check["ratio_xla_to_counted"] < 1.05, check
+    assert math.isclose(
+        bench.count_flops(64, 1000, 100, 10, 0) + 3 * 2 * 64 * 100 * 100 * 3,
+        bench.count_flops(64, 1000, 100, 10, 3),
+    )
+
+
+def test_peers_do_not_use_the_library():
+    for name in ("_plain_jax.py", "_torch_ref.py"):
+        tree = ast.parse((BENCH / name).read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module.split(".")[0])
+        assert "functorch_lite" not in imported, name
+
+
+@pytest.mark.skipif(
+    any(d.platform == "gpu" for d in jax.devices()), reason="a GPU is present"
+)
+def test_gpu_backend_without_gpu_exits_cleanly(bench, tmp_path):
+    with pytest.raises(SystemExit, match="no gpu device"):
+        bench.main([*TINY, "--out", str(tmp_path), "--backend", "gpu"])
