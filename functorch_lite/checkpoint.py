@@ -168,13 +168,18 @@ def _named_leaves(fn: str, arg: str, tree: Any) -> tuple[list[tuple[str, Any]], 
     return named, treedef
 
 
-def _check_path(fn: str, path: Any) -> str:
+def _check_path(fn: str, path: Any, arg: str = "path") -> str:
     if not isinstance(path, str | os.PathLike):
         raise TypeError(
-            f"{fn}: `path` must be a str or os.PathLike; got {type(path).__name__} "
+            f"{fn}: `{arg}` must be a str or os.PathLike; got {type(path).__name__} "
             f"{path!r}."
         )
-    return os.fspath(path)
+    path = os.fspath(path)
+    if not path:
+        raise ValueError(f"{fn}: `{arg}` is empty.")
+    if "\0" in path:
+        raise ValueError(f"{fn}: `{arg}` {path!r} contains a NUL byte.")
+    return path
 
 
 def _is_key(x: Any) -> bool:
@@ -324,6 +329,10 @@ def save(path: str | os.PathLike, tree: Any) -> None:
     (7, True)
     """
     path = _check_path("save", path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(
+            f"save: `path` {path!r} is a folder; pass a file path inside it."
+        )
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(
@@ -376,9 +385,14 @@ def _read(path: str) -> tuple[dict[str, Any], dict[str, tuple[dict, bytes]]]:
     try:
         with open(path, "rb") as f:
             data = f.read()
-    except FileNotFoundError as err:
+    except (FileNotFoundError, NotADirectoryError) as err:
         raise FileNotFoundError(
-            f"load: there is no checkpoint file at {path!r}."
+            f"load: there is no checkpoint file at `path` {path!r}."
+        ) from err
+    except IsADirectoryError as err:
+        raise IsADirectoryError(
+            f"load: `path` {path!r} is a folder, not a checkpoint file; use "
+            "`load_latest` for a folder of numbered checkpoints."
         ) from err
 
     # The safetensors layout: u64 little-endian header size, JSON header, bytes.
@@ -656,7 +670,7 @@ def _numbered(directory: str) -> list[tuple[int, str]]:
     """List `(step, path)` of the numbered checkpoints in `directory`, newest first."""
     try:
         names = os.listdir(directory)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
     found = []
     for name in names:
@@ -729,7 +743,11 @@ def save_numbered(
     ...     print(sorted(os.listdir(tmp)))
     ['ckpt_00000300.safetensors', 'ckpt_00000400.safetensors']
     """
-    directory = _check_path("save_numbered", directory)
+    directory = _check_path("save_numbered", directory, "directory")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(
+            f"save_numbered: `directory` {directory!r} is a file, not a folder."
+        )
     if isinstance(step, bool) or not isinstance(step, int | np.integer):
         raise TypeError(
             f"save_numbered: `step` must be an int >= 0; got {type(step).__name__} "
@@ -747,7 +765,13 @@ def save_numbered(
             f"save_numbered: `keep` must be an int >= 1 or None; got {keep!r}. "
             "Pass None to keep every checkpoint."
         )
-    os.makedirs(directory, exist_ok=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:
+        raise NotADirectoryError(
+            f"save_numbered: cannot create `directory` {directory!r}: a part of it "
+            "is a file."
+        ) from err
     _remove_stale_temps(directory)
     path = os.path.join(directory, f"ckpt_{int(step):08d}.safetensors")
     save(path, tree)
@@ -782,7 +806,7 @@ def latest(directory: str | os.PathLike) -> tuple[int, str] | None:
     >>> step, os.path.basename(path)
     (12, 'ckpt_00000012.safetensors')
     """
-    directory = _check_path("latest", directory)
+    directory = _check_path("latest", directory, "directory")
     found = _numbered(directory)
     return found[0] if found else None
 
@@ -822,7 +846,7 @@ def load_latest(
     >>> step, tree["w"].tolist()
     (20, [20, 20])
     """
-    directory = _check_path("load_latest", directory)
+    directory = _check_path("load_latest", directory, "directory")
     errors = []
     for step, path in _numbered(directory):
         try:

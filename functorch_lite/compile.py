@@ -311,8 +311,26 @@ class Compiled:
         stack.append(self)
         try:
             return self._jitted(*args, **kwargs)
+        except ValueError as err:
+            if "Non-hashable static arguments" not in str(err):
+                raise
+            raise self._unhashable(args, kwargs) from err
         finally:
             stack.pop()
+
+    def _unhashable(self, args: tuple, kwargs: dict) -> TypeError:
+        # Found only after jax.jit refused, so the hot path pays nothing.
+        bound = self._signature.bind(*args, **kwargs).arguments
+        for name in self.static_argnames:
+            try:
+                hash(bound.get(name))
+            except TypeError:
+                return TypeError(
+                    f"jit({self.name}): static argument `{name}` must be hashable "
+                    f"(a Python int, str, tuple); got {type(bound[name]).__name__}. "
+                    f"Pass a Python value, or do not mark `{name}` static."
+                )
+        return TypeError(f"jit({self.name}): a static argument is not hashable.")
 
     def lower(self, *args: Any, **kwargs: Any) -> Any:
         """Lower for these arguments, as `jax.jit(...).lower` (counts as a trace)."""

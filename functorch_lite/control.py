@@ -166,8 +166,10 @@ def repeat(
     if not callable(body):
         raise TypeError(f"{where}: `body` must be callable; got {body!r}.")
     if mode == "dynamic":
+        if max_n is not None:
+            max_n = _check_max_n(max_n, where=where)
         count = check_concrete_count(n, max_n, where=where, name="n")
-        return _repeat_unrolled(body, carry, count)
+        return _repeat_unrolled(body, carry, count, where=where)
     if static_method not in STATIC_METHODS:
         raise ValueError(
             f"{where}: `static_method` must be one of {STATIC_METHODS}; "
@@ -187,7 +189,10 @@ def repeat(
 
 
 def _check_body_keeps_structure(body: Callable, carry: Any, *, where: str) -> None:
-    out = jax.eval_shape(body, carry)
+    _check_same_carry(carry, jax.eval_shape(body, carry), where=where)
+
+
+def _check_same_carry(carry: Any, out: Any, *, where: str) -> None:
     in_struct = jax.tree.structure(carry)
     out_struct = jax.tree.structure(out)
     if in_struct != out_struct:
@@ -210,10 +215,15 @@ def _check_body_keeps_structure(body: Callable, carry: Any, *, where: str) -> No
             )
 
 
-def _repeat_unrolled(body: Callable, carry: Any, n: int) -> Any:
+def _repeat_unrolled(
+    body: Callable, carry: Any, n: int, *, where: str = "repeat"
+) -> Any:
     """Run `body` `n` times in Python (the dynamic twin of `_repeat_scan`)."""
-    for _ in range(n):
-        carry = body(carry)
+    for i in range(n):
+        new = body(carry)
+        if i == 0:  # same structure after one step: the same after every step
+            _check_same_carry(carry, new, where=where)
+        carry = new
     return carry
 
 

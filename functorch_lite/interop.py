@@ -184,6 +184,14 @@ def from_torch(state_dict_or_module: Any, *, like: Any = None) -> Params:
 
     # Collect every problem, so that one run names every offending key.
     kind_problems: list[str] = []
+    no_data = [
+        k for k, v in state_dict.items() if v.is_meta or v.layout != torch.strided
+    ]
+    if no_data:
+        kind_problems.append(
+            f"tensors without dense data (meta or sparse): {no_data!r} (load or "
+            "materialize them first, or `.to_dense()`)"
+        )
     value_problems: list[str] = []
     not_float = {
         k: str(v.dtype).removeprefix("torch.")
@@ -277,10 +285,9 @@ def to_torch(params: Params) -> collections.OrderedDict:
             f"{where}: every leaf of `params` must be an array; these are not: "
             f"{not_array!r}."
         )
+    torch_floats = ("float16", "bfloat16", "float32", "float64")
     not_float = {
-        k: str(v.dtype)
-        for k, v in flat.items()
-        if not jnp.issubdtype(v.dtype, jnp.floating)
+        k: str(v.dtype) for k, v in flat.items() if str(v.dtype) not in torch_floats
     }
     if not_float:
         raise TypeError(
@@ -293,7 +300,8 @@ def to_torch(params: Params) -> collections.OrderedDict:
         array = np.array(leaf, copy=True)
         if _transposes(name, array.ndim):
             array = array.T
-        array = np.ascontiguousarray(array)
+        # Not np.ascontiguousarray: it turns a 0-d array into shape (1,).
+        array = np.array(array, order="C")
         if array.dtype == jnp.bfloat16:
             tensor = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
         else:

@@ -73,6 +73,19 @@ def check_params(params: Any, expected: Any, *, where: str) -> None:
             )
 
 
+def check_dtypes(params: Any, x: Any, *, where: str) -> None:
+    """Raise a clear error unless every `params` leaf has `x`'s (canonical) dtype."""
+    want = jax.dtypes.canonicalize_dtype(x.dtype)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        got = jax.dtypes.canonicalize_dtype(leaf.dtype)
+        if got != want:
+            raise TypeError(
+                f"{where}: `x` has dtype {want} but `params"
+                f"{jax.tree_util.keystr(path)}` has {got}; they must match. Cast "
+                f"one of them, for example `x.astype(jnp.{got})`."
+            )
+
+
 @functools.lru_cache(maxsize=64)
 def _param_spec(model: Any) -> Any:
     # Models are frozen dataclasses, so hashable: the expected tree is traced once.
@@ -125,6 +138,7 @@ class TwoLayerNet:
         where = "TwoLayerNet.apply"
         check_params(params, _param_spec(self), where=where)
         check_x(x, self.d_in, where=where)
+        check_dtypes(params, x, where=where)
         return jax.nn.relu(x @ params["w1"]) @ params["w2"]
 
 
@@ -244,6 +258,7 @@ class DynamicNet:
             )
         check_params(params, _param_spec(self), where=where)
         check_x(x, self.d_in, where=where)
+        check_dtypes(params, x, where=where)
         check = check_concrete_count if mode == "dynamic" else check_static_count
         depth = check(depth, self.max_depth, where=where, name="depth")
         layers = self._layers

@@ -123,6 +123,22 @@ def mse_loss(
         raise ValueError(
             f'mse_loss: `reduction` must be "sum" or "mean"; got {reduction!r}.'
         )
+    for name, value in (("pred", pred), ("target", target)):
+        if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+            raise TypeError(
+                f"mse_loss: `{name}` must be an array; got {type(value).__name__}."
+            )
+        if not jnp.issubdtype(value.dtype, jnp.number):
+            raise TypeError(
+                f"mse_loss: `{name}` must have a numeric dtype; got {value.dtype}."
+            )
+    pred_dtype = jax.dtypes.canonicalize_dtype(pred.dtype)
+    target_dtype = jax.dtypes.canonicalize_dtype(target.dtype)
+    if pred_dtype != target_dtype:
+        raise TypeError(
+            f"mse_loss: `pred` and `target` must have the same dtype; got "
+            f"{pred_dtype} and {target_dtype}. Cast one of them."
+        )
     pred_shape, target_shape = jnp.shape(pred), jnp.shape(target)
     if pred_shape != target_shape:
         raise ValueError(

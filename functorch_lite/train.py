@@ -130,6 +130,8 @@ def make_step(
     1
     """
     loss_sig, loss_params = _check_loss_fn(loss_fn, optimizer, "make_step")
+    if static_argnames is None:
+        static_argnames = ()
     if isinstance(static_argnames, str):
         static_argnames = (static_argnames,)
     batch_names = {p.name for p in loss_params[1:]}
@@ -201,6 +203,28 @@ def _keep_unused_state(used: Any, new: Any, old: Any, params: Any) -> Any:
     return jax.tree.map(hold, new, old, is_leaf=shaped)
 
 
+def _check_opt_state(optimizer: Any, params: Any, opt_state: Any) -> None:
+    want = jax.eval_shape(optimizer.init, params)
+    got_def, want_def = jax.tree.structure(opt_state), jax.tree.structure(want)
+    if got_def != want_def:
+        raise TypeError(
+            "make_step: `opt_state` does not match `optimizer.init(params)`.\n"
+            f"  expected: {want_def}\n  got:      {got_def}\n"
+            "Create it with `optimizer.init(params)` for these params."
+        )
+    for (path, w), g in zip(
+        jax.tree_util.tree_flatten_with_path(want)[0],
+        jax.tree.leaves(opt_state),
+        strict=True,
+    ):
+        if (jnp.shape(g), jnp.result_type(g)) != (w.shape, w.dtype):
+            raise TypeError(
+                f"make_step: `opt_state{jax.tree_util.keystr(path)}` must be "
+                f"{w.dtype}{list(w.shape)}; got {jnp.result_type(g)}"
+                f"{list(jnp.shape(g))}. Create it with `optimizer.init(params)`."
+            )
+
+
 def _all_finite(tree: Any) -> jax.Array:
     """One bool: whether every element of every leaf is finite."""
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
@@ -215,10 +239,19 @@ def _optimizer_update(
     guard: bool = False,
 ) -> Callable[..., tuple]:
     """The body shared by `make_step` and `make_fused_step`: one optimizer step."""
-    value_and_grad = jax.value_and_grad(loss_fn)
 
     def update(params: Any, opt_state: Any, *batch: Any, **kwargs: Any) -> tuple:
-        loss, grads = value_and_grad(params, *batch, **kwargs)
+        _check_opt_state(optimizer, params, opt_state)
+        loss, pullback = jax.vjp(lambda p: loss_fn(p, *batch, **kwargs), params)
+        if jnp.shape(loss) != () or not jnp.issubdtype(
+            jnp.result_type(loss), jnp.floating
+        ):
+            raise TypeError(
+                "make_step: `loss_fn` must return a float scalar; got "
+                f"{jnp.result_type(loss)}{list(jnp.shape(loss))}. Reduce it with "
+                "`.sum()` or `.mean()`."
+            )
+        (grads,) = pullback(jnp.ones_like(loss))
         updates, new_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         if skip_unused is not False:
@@ -374,6 +407,7 @@ def _check_fit_options(
     resume: bool,
     log_every: int,
     step: Any,
+    keep: Any = 3,
 ) -> None:
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"fit: `log_every` must be a positive int; got {log_every!r}.")
@@ -395,6 +429,25 @@ def _check_fit_options(
             "fit: `checkpoint_every` must be a positive int or None; got "
             f"{checkpoint_every!r}."
         )
+    if not callable(step):
+        raise TypeError(
+            f"fit: `step` must be callable (from `make_step`); got {step!r}."
+        )
+    if keep is not None and (
+        isinstance(keep, bool) or not isinstance(keep, int) or keep < 1
+    ):
+        raise ValueError(f"fit: `keep` must be an int >= 1 or None; got {keep!r}.")
+    if checkpoint_dir is not None:
+        if not isinstance(checkpoint_dir, str | os.PathLike):
+            raise TypeError(
+                "fit: `checkpoint_dir` must be a str or os.PathLike; got "
+                f"{type(checkpoint_dir).__name__} {checkpoint_dir!r}."
+            )
+        if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
+            raise ValueError(
+                f"fit: `checkpoint_dir` {os.fspath(checkpoint_dir)!r} is a file, not "
+                "a folder."
+            )
     if (checkpoint_every is not None or resume) and checkpoint_dir is None:
         raise ValueError(
             "fit: `checkpoint_every` and `resume` need `checkpoint_dir`; got "
@@ -481,8 +534,15 @@ def fit(
     """
 
     _check_fit_options(
-        on_nonfinite, checkpoint_every, checkpoint_dir, resume, log_every, step
+        on_nonfinite, checkpoint_every, checkpoint_dir, resume, log_every, step, keep
     )
+    try:
+        batches = iter(batches)
+    except TypeError as err:
+        raise TypeError(
+            "fit: `batches` must be an iterable of tuples or dicts; got "
+            f"{type(batches).__name__}."
+        ) from err
     done = 0
     if resume:
         like = {"params": params, "opt_state": opt_state, "step": 0}
