@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import tree_allclose
 from jax.sharding import PartitionSpec as P
 
 import functorch_lite as fl
 from tests._parallel_worker import D_IN, D_OUT, DEPTHS, problem, train
-from tests.helpers import tree_allclose
 
 DEVICES = 8
 STEPS = 50

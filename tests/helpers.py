@@ -80,8 +80,8 @@ def dynamic_net_grads_np(
     return loss, grads
 
 
-def torch_dynamic_net(params: Any, dtype: Any = None) -> Any:
-    """The PyTorch reference DynamicNet, loaded with `params` (weights transposed).
+def torch_dynamic_net_module(d_in: int, d_hidden: int, d_out: int) -> Any:
+    """The reference program's PyTorch DynamicNet, verbatim, freshly initialized.
 
     Written here independently of `fl.interop`, so that parity tests do not
     check the library against itself.
@@ -101,9 +101,16 @@ def torch_dynamic_net(params: Any, dtype: Any = None) -> Any:
                 h_relu = self.middle_linear(h_relu).clamp(min=0)
             return self.output_linear(h_relu)
 
+    return DynamicNet(d_in, d_hidden, d_out)
+
+
+def torch_dynamic_net(params: Any, dtype: Any = None) -> Any:
+    """The PyTorch reference DynamicNet, loaded with `params` (weights transposed)."""
+    import torch
+
     d_in, h = np.shape(params["input_linear"]["weight"])
     d_out = np.shape(params["output_linear"]["weight"])[1]
-    model = DynamicNet(d_in, h, d_out)
+    model = torch_dynamic_net_module(d_in, h, d_out)
     dtype = dtype or torch.float32
     with torch.no_grad():
         for name in ("input_linear", "middle_linear", "output_linear"):

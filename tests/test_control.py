@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tree_allclose
 from jax.test_util import check_grads
 
 import functorch_lite as fl
-from tests.helpers import tree_allclose
 
 METHODS = fl.control.STATIC_METHODS
 

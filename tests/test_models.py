@@ -4,15 +4,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.test_util import check_grads
-
-import functorch_lite as fl
-from tests.helpers import (
+from helpers import (
     dynamic_net_forward_np,
     dynamic_net_grads_np,
     to_f64,
     tree_allclose,
 )
+from jax.test_util import check_grads
+
+import functorch_lite as fl
 
 METHODS = fl.control.STATIC_METHODS
 

@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tree_allclose
 from jax.sharding import AxisType, PartitionSpec as P
 
 import functorch_lite as fl
 from tests import _parallel_worker as worker
-from tests.helpers import tree_allclose
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")

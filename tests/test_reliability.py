@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import tree_allclose
 
 import functorch_lite as fl
-from tests.helpers import tree_allclose
 
 N, D_IN, H, D_OUT = 16, 12, 8, 4
 
@@ -342,8 +342,8 @@ def test_reproducible_across_processes():
     code = textwrap.dedent(
         """
         import sys
-        sys.path.insert(0, ".")
-        from tests.test_reliability import _train_digest
+        sys.path[:0] = [".", "tests"]
+        from test_reliability import _train_digest
         print(_train_digest("static", False), _train_digest("static", True))
         """
     )

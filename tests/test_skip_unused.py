@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import torch_dynamic_net, tree_allclose
 
 import functorch_lite as fl
-from tests.helpers import torch_dynamic_net, tree_allclose
 
 
 def _setup(key, sizes=(16, 12, 8, 4), max_depth=3):

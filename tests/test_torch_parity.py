@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import tree_allclose
+from helpers import torch_dynamic_net_module, tree_allclose
 
 import functorch_lite as fl
 
@@ -28,26 +28,10 @@ torch = pytest.importorskip("torch")
 MODES = ["static", "dynamic"]
 
 
-class TorchDynamicNet(torch.nn.Module):
-    """The reference program's model, verbatim."""
-
-    def __init__(self, d_in: int, d_hidden: int, d_out: int) -> None:
-        super().__init__()
-        self.input_linear = torch.nn.Linear(d_in, d_hidden)
-        self.middle_linear = torch.nn.Linear(d_hidden, d_hidden)
-        self.output_linear = torch.nn.Linear(d_hidden, d_out)
-
-    def forward(self, x: torch.Tensor, depth: int) -> torch.Tensor:
-        h = torch.relu(self.input_linear(x))
-        for _ in range(depth):
-            h = torch.relu(self.middle_linear(h))
-        return self.output_linear(h)
-
-
 def _setup(n, d_in, d_hidden, d_out, *, dtype, seed=0):
     """A torch model, its data, and the same weights as an fl params tree."""
     torch.manual_seed(seed)
-    model = TorchDynamicNet(d_in, d_hidden, d_out).to(dtype)
+    model = torch_dynamic_net_module(d_in, d_hidden, d_out).to(dtype)
     x = torch.randn(n, d_in, dtype=dtype)
     y = torch.randn(n, d_out, dtype=dtype)
     params = fl.interop.from_torch(model)
@@ -172,7 +156,7 @@ def test_weights_copied_from_fl_to_torch_give_the_same_forward(key):
     # The other direction: fl initializes, torch loads the weights.
     net = fl.models.DynamicNet(12, 8, 4, max_depth=3)
     params = net.init(key)
-    model = TorchDynamicNet(12, 8, 4)
+    model = torch_dynamic_net_module(12, 8, 4)
     model.load_state_dict(fl.interop.to_torch(params))
     x = np.random.default_rng(0).standard_normal((5, 12)).astype(np.float32)
     for depth in range(4):

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import tree_allclose
 
 import functorch_lite as fl
-from tests.helpers import tree_allclose
 
 N, D_IN, H, D_OUT = 64, 1000, 100, 10
 
