@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from functorch_lite._trees import leaf_pairs, structure_diff
+
 __all__ = ["STATIC_METHODS", "repeat"]
 
 Carry = TypeVar("Carry")
@@ -193,25 +195,17 @@ def _check_body_keeps_structure(body: Callable, carry: Any, *, where: str) -> No
 
 
 def _check_same_carry(carry: Any, out: Any, *, where: str) -> None:
-    in_struct = jax.tree.structure(carry)
-    out_struct = jax.tree.structure(out)
-    if in_struct != out_struct:
+    if (diff := structure_diff(out, carry)) is not None:
         raise TypeError(
-            f"{where}: `body` must return a carry with the structure of its input; "
-            f"got input {in_struct} and output {out_struct}."
+            f"{where}: `body` must return a carry with the structure of its input "
+            f"(expected: the input's, got: the output's).\n{diff}"
         )
-    for path, a, b in zip(
-        jax.tree_util.tree_flatten_with_path(carry)[0],
-        jax.tree.leaves(carry),
-        jax.tree.leaves(out),
-        strict=True,
-    ):
+    for path, b, a in leaf_pairs(out, carry):
         a_shape, a_dtype = jnp.shape(a), jnp.result_type(a)
         if (a_shape, a_dtype) != (b.shape, b.dtype):
             raise TypeError(
                 f"{where}: `body` must keep each carry leaf's shape and dtype; leaf "
-                f"{jax.tree_util.keystr(path[0])} went from {a_shape} {a_dtype} to "
-                f"{b.shape} {b.dtype}."
+                f"{path} went from {a_shape} {a_dtype} to {b.shape} {b.dtype}."
             )
 
 

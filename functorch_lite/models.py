@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from functorch_lite import nn
+from functorch_lite._trees import leaf_pairs, structure_diff
 from functorch_lite.control import (
     STATIC_METHODS,
     check_concrete_count,
@@ -46,20 +47,12 @@ def check_params(params: Any, expected: Any, *, where: str) -> None:
 
     `expected` is a tree of `jax.ShapeDtypeStruct` (from `jax.eval_shape(init)`).
     """
-    want_struct = jax.tree.structure(expected)
-    got_struct = jax.tree.structure(params)
-    if want_struct != got_struct:
+    if (diff := structure_diff(params, expected)) is not None:
         raise TypeError(
-            f"{where}: `params` has the wrong tree structure.\n"
-            f"  expected: {want_struct}\n  got:      {got_struct}\n"
+            f"{where}: `params` has the wrong tree structure.\n{diff}\n"
             "Create params with `init(key)` (or `fl.interop.from_torch`)."
         )
-    for (path, want), got in zip(
-        jax.tree_util.tree_flatten_with_path(expected)[0],
-        jax.tree.leaves(params),
-        strict=True,
-    ):
-        name = jax.tree_util.keystr(path)
+    for name, got, want in leaf_pairs(params, expected):
         shape = tuple(getattr(got, "shape", ()))
         dtype = getattr(got, "dtype", None)
         if shape != want.shape:

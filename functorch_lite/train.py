@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from functorch_lite import checkpoint
+from functorch_lite._trees import leaf_pairs, structure_diff
 from functorch_lite.compile import Compiled, jit
 
 __all__ = ["bucket_size", "fit", "make_fused_step", "make_step", "pad_batch"]
@@ -205,21 +206,15 @@ def _keep_unused_state(used: Any, new: Any, old: Any, params: Any) -> Any:
 
 def _check_opt_state(optimizer: Any, params: Any, opt_state: Any) -> None:
     want = jax.eval_shape(optimizer.init, params)
-    got_def, want_def = jax.tree.structure(opt_state), jax.tree.structure(want)
-    if got_def != want_def:
+    if (diff := structure_diff(opt_state, want)) is not None:
         raise TypeError(
             "make_step: `opt_state` does not match `optimizer.init(params)`.\n"
-            f"  expected: {want_def}\n  got:      {got_def}\n"
-            "Create it with `optimizer.init(params)` for these params."
+            f"{diff}\nCreate it with `optimizer.init(params)` for these params."
         )
-    for (path, w), g in zip(
-        jax.tree_util.tree_flatten_with_path(want)[0],
-        jax.tree.leaves(opt_state),
-        strict=True,
-    ):
+    for path, g, w in leaf_pairs(opt_state, want):
         if (jnp.shape(g), jnp.result_type(g)) != (w.shape, w.dtype):
             raise TypeError(
-                f"make_step: `opt_state{jax.tree_util.keystr(path)}` must be "
+                f"make_step: `opt_state{path}` must be "
                 f"{w.dtype}{list(w.shape)}; got {jnp.result_type(g)}"
                 f"{list(jnp.shape(g))}. Create it with `optimizer.init(params)`."
             )
