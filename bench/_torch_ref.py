@@ -63,9 +63,9 @@ class TorchReference:
                 module.weight.copy_(
                     torch.from_numpy(np.ascontiguousarray(layer["weight"].T))
                 )
-                module.bias.copy_(torch.from_numpy(np.asarray(layer["bias"])))
-        self.x = torch.from_numpy(np.asarray(x)).to(device)
-        self.y = torch.from_numpy(np.asarray(y)).to(device)
+                module.bias.copy_(torch.from_numpy(np.array(layer["bias"])))
+        self.x = torch.from_numpy(np.array(x)).to(device)
+        self.y = torch.from_numpy(np.array(y)).to(device)
         self.criterion = torch.nn.MSELoss(reduction="sum")
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=lr, momentum=momentum

@@ -279,3 +279,54 @@ def test_peers_do_not_use_the_library():
 def test_gpu_backend_without_gpu_exits_cleanly(bench, tmp_path):
     with pytest.raises(SystemExit, match="no gpu device"):
         bench.main([*TINY, "--out", str(tmp_path), "--backend", "gpu"])
+
+
+def _load_peak_gap():
+    spec = importlib.util.spec_from_file_location("peak_gap", BENCH / "peak_gap.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peak_gap_measures_the_reference_step(tmp_path):
+    """bench/peak_gap.py: its plain-JAX loss is the library's, and its bound is
+    the sum of the matmul times it reports."""
+    gap = _load_peak_gap()
+    x, y, params = gap._data()
+    net = fl.models.DynamicNet(gap.D_IN, gap.H, gap.D_OUT)
+    for depth in range(4):
+        ours = fl.nn.mse_loss(net.apply(params, x, depth), y)
+        np.testing.assert_allclose(gap.plain_loss(params, x, y, depth), ours, rtol=1e-5)
+
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert gap.main(["--repeats", "1", "--loop", "3", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("peak-gap-*.json")
+    assert str(path) in out.getvalue()
+    data = json.loads(path.read_text())
+    assert data["environment"]["backend"] == jax.default_backend()
+    assert data["environment"]["cpu_count"] >= 1
+    assert data["peak"]["gflops"] > 0
+    steps = data["steps"]
+    assert [f"plain-jax unrolled, depth {d}" for d in range(4)] == list(steps)[:4]
+    assert "functorch_lite fused (K=500, depths 0..3)" in steps
+    for s in steps.values():
+        t = s["time"]
+        assert 0 < t["min"] <= t["median"] <= t["max"]
+        assert s["peak_fraction"] == pytest.approx(s["gflops"] / data["peak"]["gflops"])
+
+    def best(name):
+        m = data["matmuls"][name]
+        return min(m["xla"]["median"], m.get("torch", m["xla"])["median"])
+
+    middle = sum(best(n) for n in data["matmuls"] if n.startswith("middle"))
+    depth = data["bound"]["mean_depth"]
+    flops = gap.count_flops(gap.N, gap.D_IN, gap.H, gap.D_OUT, depth)
+    out_share = (flops - gap.count_flops(gap.N, gap.D_IN, gap.H, gap.D_OUT, 0)) / depth
+    assert out_share == pytest.approx(6 * gap.N * gap.H * gap.H)
+    seconds = data["bound"]["seconds"]
+    # The bound: the input layer's two matmuls, `depth` middle layers and the
+    # small output layer (1% of the FLOPs).
+    core = best("input fwd x@W1") + best("input wgrad x.T@g") + depth * middle
+    assert core <= seconds <= 1.05 * core
+    assert data["bound"]["gflops"] == pytest.approx(flops / seconds / 1e9)

@@ -1,0 +1,421 @@
+"""Where the reference step's time goes, against the machine's matmul peak.
+
+Issue 5's target 4b asks for the best static strategy to reach 50% of the measured
+matmul peak on the reference DynamicNet step (N=64, D_in=1000, H=100, D_out=10).
+This script measures, in one process and one after another, what bounds that
+fraction on this machine:
+
+1. the matmul peak (a 2048x2048 float32 matmul, XLA; and torch's, when installed);
+2. each matmul of the step on its own, inside a compiled loop (no dispatch cost):
+   the input layer's forward `x @ W1` (64x1000x100) and its weight gradient
+   `x.T @ g` (1000x64x100), and the middle layer's three (64x100x100) matmuls;
+   the same shapes in torch, the best matmul library on this machine;
+3. whole training steps: plain JAX (no functorch_lite) with the depth fixed and
+   unrolled, 500 steps in one `lax.scan`, the least work the step can do in XLA;
+   the library's `make_fused_step` (K=500, random depths 0..3); torch eager;
+4. the bound: the fraction of peak a step would reach if its matmuls ran at the
+   best speed measured in (2) and everything else (ReLU, loss, biases, optimizer,
+   loop) cost nothing.
+
+With `--flags`, the unrolled step and `x @ W1` are measured again in fresh
+processes under each XLA CPU option that routes matmuls to another library
+(XNNPACK, YNNPACK, oneDNN) or changes threading.
+
+    python bench/peak_gap.py [--repeats 5] [--flags] [--out bench/results]
+
+Prints a table and writes `<out>/peak-gap-<timestamp>.json`. Timings are medians
+of `--repeats`, with the spread; every figure is relative to the peak measured
+in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+import functorch_lite as fl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from retrace_vs_scan import (  # noqa: E402
+    DEFAULT_OUT,
+    LR,
+    MOMENTUM,
+    _environment,
+    _matmul_peak,
+    count_flops,
+)
+
+N, D_IN, H, D_OUT = 64, 1000, 100, 10
+LOOP = 500  # default iterations of each compiled loop (`--loop`)
+FLAG_SETS = (
+    "",
+    "--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce",
+    "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce",
+    "--xla_cpu_experimental_onednn_fusion_type=dot,eltwise,reduce",
+    "--xla_cpu_use_onednn=true",
+    "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
+    "--xla_cpu_multi_thread_eigen=false",
+)
+
+
+def _median_spread(times: list[float]) -> dict[str, float]:
+    return {
+        "median": statistics.median(times),
+        "min": min(times),
+        "max": max(times),
+    }
+
+
+def _time(fn: Callable[[], Any], repeats: int, per: int) -> dict[str, float]:
+    """Seconds per iteration of `fn` (which runs `per` iterations), after a warm-up."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append((time.perf_counter() - start) / per)
+    return _median_spread(times)
+
+
+def _in_loop(
+    matmul: Callable, a: jax.Array, b: jax.Array, loop: int
+) -> Callable[[], Any]:
+    """`matmul(a, b)` `loop` times in one compiled loop, each iteration depending on
+    the last (so that XLA cannot hoist or drop it)."""
+
+    @jax.jit
+    def looped(a, b):
+        def body(c, _):
+            r = matmul(a, b + c).sum()
+            return c + 1e-30 * r, r
+
+        return lax.scan(body, jnp.float32(0), None, length=loop)[1]
+
+    return lambda: looped(a, b)
+
+
+def _matmuls(repeats: int, loop: int) -> dict[str, Any]:
+    keys = jax.random.split(jax.random.key(2), 4)
+    x = jax.random.normal(keys[0], (N, D_IN))
+    w1 = jax.random.normal(keys[1], (D_IN, H))
+    g = jax.random.normal(keys[2], (N, H))
+    wm = jax.random.normal(keys[3], (H, H))
+    shapes: dict[str, tuple[Callable, jax.Array, jax.Array, int]] = {
+        "input fwd x@W1": (jnp.matmul, x, w1, 2 * N * D_IN * H),
+        "input wgrad x.T@g": (lambda a, b: a.T @ b, x, g, 2 * N * D_IN * H),
+        "middle fwd h@Wm": (jnp.matmul, g, wm, 2 * N * H * H),
+        "middle wgrad h.T@g": (lambda a, b: a.T @ b, g, g, 2 * N * H * H),
+        "middle dgrad g@Wm.T": (lambda a, b: a @ b.T, g, wm, 2 * N * H * H),
+    }
+    out: dict[str, Any] = {}
+    for name, (matmul, a, b, flops) in shapes.items():
+        t = _time(_in_loop(matmul, a, b, loop), repeats, loop)
+        out[name] = {"flops": flops, "xla": t}
+    torch = _torch()
+    if torch is None:
+        return out
+    tx, tw1, tg, twm = (torch.from_numpy(np.array(a)) for a in (x, w1, g, wm))
+    calls = {
+        "input fwd x@W1": lambda: tx @ tw1,
+        "input wgrad x.T@g": lambda: tx.T @ tg,
+        "middle fwd h@Wm": lambda: tg @ twm,
+        "middle wgrad h.T@g": lambda: tg.T @ tg,
+        "middle dgrad g@Wm.T": lambda: tg @ twm.T,
+    }
+    for name, call in calls.items():
+
+        def many(call=call):
+            for _ in range(loop):
+                r = call()
+            return r
+
+        out[name]["torch"] = _time(many, repeats, loop)
+    return out
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(_cores())
+    return torch
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _data() -> tuple[jax.Array, jax.Array, Any]:
+    kx, ky, kp = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (N, D_IN))
+    y = jax.random.normal(ky, (N, D_OUT))
+    params = fl.models.DynamicNet(D_IN, H, D_OUT).init(kp)
+    return x, y, params
+
+
+def plain_loss(p: Any, x: jax.Array, y: jax.Array, depth: int) -> jax.Array:
+    """The reference loss in plain JAX (no functorch_lite), the depth unrolled."""
+
+    def linear(layer, h):
+        return h @ p[layer]["weight"] + p[layer]["bias"][None, :]
+
+    h = jax.nn.relu(linear("input_linear", x))
+    for _ in range(depth):
+        h = jax.nn.relu(linear("middle_linear", h))
+    out = linear("output_linear", h)
+    return jnp.sum((out - y) ** 2)
+
+
+def _unrolled(depth: int, repeats: int, loop: int) -> dict[str, float]:
+    """Plain JAX: `loop` steps at a fixed, unrolled depth in one `lax.scan`."""
+    x, y, params = _data()
+    opt = optax.sgd(LR, momentum=MOMENTUM)
+
+    def loss(p, x, y):
+        return plain_loss(p, x, y, depth)
+
+    @jax.jit
+    def train(p, s, x, y):
+        def body(carry, _):
+            p, s = carry
+            value, grads = jax.value_and_grad(loss)(p, x, y)
+            updates, s = opt.update(grads, s, p)
+            return (optax.apply_updates(p, updates), s), value
+
+        return lax.scan(body, (p, s), None, length=loop)
+
+    state = opt.init(params)
+    return _time(lambda: train(params, state, x, y), repeats, loop)
+
+
+def _fused(depths: np.ndarray, repeats: int) -> dict[str, float]:
+    """The library: one `make_fused_step` call over all `depths`, fed as an array."""
+    x, y, params = _data()
+    net = fl.models.DynamicNet(D_IN, H, D_OUT)
+    opt = optax.sgd(LR, momentum=MOMENTUM)
+
+    def loss_fn(params, x, y, depth):
+        return fl.nn.mse_loss(net.apply(params, x, depth), y)
+
+    fused = fl.train.make_fused_step(
+        loss_fn, opt, shared_argnames=("x", "y"), donate=False
+    )
+    state = opt.init(params)
+    d = jnp.asarray(depths)
+    return _time(lambda: fused(params, state, x, y, d), repeats, len(depths))
+
+
+def _torch_steps(depths: np.ndarray, repeats: int) -> dict[str, float] | None:
+    if _torch() is None:
+        return None
+    from _torch_ref import TorchReference
+
+    x, y, params = _data()
+    ref = TorchReference(
+        jax.tree.map(np.asarray, params),
+        np.asarray(x),
+        np.asarray(y),
+        lr=LR,
+        momentum=MOMENTUM,
+    )
+    seq = [int(d) for d in depths]
+
+    def run():
+        for d in seq:
+            loss = ref.step(d)
+        return float(loss)
+
+    return _time(run, repeats, len(seq))
+
+
+def _child(flags: str, repeats: int, loop: int) -> dict[str, Any]:
+    """Measure the depth-0 unrolled step and `x @ W1` in a fresh process."""
+    env = dict(os.environ, XLA_FLAGS=flags)
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import peak_gap as g; "
+        "print(json.dumps(g._child_main(int(sys.argv[2]), int(sys.argv[3]))))"
+    )
+    here = str(Path(__file__).resolve().parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, here, str(repeats), str(loop)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        return {"flags": flags, "error": proc.stderr.strip().splitlines()[-1:]}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["flags"] = flags
+    return result
+
+
+def _child_main(repeats: int, loop: int) -> dict[str, Any]:
+    x = jax.random.normal(jax.random.key(0), (N, D_IN))
+    w1 = jax.random.normal(jax.random.key(1), (D_IN, H))
+    return {
+        "x@W1": _time(_in_loop(jnp.matmul, x, w1, loop), repeats, loop)["median"],
+        "step_depth0": _unrolled(0, repeats, loop)["median"],
+        "step_depth3": _unrolled(3, repeats, loop)["median"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--loop", type=int, default=LOOP, help="steps (iterations) per compiled loop"
+    )
+    p.add_argument("--flags", action="store_true", help="sweep XLA CPU options")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.loop < 1:
+        raise SystemExit("--repeats and --loop must be >= 1.")
+    loop = args.loop
+
+    device = jax.devices()[0]
+    torch = _torch()
+    env = _environment(
+        device,
+        {"version": getattr(torch, "__version__", None), "threads": _cores()},
+    )
+    depths = np.random.default_rng(0).integers(0, 4, size=loop).astype(np.int32)
+    mean_depth = float(depths.mean())
+
+    peak = _matmul_peak(2048, repeats=args.repeats)
+    torch_peak = None
+    if torch is not None:
+        a = torch.randn(2048, 2048)
+        t = _time(lambda: a @ a, args.repeats, 1)
+        torch_peak = 2 * 2048**3 / t["median"] / 1e9
+    print(f"matmul peak 2048 float32: XLA {peak['gflops']:.1f} GFLOP/s", end="")
+    print(f", torch {torch_peak:.1f}" if torch_peak else "")
+
+    matmuls = _matmuls(args.repeats, loop)
+    head = f"{'XLA us':>8} {'GFLOP/s':>8} {'torch us':>9} {'GFLOP/s':>8}"
+    print(f"\n{'matmul':22} {head}")
+    for name, m in matmuls.items():
+        xla = m["xla"]["median"]
+        line = f"{name:22} {xla * 1e6:8.1f} {m['flops'] / xla / 1e9:8.1f}"
+        if "torch" in m:
+            tt = m["torch"]["median"]
+            line += f" {tt * 1e6:9.1f} {m['flops'] / tt / 1e9:8.1f}"
+        print(line)
+
+    steps: dict[str, Any] = {}
+    for depth in range(4):
+        steps[f"plain-jax unrolled, depth {depth}"] = {
+            "time": _unrolled(depth, args.repeats, loop),
+            "flops": count_flops(N, D_IN, H, D_OUT, depth),
+        }
+    steps["functorch_lite fused (K=500, depths 0..3)"] = {
+        "time": _fused(depths, args.repeats),
+        "flops": count_flops(N, D_IN, H, D_OUT, mean_depth),
+    }
+    torch_steps = _torch_steps(depths, args.repeats)
+    if torch_steps is not None:
+        steps["torch eager (same depths)"] = {
+            "time": torch_steps,
+            "flops": count_flops(N, D_IN, H, D_OUT, mean_depth),
+        }
+
+    def best(name: str) -> float:
+        m = matmuls[name]
+        return min(m["xla"]["median"], m.get("torch", m["xla"])["median"])
+
+    def matmul_only(depth: float) -> float:
+        middle = (
+            best("middle fwd h@Wm")
+            + best("middle wgrad h.T@g")
+            + best("middle dgrad g@Wm.T")
+        )
+        # The output layer's matmuls are 1% of the FLOPs; priced at the middle
+        # layer's rate per FLOP.
+        out_flops = count_flops(N, D_IN, H, D_OUT, 0) - 4 * N * D_IN * H
+        out = middle * out_flops / (6 * N * H * H)
+        return best("input fwd x@W1") + best("input wgrad x.T@g") + depth * middle + out
+
+    print(f"\n{'step':44} {'us/step':>8} {'spread':>15} {'GFLOP/s':>8} {'% peak':>7}")
+    for name, s in steps.items():
+        t = s["time"]
+        s["gflops"] = s["flops"] / t["median"] / 1e9
+        s["peak_fraction"] = s["gflops"] / peak["gflops"]
+        spread = f"[{t['min'] * 1e6:.0f}-{t['max'] * 1e6:.0f}]"
+        print(
+            f"{name:44} {t['median'] * 1e6:8.1f} {spread:>15} "
+            f"{s['gflops']:8.1f} {100 * s['peak_fraction']:6.1f}%"
+        )
+    bound_time = matmul_only(mean_depth)
+    bound_flops = count_flops(N, D_IN, H, D_OUT, mean_depth)
+    bound = {
+        "seconds": bound_time,
+        "gflops": bound_flops / bound_time / 1e9,
+        "peak_fraction": bound_flops / bound_time / 1e9 / peak["gflops"],
+        "mean_depth": mean_depth,
+    }
+    print(
+        f"\nbound (matmuls only, each at the best library's speed, mean depth "
+        f"{mean_depth:.2f}): {bound_time * 1e6:.1f} us/step = "
+        f"{bound['gflops']:.1f} GFLOP/s = {100 * bound['peak_fraction']:.1f}% of peak"
+    )
+
+    flag_results = []
+    if args.flags:
+        print(f"\n{'XLA_FLAGS':72} {'x@W1 us':>8} {'d0 us':>7} {'d3 us':>7}")
+        for flags in FLAG_SETS:
+            r = _child(flags, args.repeats, loop)
+            flag_results.append(r)
+            if "error" in r:
+                print(f"{flags or '(default)':72} error: {r['error']}")
+            else:
+                print(
+                    f"{flags or '(default)':72} {r['x@W1'] * 1e6:8.1f} "
+                    f"{r['step_depth0'] * 1e6:7.1f} {r['step_depth3'] * 1e6:7.1f}"
+                )
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = args.out / f"peak-gap-{stamp}.json"
+    path.write_text(
+        json.dumps(
+            {
+                "schema": "functorch_lite/bench/peak_gap/1",
+                "environment": env,
+                "peak": peak,
+                "torch_peak_gflops": torch_peak,
+                "matmuls": matmuls,
+                "steps": steps,
+                "bound": bound,
+                "flags": flag_results,
+                "loop": loop,
+                "repeats": args.repeats,
+            },
+            indent=2,
+        )
+    )
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
