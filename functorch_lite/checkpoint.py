@@ -68,6 +68,8 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from functorch_lite._checks import check_int
+
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
@@ -748,23 +750,15 @@ def save_numbered(
         raise NotADirectoryError(
             f"save_numbered: `directory` {directory!r} is a file, not a folder."
         )
-    if isinstance(step, bool) or not isinstance(step, int | np.integer):
-        raise TypeError(
-            f"save_numbered: `step` must be an int >= 0; got {type(step).__name__} "
-            f"{step!r}."
-        )
-    if step < 0:
-        raise ValueError(f"save_numbered: `step` must be an int >= 0; got {step!r}.")
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int)):
-        raise TypeError(
-            f"save_numbered: `keep` must be an int >= 1 or None; got "
-            f"{type(keep).__name__} {keep!r}."
-        )
-    if keep is not None and keep < 1:
-        raise ValueError(
-            f"save_numbered: `keep` must be an int >= 1 or None; got {keep!r}. "
-            "Pass None to keep every checkpoint."
-        )
+    step = check_int(step, where="save_numbered", name="step", minimum=0)
+    check_int(
+        keep,
+        where="save_numbered",
+        name="keep",
+        minimum=1,
+        allow_none=True,
+        fix="Pass None to keep every checkpoint.",
+    )
     try:
         os.makedirs(directory, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as err:

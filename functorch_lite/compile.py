@@ -15,6 +15,8 @@ from typing import Any
 import jax
 from jax import monitoring
 
+from functorch_lite._checks import check_int
+
 __all__ = [
     "CACHE_ENV_VAR",
     "CompileCounter",
@@ -211,14 +213,9 @@ class Compiled:
     ) -> None:
         if not callable(fun):
             raise TypeError(f"jit: `fun` must be callable; got {fun!r}.")
-        if max_traces is not None and (
-            isinstance(max_traces, bool)
-            or not isinstance(max_traces, int)
-            or max_traces < 1
-        ):
-            raise ValueError(
-                f"jit: `max_traces` must be a positive int or None; got {max_traces!r}."
-            )
+        check_int(
+            max_traces, where="jit", name="max_traces", minimum=1, allow_none=True
+        )
         self.fun = fun
         self.name = name or getattr(fun, "__name__", "fun")
         self.static_argnames = tuple(static_argnames)

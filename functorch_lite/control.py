@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from functorch_lite._checks import check_int
 from functorch_lite._trees import leaf_pairs, structure_diff
 
 __all__ = ["STATIC_METHODS", "repeat"]
@@ -101,12 +102,9 @@ def check_static_count(n: Any, max_n: int, *, where: str, name: str) -> jax.Arra
 
 
 def _check_max_n(max_n: Any, *, where: str) -> int:
-    if isinstance(max_n, bool) or not isinstance(max_n, int | np.integer) or max_n < 0:
-        raise ValueError(
-            f'{where}: `max_n` must be a non-negative int with mode="static"; '
-            f"got {max_n!r}."
-        )
-    return int(max_n)
+    return check_int(
+        max_n, where=where, name="max_n", minimum=0, context=' with mode="static"'
+    )
 
 
 def repeat(

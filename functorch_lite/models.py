@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from functorch_lite import nn
+from functorch_lite._checks import check_int
 from functorch_lite._trees import leaf_pairs, structure_diff
 from functorch_lite.control import (
     STATIC_METHODS,
@@ -87,10 +88,7 @@ def _param_spec(model: Any) -> Any:
 
 def _check_sizes(where: str, **sizes: Any) -> None:
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(
-                f"{where}: `{name}` must be a positive int; got {value!r}."
-            )
+        check_int(value, where=where, name=name, minimum=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,15 +170,7 @@ class DynamicNet:
         _check_sizes(
             "DynamicNet", d_in=self.d_in, d_hidden=self.d_hidden, d_out=self.d_out
         )
-        if (
-            isinstance(self.max_depth, bool)
-            or not isinstance(self.max_depth, int)
-            or self.max_depth < 0
-        ):
-            raise ValueError(
-                f"DynamicNet: `max_depth` must be a non-negative int; got "
-                f"{self.max_depth!r}."
-            )
+        check_int(self.max_depth, where="DynamicNet", name="max_depth", minimum=0)
         if self.static_method not in STATIC_METHODS:
             raise ValueError(
                 f"DynamicNet: `static_method` must be one of {STATIC_METHODS}; got "

@@ -9,6 +9,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from functorch_lite._checks import check_int
+
 __all__ = ["Layer", "linear", "mse_loss", "relu"]
 
 Params = Any
@@ -56,8 +58,7 @@ def linear(d_in: int, d_out: int, *, bias: bool = True) -> Layer:
     (5, 2)
     """
     for name, value in (("d_in", d_in), ("d_out", d_out)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"linear: `{name}` must be a positive int; got {value!r}.")
+        check_int(value, where="linear", name=name, minimum=1)
     bound = 1.0 / math.sqrt(d_in)
 
     def init(key: jax.Array) -> Params:

@@ -23,6 +23,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from functorch_lite._checks import check_int
 from functorch_lite.compile import Compiled, CompileStats, jit
 
 __all__ = ["DataParallel", "data_parallel", "initialize"]
@@ -186,16 +187,13 @@ class DataParallel:
                     )
                 if axis_index is None:
                     axis_index = self._default_axis(name)
-                if (
-                    isinstance(axis_index, bool)
-                    or not isinstance(axis_index, int)
-                    or axis_index < 0
-                ):
-                    raise ValueError(
-                        f"data_parallel: the batch axis of {name!r} in "
-                        "`batch_argnames` must be a non-negative int; got "
-                        f"{axis_index!r}."
-                    )
+                check_int(
+                    axis_index,
+                    where="data_parallel",
+                    name=f"batch_argnames[{name!r}]",
+                    minimum=0,
+                    context=f" (the batch axis of {name!r})",
+                )
                 self._batch[name] = (axis_index, True)
 
         # Devices along `axis` that belong to this process: its rows are split
@@ -589,15 +587,7 @@ def initialize(
     >>> fl.parallel.initialize("10.0.0.1:1234", 2, 0)  # doctest: +SKIP
     """
     if cpu_devices is not None:
-        if (
-            isinstance(cpu_devices, bool)
-            or not isinstance(cpu_devices, int)
-            or cpu_devices < 1
-        ):
-            raise ValueError(
-                "initialize: `cpu_devices` must be a positive int; got "
-                f"{cpu_devices!r}."
-            )
+        check_int(cpu_devices, where="initialize", name="cpu_devices", minimum=1)
         jax.config.update("jax_num_cpu_devices", cpu_devices)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(

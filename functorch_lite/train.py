@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from functorch_lite import checkpoint
+from functorch_lite._checks import check_int
 from functorch_lite._trees import leaf_pairs, structure_diff
 from functorch_lite.compile import Compiled, jit
 
@@ -404,8 +405,7 @@ def _check_fit_options(
     step: Any,
     keep: Any = 3,
 ) -> None:
-    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
-        raise ValueError(f"fit: `log_every` must be a positive int; got {log_every!r}.")
+    check_int(log_every, where="fit", name="log_every", minimum=1)
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(
             f'fit: `on_nonfinite` must be "raise" or "skip"; got {on_nonfinite!r}.'
@@ -415,23 +415,25 @@ def _check_fit_options(
             'fit: `on_nonfinite="skip"` needs a step that skips non-finite updates '
             "itself; build it with `make_step(..., guard=True)`."
         )
-    if checkpoint_every is not None and (
-        isinstance(checkpoint_every, bool)
-        or not isinstance(checkpoint_every, int)
-        or checkpoint_every < 1
-    ):
-        raise ValueError(
-            "fit: `checkpoint_every` must be a positive int or None; got "
-            f"{checkpoint_every!r}."
-        )
+    check_int(
+        checkpoint_every,
+        where="fit",
+        name="checkpoint_every",
+        minimum=1,
+        allow_none=True,
+    )
     if not callable(step):
         raise TypeError(
             f"fit: `step` must be callable (from `make_step`); got {step!r}."
         )
-    if keep is not None and (
-        isinstance(keep, bool) or not isinstance(keep, int) or keep < 1
-    ):
-        raise ValueError(f"fit: `keep` must be an int >= 1 or None; got {keep!r}.")
+    check_int(
+        keep,
+        where="fit",
+        name="keep",
+        minimum=1,
+        allow_none=True,
+        fix="Pass None to keep every checkpoint.",
+    )
     if checkpoint_dir is not None:
         if not isinstance(checkpoint_dir, str | os.PathLike):
             raise TypeError(
@@ -625,8 +627,7 @@ def bucket_size(n: int, buckets: Sequence[int] | None = None) -> int:
     >>> fl.train.bucket_size(100), fl.train.bucket_size(3, buckets=[8, 64])
     (128, 8)
     """
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
-        raise ValueError(f"bucket_size: `n` must be a positive int; got {n!r}.")
+    n = check_int(n, where="bucket_size", name="n", minimum=1)
     if buckets is None:
         return 1 << (int(n) - 1).bit_length()
     sizes = sorted(int(b) for b in buckets)

@@ -844,11 +844,11 @@ def test_load_latest_does_not_skip_a_mismatch(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"step": -1}, ValueError, r"`step` must be an int >= 0; got -1"),
-        ({"step": 1.0}, TypeError, r"`step` must be an int >= 0; got float"),
-        ({"step": True}, TypeError, r"`step` must be an int >= 0; got bool"),
-        ({"keep": 0}, ValueError, r"`keep` must be an int >= 1 or None; got 0"),
-        ({"keep": "3"}, TypeError, r"`keep` must be an int >= 1 or None; got str"),
+        ({"step": -1}, ValueError, r"`step` must be a non-negative int; got -1"),
+        ({"step": 1.0}, TypeError, r"`step` must be a non-negative int; got float"),
+        ({"step": True}, TypeError, r"`step` must be a non-negative int; got bool"),
+        ({"keep": 0}, ValueError, r"`keep` must be a positive int or None; got 0"),
+        ({"keep": "3"}, TypeError, r"`keep` must be a positive int or None; got str"),
     ],
     ids=["negative-step", "float-step", "bool-step", "zero-keep", "str-keep"],
 )

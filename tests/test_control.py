@@ -140,7 +140,7 @@ def test_max_n_zero():
             ValueError,
             r"repeat: `static_method` must be one of",
         ),
-        ({"max_n": None}, ValueError, r"repeat: `max_n` must be a non-negative int"),
+        ({"max_n": None}, TypeError, r"repeat: `max_n` must be a non-negative int"),
         ({"max_n": -1}, ValueError, r"repeat: `max_n` must be a non-negative int"),
         ({"n": 6}, ValueError, r"repeat: `n` must be an int in \[0, 5\]; got 6"),
         ({"n": 2.0}, TypeError, r"repeat: `n` must be an int; got 2.0"),

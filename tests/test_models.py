@@ -278,12 +278,14 @@ def test_params_errors(key):
     ("args", "match"),
     [
         ((0, 5, 3), r"DynamicNet: `d_in` must be a positive int; got 0"),
-        ((6, 5.0, 3), r"`d_hidden` must be a positive int; got 5.0"),
+        ((6, 5.0, 3), r"`d_hidden` must be a positive int; got float 5.0"),
         ((6, 5, 3, -1), r"`max_depth` must be a non-negative int; got -1"),
+        ((6, 5, 3, True), r"`max_depth` must be a non-negative int; got bool True"),
     ],
 )
 def test_constructor_errors(args, match):
-    with pytest.raises(ValueError, match=match):
+    error = ValueError if "got -1" in match or "got 0" in match else TypeError
+    with pytest.raises(error, match=match):
         fl.models.DynamicNet(*args)
     with pytest.raises(ValueError, match=r"`static_method` must be one of"):
         fl.models.DynamicNet(6, 5, 3, static_method="loop")

@@ -69,6 +69,10 @@ def test_nn_errors():
     ):
         fl.nn.linear(0, 3)
     with pytest.raises(
-        ValueError, match=r"linear: `d_out` must be a positive int; got 2.5"
+        TypeError, match=r"linear: `d_out` must be a positive int; got float 2.5"
     ):
         fl.nn.linear(3, 2.5)
+    assert fl.nn.linear(np.int64(3), 2).init(jax.random.key(0))["weight"].shape == (
+        3,
+        2,
+    )

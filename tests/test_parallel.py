@@ -118,7 +118,8 @@ def test_rejects_step_without_state():
         (
             {"batch_argnames": {"x": -1}},
             ValueError,
-            r"batch axis of 'x' .* non-negative int; got -1",
+            r"`batch_argnames\['x'\]` must be a non-negative int \(the batch axis "
+            r"of 'x'\); got -1",
         ),
     ],
     ids=["mesh", "axis-type", "axis-name", "pad", "unknown-name", "bad-axis"],
