@@ -42,3 +42,13 @@ def check_int(
     if value < minimum:
         raise ValueError(f"{where}: `{name}` must be {expected}; got {value!r}.{fix}")
     return int(value)
+
+
+def check_bool(value: Any, *, where: str, name: str) -> bool:
+    """Return `value`, or raise `TypeError` if it is not a bool (truthy is not)."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(
+            f"{where}: `{name}` must be True or False; got {type(value).__name__} "
+            f"{value!r}."
+        )
+    return bool(value)

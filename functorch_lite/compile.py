@@ -185,6 +185,66 @@ class CompileStats:
     calls: int = 0
 
 
+def argnames(value: Any, *, where: str, name: str) -> tuple[str, ...]:
+    """Read an argument-names option: a str is one name, None is none."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    try:
+        names = tuple(value)
+    except TypeError:
+        names = None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise TypeError(
+            f"{where}: `{name}` must be a str or a sequence of str; got {value!r}."
+        )
+    return names
+
+
+_DONATION_ERRORS = (
+    "has been deleted or donated",
+    "Array has been deleted",
+    "donate the same buffer twice",
+)
+
+
+def donation_error(
+    where: str, donate_argnames: Sequence[str], arguments: dict[str, Any]
+) -> ValueError | None:
+    """The error for a donated argument that cannot be donated, or None.
+
+    An array donated to an earlier call is deleted (its buffer became an
+    output); one array passed in two donated places would be reused twice.
+    """
+    seen: dict[int, str] = {}
+    for name in donate_argnames:
+        if name not in arguments:
+            continue
+        flat = jax.tree_util.tree_flatten_with_path(arguments[name])[0]
+        for path, leaf in flat:
+            if not isinstance(leaf, jax.Array) or isinstance(leaf, jax.core.Tracer):
+                continue
+            label = f"`{name}{jax.tree_util.keystr(path)}`"
+            if leaf.is_deleted():
+                return ValueError(
+                    f"{where}: {label} was donated to an earlier call, which reused "
+                    "its buffer for that call's outputs, so it cannot be passed "
+                    "again. Pass the arrays the call returned (`params, opt_state, "
+                    "loss = step(params, opt_state, ...)`), or build the step with "
+                    "`donate=False` to keep its inputs."
+                )
+            if id(leaf) in seen:
+                return ValueError(
+                    f"{where}: {seen[id(leaf)]} and {label} are the same array, and "
+                    "both are donated: one buffer cannot be reused twice. Pass a "
+                    "copy (`jnp.copy`) in one place, or build the step with "
+                    "`donate=False`."
+                )
+            seen[id(leaf)] = label
+    return None
+
+
 def _describe(value: Any) -> Any:
     """A comparable summary of one argument: shapes and dtypes, or the value."""
     leaves, treedef = jax.tree_util.tree_flatten(value)
@@ -213,6 +273,8 @@ class Compiled:
     ) -> None:
         if not callable(fun):
             raise TypeError(f"jit: `fun` must be callable; got {fun!r}.")
+        static_argnames = argnames(static_argnames, where="jit", name="static_argnames")
+        donate_argnames = argnames(donate_argnames, where="jit", name="donate_argnames")
         check_int(
             max_traces, where="jit", name="max_traces", minimum=1, allow_none=True
         )
@@ -308,15 +370,24 @@ class Compiled:
         stack.append(self)
         try:
             return self._jitted(*args, **kwargs)
-        except ValueError as err:
-            if "Non-hashable static arguments" not in str(err):
-                raise
-            raise self._unhashable(args, kwargs) from err
+        except (ValueError, RuntimeError) as err:
+            # Found only after jax.jit refused, so the hot path pays nothing.
+            text = str(err)
+            if "Non-hashable static arguments" in text:
+                raise self._unhashable(args, kwargs) from err
+            if self.donate_argnames and any(m in text for m in _DONATION_ERRORS):
+                try:
+                    bound = self._signature.bind(*args, **kwargs).arguments
+                except TypeError:
+                    raise err from None
+                found = donation_error(f"{self.name}", self.donate_argnames, bound)
+                if found is not None:
+                    raise found from err
+            raise
         finally:
             stack.pop()
 
     def _unhashable(self, args: tuple, kwargs: dict) -> TypeError:
-        # Found only after jax.jit refused, so the hot path pays nothing.
         bound = self._signature.bind(*args, **kwargs).arguments
         for name in self.static_argnames:
             try:

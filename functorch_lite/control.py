@@ -44,6 +44,7 @@ __all__ = ["STATIC_METHODS", "repeat"]
 Carry = TypeVar("Carry")
 
 MODES = ("static", "dynamic")
+_INT32_MAX = 2**31 - 1
 STATIC_METHODS = ("bounded", "scan", "masked")
 
 
@@ -96,15 +97,23 @@ def check_static_count(n: Any, max_n: int, *, where: str, name: str) -> jax.Arra
             )
         if not isinstance(n, jax.core.Tracer):
             check_concrete_count(n, max_n, where=where, name=name)
-        return jnp.asarray(n, jnp.int32)
+        # Clamp in the count's own dtype, then narrow: a uint32 or int64 count
+        # past the int32 range would otherwise wrap around.
+        return jnp.clip(n, 0, max_n).astype(jnp.int32)
     check_concrete_count(n, max_n, where=where, name=name)
     return jnp.asarray(n, jnp.int32)
 
 
 def _check_max_n(max_n: Any, *, where: str) -> int:
-    return check_int(
+    value = check_int(
         max_n, where=where, name="max_n", minimum=0, context=' with mode="static"'
     )
+    if value > _INT32_MAX:
+        raise ValueError(
+            f"{where}: `max_n` must be at most 2**31 - 1 (the loop counts in "
+            f"int32); got {value}."
+        )
+    return value
 
 
 def repeat(
@@ -200,10 +209,11 @@ def _check_same_carry(carry: Any, out: Any, *, where: str) -> None:
         )
     for path, b, a in leaf_pairs(out, carry):
         a_shape, a_dtype = jnp.shape(a), jnp.result_type(a)
-        if (a_shape, a_dtype) != (b.shape, b.dtype):
+        b_shape, b_dtype = jnp.shape(b), jnp.result_type(b)
+        if (a_shape, a_dtype) != (b_shape, b_dtype):
             raise TypeError(
                 f"{where}: `body` must keep each carry leaf's shape and dtype; leaf "
-                f"{path} went from {a_shape} {a_dtype} to {b.shape} {b.dtype}."
+                f"{path} went from {a_shape} {a_dtype} to {b_shape} {b_dtype}."
             )
 
 

@@ -199,15 +199,22 @@ class DynamicNet:
 
         `middle_linear` is used iff `depth > 0`; a traced depth gives a traced
         bool. Pass it to `make_step(..., skip_unused=...)` to reproduce PyTorch
-        2.x, which skips parameters that received no gradient.
+        2.x, which skips parameters that received no gradient. `depth` is
+        checked as in `apply`.
 
         >>> import functorch_lite as fl
         >>> fl.models.DynamicNet(4, 8, 2).used_params(0)
         {'input_linear': True, 'middle_linear': False, 'output_linear': True}
         """
-        middle = depth > 0
-        if not isinstance(middle, jax.Array):
-            middle = bool(middle)
+        where = "DynamicNet.used_params"
+        if isinstance(depth, jax.core.Tracer):
+            check_static_count(depth, self.max_depth, where=where, name="depth")
+            middle: Any = depth > 0
+        else:
+            middle = (
+                check_concrete_count(depth, self.max_depth, where=where, name="depth")
+                > 0
+            )
         return {"input_linear": True, "middle_linear": middle, "output_linear": True}
 
     def apply(
@@ -227,8 +234,11 @@ class DynamicNet:
             `mode="dynamic"`, a concrete int in `[0, max_depth]` (under `jit`,
             make it a static argument). With `mode="static"`, an int or an
             integer scalar that may be traced: one compiled graph serves every
-            depth. A traced depth outside `[0, max_depth]` cannot be checked
-            and is clamped to that range; a concrete one raises `ValueError`.
+            depth. A concrete depth outside `[0, max_depth]` raises
+            `ValueError`. A traced one cannot be checked when the graph is
+            built (a depth passed to a `make_step` step is traced): the output
+            is then NaN, as `jnp.take` fills an out-of-range read, so that the
+            loss shows it and `fit` stops on it; its gradients are zero.
           mode: `"static"` or `"dynamic"`.
 
         Returns:
@@ -243,7 +253,7 @@ class DynamicNet:
         check_x(x, self.d_in, where=where)
         check_dtypes(params, x, where=where)
         check = check_concrete_count if mode == "dynamic" else check_static_count
-        depth = check(depth, self.max_depth, where=where, name="depth")
+        given, depth = depth, check(depth, self.max_depth, where=where, name="depth")
         layers = self._layers
         middle = layers["middle_linear"]
         h = jax.nn.relu(layers["input_linear"].apply(params["input_linear"], x))
@@ -255,4 +265,9 @@ class DynamicNet:
             mode=mode,
             static_method=self.static_method,
         )
-        return layers["output_linear"].apply(params["output_linear"], h)
+        out = layers["output_linear"].apply(params["output_linear"], h)
+        if isinstance(given, jax.core.Tracer):
+            # Compared in the depth's own dtype: no int32 wrap-around.
+            in_range = (given >= 0) & (given <= self.max_depth)
+            out = jnp.where(in_range, out, jnp.nan)
+        return out

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from functorch_lite._checks import check_int
 
@@ -75,10 +76,40 @@ def linear(d_in: int, d_out: int, *, bias: bool = True) -> Layer:
         return params
 
     def apply(params: Params, x: jax.Array) -> jax.Array:
+        _check_linear_apply(params, x, d_in, d_out, bias)
         y = x @ params["weight"]
         return _add_bias(y, params["bias"]) if bias else y
 
     return Layer(init, apply)
+
+
+def _check_linear_apply(params: Any, x: Any, d_in: int, d_out: int, bias: bool) -> None:
+    """Shapes and dtypes only: free under jit, where they are static."""
+    where = f"linear({d_in}, {d_out}).apply"
+    want = {"weight": (d_in, d_out)} | ({"bias": (d_out,)} if bias else {})
+    if not isinstance(params, dict) or set(params) != set(want):
+        got = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise TypeError(
+            f"{where}: `params` must be a dict with keys {sorted(want)}; got {got}. "
+            "Create it with the layer's `init(key)`."
+        )
+    for key, shape in want.items():
+        if jnp.shape(params[key]) != shape:
+            raise ValueError(
+                f"{where}: `params['{key}']` must have shape {shape}; got "
+                f"{jnp.shape(params[key])}."
+            )
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{where}: `x` must be an array; got {type(x).__name__}.")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{where}: `x` must have a floating dtype; got {x.dtype}. Cast it, "
+            "for example `x.astype(jnp.float32)`."
+        )
+    if x.ndim < 1 or x.shape[-1] != d_in:
+        raise ValueError(
+            f"{where}: `x` must have shape (..., {d_in}); got {tuple(x.shape)}."
+        )
 
 
 def relu() -> Layer:
@@ -107,8 +138,11 @@ def mse_loss(
       reduction: `"sum"` (the reference programs' loss) or `"mean"` over every
         element, as in `torch.nn.functional.mse_loss`.
       mask: optional `(N,)` row weights, 1 for real rows and 0 for padding
-        (from `fl.train.pad_batch`): padded rows add nothing, and `"mean"`
-        divides by the real rows only, so the loss equals the unpadded one.
+        (from `fl.train.pad_batch`): padded rows add exactly nothing, to the
+        loss and to its gradient, whatever they hold (even NaN or Inf), and
+        `"mean"` divides by the real rows only, so the loss equals the
+        unpadded one. With `"mean"`, a mask with no real row raises
+        `ValueError` when concrete, and gives NaN when traced.
 
     Returns:
       A scalar.
@@ -129,9 +163,10 @@ def mse_loss(
             raise TypeError(
                 f"mse_loss: `{name}` must be an array; got {type(value).__name__}."
             )
-        if not jnp.issubdtype(value.dtype, jnp.number):
+        if not jnp.issubdtype(value.dtype, jnp.floating):
             raise TypeError(
-                f"mse_loss: `{name}` must have a numeric dtype; got {value.dtype}."
+                f"mse_loss: `{name}` must have a floating dtype; got {value.dtype}. "
+                "Cast it, for example `.astype(jnp.float32)`."
             )
     pred_dtype = jax.dtypes.canonicalize_dtype(pred.dtype)
     target_dtype = jax.dtypes.canonicalize_dtype(target.dtype)
@@ -147,8 +182,8 @@ def mse_loss(
             f"{pred_shape} and {target_shape}. Reshape one of them; the loss does "
             "not broadcast, so that a (N,) vs (N, 1) mix-up cannot pass silently."
         )
-    sq = jnp.square(pred - target)
     if mask is None:
+        sq = jnp.square(pred - target)
         return jnp.sum(sq) if reduction == "sum" else jnp.mean(sq)
     mask_shape = jnp.shape(mask)
     if len(pred_shape) == 0 or mask_shape != pred_shape[:1]:
@@ -156,9 +191,19 @@ def mse_loss(
             f"mse_loss: `mask` must have shape (N,) = {pred_shape[:1]}, one weight "
             f"per row of `pred`; got {mask_shape}."
         )
-    weights = jnp.asarray(mask, sq.dtype).reshape(mask_shape + (1,) * (sq.ndim - 1))
-    total = jnp.sum(sq * weights)
+    weights = jnp.asarray(mask, pred_dtype).reshape(
+        mask_shape + (1,) * (len(pred_shape) - 1)
+    )
+    # Select, do not multiply: 0 * Inf is NaN. The difference itself is
+    # selected, so that the gradient of a dropped row is 0, not 0 * Inf.
+    diff = jnp.where(weights != 0, pred - target, 0)
+    total = jnp.sum(jnp.square(diff) * weights)
     if reduction == "sum":
         return total
+    if not isinstance(mask, jax.core.Tracer) and not np.any(np.asarray(mask)):
+        raise ValueError(
+            'mse_loss: with reduction="mean", `mask` must keep at least one row; '
+            "got a mask of zeros, whose mean is undefined."
+        )
     per_row = math.prod(pred_shape[1:])
     return total / (jnp.sum(weights) * per_row)

@@ -24,7 +24,7 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from functorch_lite._checks import check_int
-from functorch_lite.compile import Compiled, CompileStats, jit
+from functorch_lite.compile import Compiled, CompileStats, donation_error, jit
 
 __all__ = ["DataParallel", "data_parallel", "initialize"]
 
@@ -321,6 +321,11 @@ class DataParallel:
     ) -> tuple | None:
         """Place the bound arguments in place; return the padding record or None."""
         where = f"data_parallel({self.step.name})"
+        # Checked before dispatch: a deleted (donated) buffer on a CPU mesh
+        # crashes the process instead of raising.
+        donated = self._compiled.donate_argnames
+        if donated and (found := donation_error(where, donated, bound.arguments)):
+            raise found
         sharded: dict[str, int] = {}
         for name, (batch_axis, strict) in self._batch.items():
             if name not in bound.arguments:

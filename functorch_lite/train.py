@@ -16,9 +16,9 @@ import numpy as np
 import optax
 
 from functorch_lite import checkpoint
-from functorch_lite._checks import check_int
+from functorch_lite._checks import check_bool, check_int
 from functorch_lite._trees import leaf_pairs, structure_diff
-from functorch_lite.compile import Compiled, jit
+from functorch_lite.compile import Compiled, argnames, jit
 
 __all__ = ["bucket_size", "fit", "make_fused_step", "make_step", "pad_batch"]
 
@@ -132,10 +132,11 @@ def make_step(
     1
     """
     loss_sig, loss_params = _check_loss_fn(loss_fn, optimizer, "make_step")
-    if static_argnames is None:
-        static_argnames = ()
-    if isinstance(static_argnames, str):
-        static_argnames = (static_argnames,)
+    static_argnames = argnames(
+        static_argnames, where="make_step", name="static_argnames"
+    )
+    check_bool(donate, where="make_step", name="donate")
+    check_bool(guard, where="make_step", name="guard")
     batch_names = {p.name for p in loss_params[1:]}
     takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in loss_params)
     unknown = [n for n in static_argnames if n not in batch_names and not takes_kwargs]
@@ -144,12 +145,14 @@ def make_step(
             f"make_step: `static_argnames` names {unknown}, which `loss_fn` does not "
             f"take; its arguments after `params` are {sorted(batch_names)}."
         )
-    if not (isinstance(skip_unused, bool) or callable(skip_unused)):
+    if not (isinstance(skip_unused, bool | np.bool_) or callable(skip_unused)):
         raise TypeError(
             "make_step: `skip_unused` must be a bool or a callable returning a tree "
             f"of bools; got {skip_unused!r}."
         )
-    step = _optimizer_update(loss_fn, optimizer, skip_unused=skip_unused, guard=guard)
+    step = _optimizer_update(
+        loss_fn, optimizer, where="make_step", skip_unused=skip_unused, guard=guard
+    )
     step.__signature__ = _step_signature(loss_sig, loss_params)  # type: ignore[attr-defined]
     step.__name__ = "step"
     compiled = jit(
@@ -205,17 +208,17 @@ def _keep_unused_state(used: Any, new: Any, old: Any, params: Any) -> Any:
     return jax.tree.map(hold, new, old, is_leaf=shaped)
 
 
-def _check_opt_state(optimizer: Any, params: Any, opt_state: Any) -> None:
+def _check_opt_state(optimizer: Any, params: Any, opt_state: Any, where: str) -> None:
     want = jax.eval_shape(optimizer.init, params)
     if (diff := structure_diff(opt_state, want)) is not None:
         raise TypeError(
-            "make_step: `opt_state` does not match `optimizer.init(params)`.\n"
+            f"{where}: `opt_state` does not match `optimizer.init(params)`.\n"
             f"{diff}\nCreate it with `optimizer.init(params)` for these params."
         )
     for path, g, w in leaf_pairs(opt_state, want):
         if (jnp.shape(g), jnp.result_type(g)) != (w.shape, w.dtype):
             raise TypeError(
-                f"make_step: `opt_state{path}` must be "
+                f"{where}: `opt_state{path}` must be "
                 f"{w.dtype}{list(w.shape)}; got {jnp.result_type(g)}"
                 f"{list(jnp.shape(g))}. Create it with `optimizer.init(params)`."
             )
@@ -231,19 +234,20 @@ def _optimizer_update(
     loss_fn: Callable[..., jax.Array],
     optimizer: optax.GradientTransformation,
     *,
+    where: str,
     skip_unused: bool | Callable[..., Any] = False,
     guard: bool = False,
 ) -> Callable[..., tuple]:
     """The body shared by `make_step` and `make_fused_step`: one optimizer step."""
 
     def update(params: Any, opt_state: Any, *batch: Any, **kwargs: Any) -> tuple:
-        _check_opt_state(optimizer, params, opt_state)
+        _check_opt_state(optimizer, params, opt_state, where)
         loss, pullback = jax.vjp(lambda p: loss_fn(p, *batch, **kwargs), params)
         if jnp.shape(loss) != () or not jnp.issubdtype(
             jnp.result_type(loss), jnp.floating
         ):
             raise TypeError(
-                "make_step: `loss_fn` must return a float scalar; got "
+                f"{where}: `loss_fn` must return a float scalar; got "
                 f"{jnp.result_type(loss)}{list(jnp.shape(loss))}. Reduce it with "
                 "`.sum()` or `.mean()`."
             )
@@ -314,8 +318,10 @@ def make_fused_step(
     ((4,), 1)
     """
     loss_sig, loss_params = _check_loss_fn(loss_fn, optimizer, "make_fused_step")
-    if isinstance(shared_argnames, str):
-        shared_argnames = (shared_argnames,)
+    shared_argnames = argnames(
+        shared_argnames, where="make_fused_step", name="shared_argnames"
+    )
+    check_bool(donate, where="make_fused_step", name="donate")
     names = [p.name for p in loss_params[1:]]
     unknown = [n for n in shared_argnames if n not in names]
     if unknown:
@@ -323,7 +329,7 @@ def make_fused_step(
             f"make_fused_step: `shared_argnames` names {unknown}, which `loss_fn` "
             f"does not take by name; its arguments after `params` are {names}."
         )
-    update = _optimizer_update(loss_fn, optimizer)
+    update = _optimizer_update(loss_fn, optimizer, where="make_fused_step")
     shared = frozenset(shared_argnames)
 
     def fused(params: Any, opt_state: Any, *batch: Any, **kwargs: Any) -> tuple:
@@ -332,15 +338,17 @@ def make_fused_step(
         stacked = {k: v for k, v in args.items() if k not in shared}
         fixed = {k: v for k, v in args.items() if k in shared}
         lengths = {
-            k: jax.tree.leaves(v)[0].shape[0]
+            f"{k}{jax.tree_util.keystr(path)}": jnp.shape(leaf)[0]
+            if jnp.ndim(leaf)
+            else None
             for k, v in stacked.items()
-            if jax.tree.leaves(v) and jax.tree.leaves(v)[0].ndim > 0
+            for path, leaf in jax.tree_util.tree_flatten_with_path(v)[0]
         }
-        if not lengths or len(set(lengths.values())) != 1:
+        if not lengths or len(set(lengths.values())) != 1 or None in lengths.values():
             raise ValueError(
                 "make_fused_step: the per-step arguments must share one leading "
-                f"steps axis; got leading lengths {lengths}. Stack them, or name "
-                "fixed arguments in `shared_argnames`."
+                f"steps axis; got leading lengths {lengths} (None: a scalar). Stack "
+                "them, or name fixed arguments in `shared_argnames`."
             )
 
         def body(carry: tuple, per_step: dict) -> tuple:
@@ -406,6 +414,7 @@ def _check_fit_options(
     keep: Any = 3,
 ) -> None:
     check_int(log_every, where="fit", name="log_every", minimum=1)
+    check_bool(resume, where="fit", name="resume")
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(
             f'fit: `on_nonfinite` must be "raise" or "skip"; got {on_nonfinite!r}.'
@@ -426,6 +435,12 @@ def _check_fit_options(
         raise TypeError(
             f"fit: `step` must be callable (from `make_step`); got {step!r}."
         )
+    if hasattr(step, "shared_argnames"):
+        raise TypeError(
+            "fit: `step` is a fused step from `make_fused_step`, which runs K steps "
+            "per call and returns K losses; `fit` runs one step per batch. Call the "
+            "fused step in a loop, or pass a step from `make_step`."
+        )
     check_int(
         keep,
         where="fit",
@@ -445,6 +460,21 @@ def _check_fit_options(
                 f"fit: `checkpoint_dir` {os.fspath(checkpoint_dir)!r} is a file, not "
                 "a folder."
             )
+        if checkpoint_every is not None:
+            # Find out now, not after the first `checkpoint_every` steps have
+            # consumed the caller's (donated) params.
+            try:
+                os.makedirs(checkpoint_dir, exist_ok=True)
+            except OSError as err:
+                raise ValueError(
+                    f"fit: cannot create `checkpoint_dir` "
+                    f"{os.fspath(checkpoint_dir)!r}: {err.strerror or err}."
+                ) from err
+            if not os.access(checkpoint_dir, os.W_OK | os.X_OK):
+                raise ValueError(
+                    f"fit: `checkpoint_dir` {os.fspath(checkpoint_dir)!r} is not "
+                    "writable."
+                )
     if (checkpoint_every is not None or resume) and checkpoint_dir is None:
         raise ValueError(
             "fit: `checkpoint_every` and `resume` need `checkpoint_dir`; got "
@@ -465,7 +495,7 @@ def fit(
     check_inputs: bool = False,
     checkpoint_every: int | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
-    keep: int = 3,
+    keep: int | None = 3,
     resume: bool = False,
 ) -> tuple[Any, Any, np.ndarray]:
     """Run `step` over `batches` and return the final state and the loss history.
@@ -505,7 +535,7 @@ def fit(
         or is skipped (its loss recorded as NaN) with `on_nonfinite="skip"`.
       checkpoint_every: save every this many steps; None saves nothing.
       checkpoint_dir: the folder for checkpoints.
-      keep: how many checkpoints to keep.
+      keep: how many checkpoints to keep; None keeps them all.
       resume: continue from the newest good checkpoint in `checkpoint_dir`.
 
     Returns:
@@ -515,6 +545,11 @@ def fit(
     Raises:
       FloatingPointError: a non-finite loss, or a non-finite input with
         `check_inputs=True`.
+
+    Whatever stops a run part-way (a bad batch, a failed save, Ctrl-C), the
+    exception carries `.params`, `.opt_state` and `.step`: the state after the
+    last completed step. The arrays passed in were donated to the first step,
+    so this is where the trained state lives.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> import functorch_lite as fl
@@ -530,6 +565,8 @@ def fit(
     ((5,), True)
     """
 
+    check_bool(progress, where="fit", name="progress")
+    check_bool(check_inputs, where="fit", name="check_inputs")
     _check_fit_options(
         on_nonfinite, checkpoint_every, checkpoint_dir, resume, log_every, step, keep
     )
@@ -555,51 +592,68 @@ def fit(
     losses: list[Any] = []
     start = time.perf_counter()
     ran = 0
-    for i, batch in enumerate(batches):
-        if i < done:
-            continue  # consumed before the checkpoint we resumed from
-        number = i + 1
-        if check_inputs and (bad := _nonfinite_inputs(batch)):
-            message = (
-                f"fit: step {number} has non-finite values in its input "
-                f"{', '.join(bad)}; it was not trained on."
+    completed = done  # the state in `params` is that after this many steps
+    try:
+        for i, batch in enumerate(batches):
+            if i < done:
+                continue  # consumed before the checkpoint we resumed from
+            number = i + 1
+            if check_inputs and (bad := _nonfinite_inputs(batch)):
+                message = (
+                    f"fit: step {number} has non-finite values in its input "
+                    f"{', '.join(bad)}; it was not trained on."
+                )
+                if on_nonfinite == "raise":
+                    raise _nonfinite_error(message, params, opt_state, number - 1)
+                losses.append(np.nan)
+                completed = number
+                continue
+            params, opt_state, loss = _batch_call(
+                step, params, opt_state, batch, number
             )
-            if on_nonfinite == "raise":
-                raise _nonfinite_error(message, params, opt_state, number - 1)
-            losses.append(np.nan)
-            continue
-        params, opt_state, loss = _batch_call(step, params, opt_state, batch, number)
-        losses.append(loss)
-        ran += 1
-        if on_nonfinite == "raise" and not np.isfinite(float(loss)):
-            guarded = getattr(step, "guarded", False)
-            message = f"fit: the loss at step {number} is {float(loss)}. "
-            if guarded:
-                message += (
-                    f"params and opt_state are those after step {number - 1}, the "
-                    "last finite ones"
+            completed = number
+            if jnp.shape(loss) != ():
+                raise TypeError(
+                    f"fit: the step returned a loss of shape {jnp.shape(loss)} at "
+                    f"step {number}; `fit` needs a step that returns one scalar "
+                    "loss, as `make_step` builds."
                 )
-                if checkpoint_dir is not None:
-                    save(number - 1)
-                    message += f", saved to {os.fspath(checkpoint_dir)!r}"
-                message += "."
-            else:
-                message += (
-                    "The step was not guarded, so its update may have reached "
-                    "params; build it with `make_step(..., guard=True)` to keep the "
-                    "last finite state"
-                    + (
-                        f", or resume from the checkpoints in {checkpoint_dir!r}."
-                        if checkpoint_dir is not None
-                        else "."
+            losses.append(loss)
+            ran += 1
+            if on_nonfinite == "raise" and not np.isfinite(float(loss)):
+                guarded = getattr(step, "guarded", False)
+                message = f"fit: the loss at step {number} is {float(loss)}. "
+                if guarded:
+                    message += (
+                        f"params and opt_state are those after step {number - 1}, the "
+                        "last finite ones"
                     )
-                )
-            raise _nonfinite_error(message, params, opt_state, number - 1)
-        if checkpoint_every is not None and number % checkpoint_every == 0:
-            save(number)
-        if progress and number % log_every == 0:
-            rate = ran / max(time.perf_counter() - start, 1e-9)
-            _progress(sys.stderr, number, total, float(loss), rate)
+                    if checkpoint_dir is not None:
+                        save(number - 1)
+                        message += f", saved to {os.fspath(checkpoint_dir)!r}"
+                    message += "."
+                else:
+                    message += (
+                        "The step was not guarded, so its update may have reached "
+                        "params; build it with `make_step(..., guard=True)` to keep "
+                        "the last finite state"
+                        + (
+                            f", or resume from the checkpoints in {checkpoint_dir!r}."
+                            if checkpoint_dir is not None
+                            else "."
+                        )
+                    )
+                raise _nonfinite_error(message, params, opt_state, number - 1)
+            if checkpoint_every is not None and number % checkpoint_every == 0:
+                save(number)
+            if progress and number % log_every == 0:
+                rate = ran / max(time.perf_counter() - start, 1e-9)
+                _progress(sys.stderr, number, total, float(loss), rate)
+    except BaseException as err:
+        # The caller's params were donated to the first step: whatever stopped
+        # the run, hand back the state after the last completed step.
+        _attach_state(err, params, opt_state, completed)
+        raise
     if progress and ran and sys.stderr.isatty():
         sys.stderr.write("\n")
     history = np.array([float(v) for v in jax.device_get(losses)], dtype=np.float64)
@@ -610,10 +664,20 @@ def _nonfinite_error(
     message: str, params: Any, opt_state: Any, step: int
 ) -> FloatingPointError:
     err = FloatingPointError(message)
-    err.params = params  # type: ignore[attr-defined]
-    err.opt_state = opt_state  # type: ignore[attr-defined]
-    err.step = step  # type: ignore[attr-defined]
+    _attach_state(err, params, opt_state, step)
     return err
+
+
+def _attach_state(err: BaseException, params: Any, opt_state: Any, step: int) -> None:
+    """Give `err` `.params`, `.opt_state` and `.step`, unless it already has them."""
+    if hasattr(err, "params"):
+        return
+    try:
+        err.params = params  # type: ignore[attr-defined]
+        err.opt_state = opt_state  # type: ignore[attr-defined]
+        err.step = step  # type: ignore[attr-defined]
+    except AttributeError:  # an exception type without a __dict__
+        pass
 
 
 def bucket_size(n: int, buckets: Sequence[int] | None = None) -> int:
@@ -627,15 +691,29 @@ def bucket_size(n: int, buckets: Sequence[int] | None = None) -> int:
     >>> fl.train.bucket_size(100), fl.train.bucket_size(3, buckets=[8, 64])
     (128, 8)
     """
-    n = check_int(n, where="bucket_size", name="n", minimum=1)
+    return _bucket_size(n, buckets, "bucket_size")
+
+
+def _bucket_size(n: Any, buckets: Any, where: str) -> int:
+    n = check_int(n, where=where, name="n", minimum=1)
     if buckets is None:
-        return 1 << (int(n) - 1).bit_length()
-    sizes = sorted(int(b) for b in buckets)
+        return 1 << (n - 1).bit_length()
+    if isinstance(buckets, str | bytes) or not isinstance(buckets, Iterable):
+        raise TypeError(
+            f"{where}: `buckets` must be a sequence of positive ints or None; got "
+            f"{type(buckets).__name__} {buckets!r}."
+        )
+    sizes = sorted(
+        check_int(b, where=where, name=f"buckets[{i}]", minimum=1)
+        for i, b in enumerate(buckets)
+    )
+    if not sizes:
+        raise ValueError(f"{where}: `buckets` is empty; give at least one size.")
     fits = [b for b in sizes if b >= n]
     if not fits:
         raise ValueError(
-            f"bucket_size: a batch of {n} rows is larger than the largest bucket "
-            f"{sizes[-1] if sizes else None}; add a larger bucket to `buckets`."
+            f"{where}: a batch of {n} rows is larger than the largest bucket "
+            f"{sizes[-1]}; add a larger bucket to `buckets`."
         )
     return fits[0]
 
@@ -682,7 +760,9 @@ def pad_batch(
             f"pad_batch: every array must have the same batch size; got {sizes}."
         )
     n = sizes[0]
-    size = bucket_size(n, buckets)
+    if n == 0:
+        raise ValueError("pad_batch: the batch is empty (0 rows); nothing to pad.")
+    size = _bucket_size(n, buckets, "pad_batch")
     # Pad on the host: `jnp.pad` would compile one small program per input
     # size, which is the very cost that buckets exist to avoid.
     padded = tuple(

@@ -1,8 +1,11 @@
 """DynamicNet and TwoLayerNet: float64 references, static/dynamic parity, errors."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from helpers import (
     dynamic_net_forward_np,
@@ -15,6 +18,27 @@ from jax.test_util import check_grads
 import functorch_lite as fl
 
 METHODS = fl.control.STATIC_METHODS
+
+
+def _ks_statistic(samples, cdf):
+    """The one-sample Kolmogorov-Smirnov statistic of `samples` against `cdf`."""
+    x = np.sort(np.asarray(samples, np.float64).ravel())
+    n = x.size
+    f = cdf(x)
+    return max(np.max(np.arange(1, n + 1) / n - f), np.max(f - np.arange(0, n) / n))
+
+
+def _ks_bound(n):
+    # Asymptotic 0.1% critical value: 1.95 / sqrt(n).
+    return 1.95 / np.sqrt(n)
+
+
+def _uniform_cdf(bound):
+    return lambda x: np.clip((x + bound) / (2 * bound), 0.0, 1.0)
+
+
+def _normal_cdf(x):
+    return 0.5 * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
 
 
 def _data(key, n=8, d_in=6, d_out=3):
@@ -55,12 +79,22 @@ def test_dynamic_net_init_is_torch_default_and_deterministic(key):
         ("middle_linear", 50),
         ("output_linear", 50),
     ]:
+        # torch.nn.Linear: weight and bias both U(-b, b), b = 1/sqrt(fan_in).
         bound = 1 / np.sqrt(fan_in)
-        for leaf in a[name].values():
-            leaf = np.asarray(leaf)
-            assert leaf.min() >= -bound and leaf.max() <= bound
-            # U(-b, b) has std b/sqrt(3): the draw fills the interval.
-            assert abs(leaf.std() - bound / np.sqrt(3)) < 0.2 * bound
+        for leaf_name, leaf in a[name].items():
+            leaf = np.asarray(leaf, np.float64)
+            where = f"{name}.{leaf_name} {leaf.shape}"
+            assert leaf.min() >= -bound and leaf.max() <= bound, where
+            ks = _ks_statistic(leaf, _uniform_cdf(bound))
+            assert ks < _ks_bound(leaf.size), (where, ks)
+            if leaf.size >= 2000:  # 20000 and 2500 draws
+                # U(-b, b) has std b/sqrt(3); measured within 0.4% here.
+                assert abs(leaf.std() / (bound / np.sqrt(3)) - 1) < 0.03, where
+            if leaf.size >= 500:  # P(max|w| <= 0.98 b) = 0.98**500 < 5e-5
+                assert np.abs(leaf).max() > 0.98 * bound, where
+        # The weight and the bias come from different keys.
+        w, b = (np.asarray(a[name][k]).ravel() for k in ("weight", "bias"))
+        assert not np.array_equal(w[: b.size], b), name
     c = net.init(jax.random.key(1))
     assert not np.array_equal(
         c["middle_linear"]["weight"], a["middle_linear"]["weight"]
@@ -136,17 +170,50 @@ def test_check_grads_float64(key, method, depth):
         check_grads(lambda p: _loss(net, "dynamic")(p, x, y, depth), (params,), order=2)
 
 
-def test_traced_out_of_range_depth_is_clamped(key):
+def test_traced_out_of_range_depth_gives_nan(key):
+    """Documented: a traced depth outside [0, max_depth] makes the output NaN,
+    whatever its integer dtype (no int32 wrap-around), and no other depth."""
     net = fl.models.DynamicNet(6, 5, 3, max_depth=3)
     params = net.init(key)
-    x, _ = _data(key)
+    x, y = _data(key)
     f = jax.jit(lambda p, x, d: net.apply(p, x, d))
-    np.testing.assert_allclose(
-        f(params, x, -4), net.apply(params, x, 0, mode="dynamic")
+    for depth in (-4, 4, 9, np.uint32(2**32 - 1), np.uint32(2**31 + 1)):
+        assert np.all(np.isnan(f(params, x, depth))), depth
+    for depth in range(4):
+        np.testing.assert_allclose(
+            f(params, x, depth), net.apply(params, x, depth, mode="dynamic"), rtol=1e-6
+        )
+    # A step built by make_step traces the depth: the loss is NaN, and `fit`
+    # stops on it instead of training at another depth.
+    opt = optax.sgd(1e-3)
+    step = fl.train.make_step(
+        lambda p, x, y, d: fl.nn.mse_loss(net.apply(p, x, d), y), opt
     )
-    np.testing.assert_allclose(
-        f(params, x, 9), net.apply(params, x, 3, mode="dynamic"), rtol=1e-6
-    )
+    with pytest.raises(FloatingPointError, match="the loss at step 2 is nan"):
+        fl.train.fit(
+            step, params, opt.init(params), [(x, y, 1), (x, y, 5)], progress=False
+        )
+
+
+def test_used_params_checks_depth(key):
+    net = fl.models.DynamicNet(6, 5, 3, max_depth=3)
+    assert net.used_params(2)["middle_linear"] is True
+    assert net.used_params(1)["middle_linear"] is True
+    assert net.used_params(3) == {
+        "input_linear": True,
+        "middle_linear": True,
+        "output_linear": True,
+    }
+    assert net.used_params(np.int64(0))["middle_linear"] is False
+    traced = jax.jit(lambda d: net.used_params(d)["middle_linear"])
+    assert bool(traced(1)) and not bool(traced(0))
+    with pytest.raises(ValueError, match=r"used_params: `depth` must be an int in"):
+        net.used_params(4)
+    with pytest.raises(ValueError, match=r"used_params: `depth` must be an int in"):
+        net.used_params(-1)
+    for bad in (None, True, 1.0):
+        with pytest.raises(TypeError, match=r"used_params: `depth` must be an int"):
+            net.used_params(bad)
 
 
 def test_vmap_over_depth(key):
@@ -289,6 +356,75 @@ def test_constructor_errors(args, match):
         fl.models.DynamicNet(*args)
     with pytest.raises(ValueError, match=r"`static_method` must be one of"):
         fl.models.DynamicNet(6, 5, 3, static_method="loop")
+
+
+def test_two_layer_net_init_is_standard_normal(key):
+    """Documented: w1 and w2 are drawn from N(0, 1), from different keys."""
+    net = fl.models.TwoLayerNet(1000, 100, 10)
+    params = net.init(key)
+    w1, w2 = (np.asarray(params[k], np.float64) for k in ("w1", "w2"))
+    assert (w1.shape, w2.shape) == ((1000, 100), (100, 10))
+    assert params["w1"].dtype == params["w2"].dtype == jnp.float32
+    # 1e5 draws: the mean's standard error is 0.0032, the std's 0.0022.
+    assert abs(w1.mean()) < 0.015
+    assert abs(w1.std() - 1) < 0.03
+    assert _ks_statistic(w1, _normal_cdf) < _ks_bound(w1.size)
+    assert abs(w2.mean()) < 0.15 and abs(w2.std() - 1) < 0.1
+    assert _ks_statistic(w2, _normal_cdf) < _ks_bound(w2.size)
+    # Different keys: w2 is no prefix (or other part) of w1's draw.
+    flat1, flat2 = w1.ravel(), w2.ravel()
+    assert not np.array_equal(flat1[: flat2.size], flat2)
+    assert np.isin(flat2, flat1).sum() < 10
+    # Deterministic in the key, and another key draws other weights.
+    again = net.init(key)
+    assert all(np.array_equal(params[k], again[k]) for k in params)
+    other = net.init(jax.random.key(1))
+    assert not np.isin(np.asarray(other["w1"]).ravel()[:1000], flat1).all()
+
+
+def _primitives(jaxpr):
+    """Every primitive name in `jaxpr`, sub-jaxprs (loops, conds, custom rules) too."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    names |= _primitives(inner)
+    return names
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_static_method_selects_the_loop(key, method):
+    """`DynamicNet(static_method=m)` really runs `m`'s loop: the three compute
+    the same values (tested above), so look at the program and at forward mode.
+    """
+    net = fl.models.DynamicNet(6, 5, 3, max_depth=3, static_method=method)
+    params = net.init(key)
+    x, _ = _data(key)
+    jaxpr = jax.make_jaxpr(lambda p, x, d: net.apply(p, x, d))(params, x, 2).jaxpr
+    prims = _primitives(jaxpr)
+    expected = {
+        # A while loop of exactly `depth` iterations, no scan.
+        "bounded": ({"while"}, {"scan", "cond"}),
+        # A scan over max_depth steps, the ones past `depth` skipped by cond.
+        "scan": ({"scan", "cond"}, {"while"}),
+        # A scan over max_depth steps, all computed, no cond, no while.
+        "masked": ({"scan"}, {"while", "cond"}),
+    }[method]
+    present, absent = expected
+    assert present <= prims, (method, sorted(prims))
+    assert not (absent & prims), (method, sorted(prims))
+
+    # Forward mode: scan and masked support it; bounded (a custom_vjp) does not.
+    fwd = jax.jacfwd(lambda x: net.apply(params, x, jnp.int32(2)))
+    if method == "bounded":
+        with pytest.raises(TypeError):
+            fwd(x[0])
+    else:
+        rev = jax.jacrev(lambda x: net.apply(params, x, 2, mode="dynamic"))(x[0])
+        np.testing.assert_allclose(fwd(x[0]), rev, rtol=1e-5, atol=1e-6)
 
 
 def test_two_layer_net_matches_numpy(key):
