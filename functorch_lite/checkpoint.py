@@ -47,11 +47,16 @@ Errors:
   missing or an extra leaf); `ValueError`: a leaf's shape or dtype differs from
   `like`. Both messages name the file and the leaf path.
 - `FileNotFoundError`: there is no file at `path`.
+- Other `OSError`s (`PermissionError`, ...): a file or folder cannot be
+  written, created, read or listed. The error keeps the OS's class and errno,
+  and its message names the function, the argument and the reason (never the
+  hidden temporary file); the OS's own error is chained as `__cause__`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -176,12 +181,40 @@ def _check_path(fn: str, path: Any, arg: str = "path") -> str:
             f"{fn}: `{arg}` must be a str or os.PathLike; got {type(path).__name__} "
             f"{path!r}."
         )
-    path = os.fspath(path)
+    given = path
+    try:
+        path = os.fspath(path)
+    except TypeError as err:  # A __fspath__ that returns neither str nor bytes.
+        raise TypeError(
+            f"{fn}: `{arg}` must be a str or os.PathLike of str; got "
+            f"{type(given).__name__} {given!r}, whose __fspath__ failed: {err}."
+        ) from err
+    if not isinstance(path, str):
+        raise TypeError(
+            f"{fn}: `{arg}` must be a str or os.PathLike of str; got "
+            f"{type(given).__name__} {given!r}, whose path is the "
+            f"{type(path).__name__} {path!r}."
+        )
     if not path:
         raise ValueError(f"{fn}: `{arg}` is empty.")
     if "\0" in path:
         raise ValueError(f"{fn}: `{arg}` {path!r} contains a NUL byte.")
     return path
+
+
+def _reason(err: OSError) -> str:
+    """The OS's words for `err`, without the file names it may carry."""
+    return err.strerror or str(err)
+
+
+def _os_error(err: OSError, message: str) -> OSError:
+    """An error of the same OSError subclass and errno as `err`, with `message`."""
+    try:
+        new = type(err)(message)
+    except Exception:  # A subclass with another constructor.
+        new = OSError(message)
+    new.errno = err.errno
+    return new
 
 
 def _is_key(x: Any) -> bool:
@@ -271,29 +304,52 @@ def _host_tag() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
+# The longest file name, in bytes, on the common file systems (ext4, XFS, btrfs,
+# APFS, NTFS): the temporary name is cut to fit it.
+_NAME_MAX = 255
+
+
 def _temp_path(path: str) -> str:
     """Name a hidden temporary file beside `path`, tagged with host and pid."""
     directory, base = os.path.split(os.path.abspath(path))
     tag = f"{_host_tag()}.{os.getpid()}.{secrets.token_hex(4)}"
+    # A target name near the limit must not make its longer temporary name fail.
+    room = _NAME_MAX - len(f"..{tag}.tmp")
+    while len(os.fsencode(base)) > room:
+        base = base[:-1]
     return os.path.join(directory, f".{base}.{tag}.tmp")
 
 
-def _atomic_write(path: str, data: bytes) -> None:
+def _atomic_write(path: str, data: bytes, what: str) -> None:
+    """Write `data` to `path` atomically; `what` opens the message of an OSError."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = _temp_path(path)
     # os.open with mode 0o666 lets the umask decide the final permissions, as
     # for a file created with open().
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    fd = os.open(tmp, flags, 0o666)
+    try:
+        fd = os.open(tmp, flags, 0o666)
+    except OSError as err:  # Its message would name the hidden temporary file.
+        if isinstance(err, PermissionError) or err.errno == errno.EROFS:
+            why = f"its folder {directory!r} is not writable"
+        else:
+            why = f"cannot create a file in its folder {directory!r}"
+        raise _os_error(err, f"{what}: {why} ({_reason(err)}).") from err
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise _os_error(
+                err,
+                f"{what}: writing failed ({_reason(err)}); the file that was at "
+                "that path, if any, is unchanged.",
+            ) from err
         raise
     _fsync_dir(directory)
 
@@ -312,10 +368,17 @@ def save(path: str | os.PathLike, tree: Any) -> None:
         have no leaves and need no storage.
 
     Raises:
-      TypeError: a leaf is of another kind, or its dtype cannot be stored.
+      TypeError: a leaf is of another kind, or its dtype cannot be stored; or
+        `path` is not a str or os.PathLike.
       ValueError: two leaves get the same dotted name, or an int does not fit
-        in int64.
+        in int64; or `path` is empty or holds a NUL byte.
       FileNotFoundError: the folder of `path` does not exist.
+      NotADirectoryError: the folder of `path` is a file.
+      IsADirectoryError: `path` is a folder, or ends with a path separator.
+      OSError: the file cannot be written (`PermissionError`: its folder is
+        not writable; the OS's error class otherwise). The message names
+        `path` and the reason; the OS's error is chained as `__cause__`. No
+        temporary file is left behind, and a file already at `path` is kept.
 
     >>> import os, tempfile, jax, optax
     >>> import functorch_lite as fl
@@ -335,12 +398,27 @@ def save(path: str | os.PathLike, tree: Any) -> None:
         raise IsADirectoryError(
             f"save: `path` {path!r} is a folder; pass a file path inside it."
         )
+    if path.endswith((os.sep, os.altsep or os.sep)):
+        raise IsADirectoryError(
+            f"save: `path` {path!r} ends with a path separator, so it names a "
+            "folder; pass a file path."
+        )
     directory = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(
+            f"save: the folder {directory!r} of `path` {path!r} is a file, not a "
+            "folder."
+        )
     if not os.path.isdir(directory):
         raise FileNotFoundError(
             f"save: the folder {directory!r} of `path` {path!r} does not exist; "
             "create it first."
         )
+    _save(path, tree, f"save: cannot write `path` {path!r}")
+
+
+def _save(path: str, tree: Any, what: str) -> None:
+    """Encode `tree` and write it to `path`; `what` opens an OSError's message."""
     named, treedef = _named_leaves("save", "tree", tree)
     tensors: dict[str, np.ndarray] = {}
     entries = []
@@ -361,7 +439,7 @@ def save(path: str | os.PathLike, tree: Any) -> None:
         _MANIFEST_KEY: manifest,
         _MANIFEST_SHA_KEY: hashlib.sha256(manifest.encode()).hexdigest(),
     }
-    _atomic_write(path, safetensors.numpy.save(tensors, metadata=metadata))
+    _atomic_write(path, safetensors.numpy.save(tensors, metadata=metadata), what)
 
 
 # ------------------------------------------------------------------------ load
@@ -395,6 +473,10 @@ def _read(path: str) -> tuple[dict[str, Any], dict[str, tuple[dict, bytes]]]:
         raise IsADirectoryError(
             f"load: `path` {path!r} is a folder, not a checkpoint file; use "
             "`load_latest` for a folder of numbered checkpoints."
+        ) from err
+    except OSError as err:  # Not readable: permissions, a device error, a name.
+        raise _os_error(
+            err, f"load: cannot read `path` {path!r} ({_reason(err)})."
         ) from err
 
     # The safetensors layout: u64 little-endian header size, JSON header, bytes.
@@ -622,8 +704,12 @@ def load(path: str | os.PathLike, like: Any = None) -> Any:
       CheckpointError: the file is truncated, corrupted (checksum mismatch) or
         not a checkpoint. Names the file.
       FileNotFoundError: there is no file at `path`.
+      IsADirectoryError: `path` is a folder.
+      OSError: the file cannot be read (`PermissionError`, a device error);
+        the message names `path` and the reason.
       TypeError: the file lacks a leaf of `like`, or has a leaf that `like`
-        lacks; or a `like` leaf is of an unsupported kind. Names the leaf.
+        lacks; or a `like` leaf is of an unsupported kind. Names the leaf. Or
+        `path` is not a str or os.PathLike.
       ValueError: a leaf's shape or dtype differs from `like`. Names the leaf.
 
     >>> import os, tempfile, jax, jax.numpy as jnp
@@ -668,17 +754,41 @@ def load(path: str | os.PathLike, like: Any = None) -> Any:
 # -------------------------------------------------------------------- rotation
 
 
-def _numbered(directory: str) -> list[tuple[int, str]]:
-    """List `(step, path)` of the numbered checkpoints in `directory`, newest first."""
+def _is_file(entry: os.DirEntry) -> bool:
     try:
-        names = os.listdir(directory)
-    except (FileNotFoundError, NotADirectoryError):
+        return entry.is_file()
+    except OSError:
+        return False
+
+
+def _numbered(fn: str, directory: str) -> list[tuple[int, str]]:
+    """List `(step, path)` of the numbered checkpoints in `directory`, newest first.
+
+    A missing folder has none; a `directory` that is a file, or that cannot be
+    listed, raises an error naming `fn`. Only regular files (or links to them)
+    count: a folder named like a checkpoint is not one.
+    """
+    try:
+        with os.scandir(directory) as it:
+            entries = [(e.name, e.path) for e in it if _is_file(e)]
+    except FileNotFoundError:
         return []
+    except NotADirectoryError as err:
+        if not os.path.exists(directory):
+            return []  # A part of the path above it is a file: it does not exist.
+        raise NotADirectoryError(
+            f"{fn}: `directory` {directory!r} is a file, not a folder; pass the "
+            "folder of numbered checkpoints (read one checkpoint file with `load`)."
+        ) from err
+    except OSError as err:
+        raise _os_error(
+            err, f"{fn}: cannot list `directory` {directory!r} ({_reason(err)})."
+        ) from err
     found = []
-    for name in names:
+    for name, path in entries:
         match = _NUMBERED.match(name)
         if match:
-            found.append((int(match.group(1)), os.path.join(directory, name)))
+            found.append((int(match.group(1)), path))
     return sorted(found, reverse=True)
 
 
@@ -701,7 +811,11 @@ def _remove_stale_temps(directory: str) -> None:
     if os.name != "posix":
         return
     host = _host_tag()
-    for name in os.listdir(directory):
+    try:
+        names = os.listdir(directory)
+    except OSError:  # Only housekeeping: the save itself reports a real problem.
+        return
+    for name in names:
         match = _TEMP.match(name)
         if (
             match
@@ -734,8 +848,17 @@ def save_numbered(
       The path of the new checkpoint.
 
     Raises:
-      TypeError: `step` is not an int, or `keep` is neither an int nor `None`.
+      TypeError: `step` is not an int, or `keep` is neither an int nor `None`;
+        or `directory` is not a str or os.PathLike.
       ValueError: `step` is negative or `keep` is below 1.
+      NotADirectoryError: `directory`, or a part of it, is a file.
+      OSError: `directory` cannot be created, or the checkpoint cannot be
+        written in it (`PermissionError`: the folder is not writable; the OS's
+        error class otherwise). The message names `directory` and the reason.
+        No temporary file is left behind.
+
+    An old checkpoint that cannot be deleted is left in place with a warning on
+    the `functorch_lite.checkpoint` logger: the new one is saved by then.
 
     >>> import os, tempfile, jax.numpy as jnp
     >>> import functorch_lite as fl
@@ -766,15 +889,52 @@ def save_numbered(
             f"save_numbered: cannot create `directory` {directory!r}: a part of it "
             "is a file."
         ) from err
+    except OSError as err:
+        if isinstance(err, PermissionError) or err.errno == errno.EROFS:
+            why = "the folder it goes in is not writable"
+        else:
+            why = "cannot create it"
+        raise _os_error(
+            err,
+            f"save_numbered: cannot create `directory` {directory!r}: {why} "
+            f"({_reason(err)}).",
+        ) from err
     _remove_stale_temps(directory)
     path = os.path.join(directory, f"ckpt_{int(step):08d}.safetensors")
-    save(path, tree)
+    _save(
+        path,
+        tree,
+        f"save_numbered: cannot write checkpoint {os.path.basename(path)!r} in "
+        f"`directory` {directory!r}",
+    )
     if keep is not None:
-        others = [p for _, p in _numbered(directory) if p != path]
-        for old in others[keep - 1 :]:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(old)
+        _prune(directory, path, keep)
     return path
+
+
+def _prune(directory: str, path: str, keep: int) -> None:
+    """Delete all but `path` and the `keep - 1` newest other checkpoints.
+
+    `path` is saved by now, so a failure here only warns: raising would report
+    a finished save as failed.
+    """
+    try:
+        others = [p for _, p in _numbered("save_numbered", directory) if p != path]
+    except OSError as err:
+        _log.warning("save_numbered: cannot prune old checkpoints: %s", err)
+        return
+    for old in others[keep - 1 :]:
+        try:
+            os.unlink(old)
+        except FileNotFoundError:  # Pruned by a concurrent save_numbered.
+            pass
+        except OSError as err:
+            _log.warning(
+                "save_numbered: cannot delete old checkpoint %r (%s); it is left "
+                "in place.",
+                old,
+                _reason(err),
+            )
 
 
 def latest(directory: str | os.PathLike) -> tuple[int, str] | None:
@@ -790,6 +950,12 @@ def latest(directory: str | os.PathLike) -> tuple[int, str] | None:
       `(step, path)`, or `None` when the folder has no checkpoint or does not
       exist.
 
+    Raises:
+      TypeError: `directory` is not a str or os.PathLike.
+      NotADirectoryError: `directory` is a file.
+      OSError: the folder cannot be listed (`PermissionError`); the message
+        names `directory` and the reason.
+
     >>> import os, tempfile, jax.numpy as jnp
     >>> import functorch_lite as fl
     >>> with tempfile.TemporaryDirectory() as tmp:
@@ -801,7 +967,7 @@ def latest(directory: str | os.PathLike) -> tuple[int, str] | None:
     (12, 'ckpt_00000012.safetensors')
     """
     directory = _check_path("latest", directory, "directory")
-    found = _numbered(directory)
+    found = _numbered("latest", directory)
     return found[0] if found else None
 
 
@@ -830,6 +996,9 @@ def load_latest(
         message names each one.
       TypeError, ValueError: the newest readable checkpoint does not match
         `like`, as for `load`.
+      NotADirectoryError: `directory` is a file.
+      OSError: the folder cannot be listed, or a checkpoint cannot be read
+        (`PermissionError`); the message names the folder or file.
 
     >>> import tempfile, jax.numpy as jnp
     >>> import functorch_lite as fl
@@ -842,7 +1011,7 @@ def load_latest(
     """
     directory = _check_path("load_latest", directory, "directory")
     errors = []
-    for step, path in _numbered(directory):
+    for step, path in _numbered("load_latest", directory):
         try:
             return step, load(path, like)
         except CheckpointError as err:

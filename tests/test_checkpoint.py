@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -578,6 +580,181 @@ def test_bad_path_arguments(tmp_path):
         fl.checkpoint.save(tmp_path / "no" / "x.safetensors", {})
 
 
+def _q(path: Any) -> str:
+    """A regex for `path` as a message quotes it: its repr."""
+    return re.escape(repr(os.fspath(path)))
+
+
+class _FsPath:
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __fspath__(self) -> Any:
+        return self.value
+
+    def __repr__(self) -> str:
+        return f"_FsPath({self.value!r})"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda p: fl.checkpoint.save(p, {}),
+        fl.checkpoint.load,
+        lambda p: fl.checkpoint.save_numbered(p, 1, {}),
+        fl.checkpoint.latest,
+        fl.checkpoint.load_latest,
+    ],
+    ids=["save", "load", "save_numbered", "latest", "load_latest"],
+)
+def test_pathlike_of_bytes_or_broken_fspath(call):
+    with pytest.raises(
+        TypeError,
+        match=r"^\w+: `(path|directory)` must be a str or os.PathLike of str; got "
+        r"_FsPath _FsPath\(b'x'\), whose path is the bytes b'x'\.",
+    ):
+        call(_FsPath(b"x"))
+    with pytest.raises(
+        TypeError,
+        match=r"`(path|directory)` must be a str or os.PathLike of str; got _FsPath "
+        r"_FsPath\(3\), whose __fspath__ failed",
+    ):
+        call(_FsPath(3))
+
+
+def test_save_into_a_file_or_with_a_trailing_separator(tmp_path):
+    file = tmp_path / "a_file"
+    file.write_text("x")
+    with pytest.raises(
+        NotADirectoryError,
+        match=r"save: the folder '.*a_file' of `path` '.*a_file/x\.st' is a file, "
+        "not a folder",
+    ):
+        fl.checkpoint.save(file / "x.st", {"w": jnp.ones(2)})
+    with pytest.raises(
+        IsADirectoryError, match=r"save: `path` '.*new/' ends with a path separator"
+    ):
+        fl.checkpoint.save(str(tmp_path / "new") + os.sep, {"w": jnp.ones(2)})
+    assert os.listdir(tmp_path) == ["a_file"]
+
+
+def test_save_with_a_name_near_the_length_limit(tmp_path):
+    # The hidden temporary name is longer than the target: it is cut to fit.
+    path = tmp_path / ("a" * 250)
+    fl.checkpoint.save(path, {"w": jnp.ones(2)})
+    assert fl.checkpoint.load(path)["w"].tolist() == [1.0, 1.0]
+    assert os.listdir(tmp_path) == [path.name]
+    # A target name over the limit fails naming `path`, not the temporary file.
+    with pytest.raises(OSError, match=r"save: cannot write `path` '.*a{256}'") as e:
+        fl.checkpoint.save(tmp_path / ("a" * 256), {"w": jnp.ones(2)})
+    assert ".tmp" not in str(e.value) and e.value.errno == errno.ENAMETOOLONG
+    assert os.listdir(tmp_path) == [path.name]
+
+
+_LINUX_PSEUDO_FS = pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and os.path.isdir("/proc/self")),
+    reason="needs Linux /proc and /sys, which refuse new files even to root",
+)
+
+
+@_LINUX_PSEUDO_FS
+@pytest.mark.parametrize(
+    "folder, error, why",
+    [
+        ("/sys", PermissionError, "its folder '/sys' is not writable"),
+        ("/proc", FileNotFoundError, "cannot create a file in its folder '/proc'"),
+    ],
+    ids=["sys", "proc"],
+)
+def test_save_into_a_folder_that_refuses_files(folder, error, why):
+    path = os.path.join(folder, "a.st")
+    with pytest.raises(
+        error, match=rf"^save: cannot write `path` {_q(path)}: {why} \("
+    ) as e:
+        fl.checkpoint.save(path, {"w": jnp.ones(2)})
+    assert ".tmp" not in str(e.value)
+    assert isinstance(e.value.__cause__, error)
+    assert not [name for name in os.listdir(folder) if name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize(
+    "code, error, why",
+    [
+        (errno.EACCES, PermissionError, "is not writable"),
+        (errno.EROFS, OSError, "is not writable"),
+        (errno.ENOSPC, OSError, "cannot create a file in its folder"),
+    ],
+    ids=["EACCES", "EROFS", "ENOSPC"],
+)
+def test_save_when_the_temporary_file_cannot_be_created(
+    tmp_path, monkeypatch, code, error, why
+):
+    path = tmp_path / "ckpt.safetensors"
+    fl.checkpoint.save(path, _versioned(1))
+
+    def refuse(name, *args, **kwargs):
+        raise OSError(code, os.strerror(code), name)
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(
+        error, match=rf"^save: cannot write `path` {_q(path)}: (its folder .* )?{why}"
+    ) as e:
+        fl.checkpoint.save(path, _versioned(2))
+    monkeypatch.undo()
+    assert ".tmp" not in str(e.value) and e.value.errno == code
+    assert e.value.__cause__.errno == code
+    assert _assert_complete_version(path, {1}) == 1
+    assert os.listdir(tmp_path) == ["ckpt.safetensors"]
+
+
+def test_save_when_the_rename_fails(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.safetensors"
+    fl.checkpoint.save(path, _versioned(1))
+
+    def refuse(src, dst):
+        raise PermissionError(errno.EPERM, "Operation not permitted", src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(
+        PermissionError,
+        match=rf"^save: cannot write `path` {_q(path)}: writing failed \(Operation "
+        r"not permitted\); the file that was at that path, if any, is unchanged\.$",
+    ) as e:
+        fl.checkpoint.save(path, _versioned(2))
+    monkeypatch.undo()
+    assert ".tmp" not in str(e.value)
+    assert _assert_complete_version(path, {1}) == 1
+    assert os.listdir(tmp_path) == ["ckpt.safetensors"]
+
+
+@_LINUX_PSEUDO_FS
+def test_load_an_unreadable_file():
+    # Reading /proc/self/mem from offset 0 fails with EIO.
+    with pytest.raises(
+        OSError, match=r"^load: cannot read `path` '/proc/self/mem' \(Input/output"
+    ):
+        fl.checkpoint.load("/proc/self/mem")
+
+
+def test_load_a_file_it_may_not_read(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.safetensors"
+    fl.checkpoint.save(path, {"w": jnp.ones(2)})
+
+    def refuse(name, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", name)
+
+    monkeypatch.setattr(fl.checkpoint, "open", refuse, raising=False)
+    with pytest.raises(
+        PermissionError,
+        match=rf"^load: cannot read `path` {_q(path)} \(Permission denied\)\.$",
+    ):
+        fl.checkpoint.load(path)
+    with pytest.raises(PermissionError, match=r"^load: cannot read `path` '.*ckpt_0"):
+        fl.checkpoint.load_latest(_one_numbered(tmp_path / "run"))
+    with pytest.raises(OSError, match=r"^load: cannot read `path` '.*a{300}'"):
+        fl.checkpoint.load(tmp_path / ("a" * 300))
+
+
 # -------------------------------------------------------------------- atomicity
 
 
@@ -625,7 +802,9 @@ def test_failure_before_rename_keeps_previous_file(tmp_path, monkeypatch, fail):
         monkeypatch.setattr(os, "fdopen", lambda *a: HalfWriter(real_fdopen(*a)))
     else:
         monkeypatch.setattr(os, fail, crash)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(
+        OSError, match=r"save: cannot write `path` .*: writing failed \(simulated crash"
+    ):
         fl.checkpoint.save(path, _versioned(2))
     monkeypatch.undo()
     assert _assert_complete_version(path, {1}) == 1
@@ -856,6 +1035,110 @@ def test_save_numbered_bad_arguments(tmp_path, kwargs, error, match):
     kwargs = {"step": 1} | kwargs
     with pytest.raises(error, match="save_numbered: " + match):
         fl.checkpoint.save_numbered(tmp_path, tree={}, **kwargs)
+
+
+def _one_numbered(folder: Any) -> Any:
+    fl.checkpoint.save_numbered(folder, 1, {"w": jnp.ones(2)})
+    return folder
+
+
+@_LINUX_PSEUDO_FS
+def test_save_numbered_cannot_create_the_directory():
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"^save_numbered: cannot create `directory` '/proc/nope': cannot "
+        r"create it \(No such file or directory\)\.$",
+    ) as e:
+        fl.checkpoint.save_numbered("/proc/nope", 1, {"w": jnp.ones(2)})
+    assert isinstance(e.value.__cause__, FileNotFoundError)
+
+
+def test_save_numbered_may_not_create_the_directory(tmp_path, monkeypatch):
+    def refuse(name, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", name)
+
+    monkeypatch.setattr(os, "makedirs", refuse)
+    with pytest.raises(
+        PermissionError,
+        match=r"^save_numbered: cannot create `directory` '.*run': the folder it "
+        r"goes in is not writable \(Permission denied\)\.$",
+    ):
+        fl.checkpoint.save_numbered(tmp_path / "run", 1, {"w": jnp.ones(2)})
+
+
+@_LINUX_PSEUDO_FS
+def test_save_numbered_into_an_unwritable_directory():
+    with pytest.raises(
+        PermissionError,
+        match=r"^save_numbered: cannot write checkpoint 'ckpt_00000001\.safetensors' "
+        r"in `directory` '/sys': its folder '/sys' is not writable",
+    ) as e:
+        fl.checkpoint.save_numbered("/sys", 1, {"w": jnp.ones(2)})
+    assert ".tmp" not in str(e.value)
+    assert not [name for name in os.listdir("/sys") if name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("fn", ["latest", "load_latest"])
+def test_latest_of_a_file(tmp_path, fn):
+    file = tmp_path / "ckpt.safetensors"
+    fl.checkpoint.save(file, {"w": jnp.ones(2)})
+    call = getattr(fl.checkpoint, fn)
+    with pytest.raises(
+        NotADirectoryError,
+        match=rf"^{fn}: `directory` {_q(file)} is a file, not a folder; pass the "
+        "folder of numbered checkpoints",
+    ):
+        call(file)
+    # A folder below a file does not exist: no checkpoint, as for a missing one.
+    assert call(file / "run") is None
+
+
+@pytest.mark.parametrize("fn", ["latest", "load_latest"])
+def test_latest_of_a_folder_it_may_not_list(tmp_path, monkeypatch, fn):
+    def refuse(name, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", name)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    with pytest.raises(
+        PermissionError,
+        match=rf"^{fn}: cannot list `directory` {_q(tmp_path)} \(Permission denied\)",
+    ):
+        getattr(fl.checkpoint, fn)(tmp_path)
+
+
+def test_a_folder_named_like_a_checkpoint_is_not_one(tmp_path):
+    (tmp_path / "ckpt_00000009.safetensors").mkdir()
+    assert fl.checkpoint.latest(tmp_path) is None
+    assert fl.checkpoint.load_latest(tmp_path) is None
+    path = fl.checkpoint.save_numbered(tmp_path, 1, {"s": 1}, keep=1)
+    assert sorted(os.listdir(tmp_path)) == [
+        "ckpt_00000001.safetensors",
+        "ckpt_00000009.safetensors",
+    ]
+    assert fl.checkpoint.latest(tmp_path) == (1, path)
+    assert fl.checkpoint.load_latest(tmp_path, like={"s": 0}) == (1, {"s": 1})
+
+
+def test_prune_failure_warns_and_keeps_the_new_checkpoint(
+    tmp_path, monkeypatch, caplog
+):
+    old = fl.checkpoint.save_numbered(tmp_path, 1, {"s": 1})
+    real_unlink = os.unlink
+
+    def refuse_old(name, *args, **kwargs):
+        if os.fspath(name) == old:
+            raise PermissionError(errno.EPERM, "Operation not permitted", name)
+        return real_unlink(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refuse_old)
+    with caplog.at_level(logging.WARNING, logger="functorch_lite.checkpoint"):
+        new = fl.checkpoint.save_numbered(tmp_path, 2, {"s": 2}, keep=1)
+    assert "cannot delete old checkpoint" in caplog.text and old in caplog.text
+    assert sorted(os.listdir(tmp_path)) == [
+        os.path.basename(old),
+        os.path.basename(new),
+    ]
+    assert fl.checkpoint.load_latest(tmp_path, like={"s": 0}) == (2, {"s": 2})
 
 
 # --------------------------------------------------------------------- property
