@@ -23,8 +23,9 @@ How each figure is measured:
   losses and the plain step's, over the same depth sequence: over the first 20
   steps (float32 rounding) and over all (that rounding, amplified by training).
 
-Writes `scaling.json` and `scaling.md` to `--out`; `run()` returns the same
-dict and `markdown()` renders it, for the main benchmark to embed.
+Writes `scaling.json` and `scaling.md` to `--out` (the default, `bench/results`,
+holds the recorded run that RESULTS.md quotes: pass another `--out` to keep it);
+`run()` returns the same dict and `markdown()` renders it.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ def run(
     device = jax.devices()[0]
     return {
         "name": "scaling",
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "env": {
             "jax": jax.__version__,
             "python": platform.python_version(),

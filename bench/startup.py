@@ -11,9 +11,11 @@ Rows:
 - `torch-eager`: the PyTorch reference program (skipped without torch).
 
     python bench/startup.py [--repeats 3] [--steps 500] [--out bench/results]
+        [--name startup-cpu2]
 
 Prints a table of median wall seconds (min-max) and ratios to `torch-eager`, and
-writes `<out>/startup-<timestamp>.json`.
+writes `<out>/<name>.json` (default name `startup-<timestamp>`). The child
+processes run on the CPU (`JAX_PLATFORMS=cpu` unless the caller sets it).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 FL_PROGRAM = """
 import sys
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--name", default=None)
     args = parser.parse_args(argv)
 
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
             "jaxlib": jaxlib.__version__,
             "optax": optax.__version__,
         },
-        "backend": "cpu",
+        "backend": base_env["JAX_PLATFORMS"],
         "cores": os.cpu_count(),
         "machine": platform.machine(),
     }

@@ -17,11 +17,12 @@ def check_int(
     context: str = "",
     fix: str = "",
 ) -> int | None:
-    """Return `value` as an int, or raise: `TypeError` for a value that is not an
-    int (a bool is not), `ValueError` for one below `minimum`.
+    """Return `value` as an int, or raise `TypeError` or `ValueError`.
 
-    The message names the function (`where`), the argument (`name`), what was
-    expected and what was given; `context` follows the expectation, `fix` ends it.
+    `TypeError` for a value that is not an int (a bool is not), `ValueError`
+    for one below `minimum`. The message names the function (`where`), the
+    argument (`name`), what was expected and what was given; `context` follows
+    the expectation, `fix` ends it.
     """
     if value is None and allow_none:
         return None

@@ -360,6 +360,7 @@ class Compiled:
         return bound.args, bound.kwargs
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the compiled function, tracing and compiling on a new signature."""
         self.stats.calls += 1
         if kwargs:
             args, kwargs = self._canonical(args, kwargs)

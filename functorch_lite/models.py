@@ -25,7 +25,23 @@ Params = Any
 
 
 def check_x(x: Any, d_in: int, *, where: str) -> None:
-    """Raise a clear error unless `x` is float with shape `(d_in,)` or `(N, d_in)`."""
+    """Raise a clear error unless `x` is float with shape `(d_in,)` or `(N, d_in)`.
+
+    The input check of the models' `apply`, public for models of your own.
+
+    Args:
+      x: the input to check.
+      d_in: the expected number of features.
+      where: the function to name in the error.
+
+    >>> import jax.numpy as jnp
+    >>> import functorch_lite as fl
+    >>> fl.models.check_x(jnp.ones((2, 3)), 3, where="MyNet.apply")
+    >>> fl.models.check_x(jnp.ones((2, 4)), 3, where="MyNet.apply")
+    Traceback (most recent call last):
+    ...
+    ValueError: MyNet.apply: `x` must have shape (N, 3) or (3,); got (2, 4).
+    """
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(
             f"{where}: `x` must be a float array of shape (N, {d_in}); got "
@@ -44,9 +60,27 @@ def check_x(x: Any, d_in: int, *, where: str) -> None:
 
 
 def check_params(params: Any, expected: Any, *, where: str) -> None:
-    """Raise a clear error unless `params` has `expected`'s tree, shapes and dtypes.
+    """Raise a clear error unless `params` has `expected`'s tree and shapes.
 
-    `expected` is a tree of `jax.ShapeDtypeStruct` (from `jax.eval_shape(init)`).
+    Every leaf must also have a floating dtype (which one is not checked
+    here). The params check of the models' `apply`, public for models of your
+    own.
+
+    Args:
+      params: the tree to check.
+      expected: a tree of `jax.ShapeDtypeStruct`, from `jax.eval_shape(init, key)`.
+      where: the function to name in the error.
+
+    >>> import jax, jax.numpy as jnp
+    >>> import functorch_lite as fl
+    >>> layer = fl.nn.linear(3, 2)
+    >>> spec = jax.eval_shape(layer.init, jax.random.key(0))
+    >>> fl.models.check_params(layer.init(jax.random.key(1)), spec, where="MyNet")
+    >>> fl.models.check_params({"weight": jnp.ones((3, 2))}, spec, where="MyNet")
+    Traceback (most recent call last):
+    ...
+    TypeError: MyNet: `params` has the wrong tree structure.
+    ...
     """
     if (diff := structure_diff(params, expected)) is not None:
         raise TypeError(

@@ -424,6 +424,7 @@ class DataParallel:
         return bound.args, bound.kwargs
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the step on the mesh: place, pad if asked, run, drop the padding."""
         bound = self._bind(args, kwargs)
         rows = self._prepare(bound, allow_pad=True)
         if not self._serialize:

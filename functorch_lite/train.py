@@ -564,7 +564,6 @@ def fit(
     >>> losses.shape, bool(losses[-1] < losses[0])
     ((5,), True)
     """
-
     check_bool(progress, where="fit", name="progress")
     check_bool(check_inputs, where="fit", name="check_inputs")
     _check_fit_options(
