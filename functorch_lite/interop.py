@@ -3,7 +3,8 @@
 A state_dict's dotted keys become nested dicts (`"input_linear.weight"` ->
 `params["input_linear"]["weight"]`), and every 2-D `weight` is transposed
 between torch's `(out, in)` and our `(in, out)`; every other tensor is copied
-as it is. Values are copied bit for bit and keep their float dtype, so
+as it is. Values are copied bit for bit and keep their float dtype (float16,
+float32, float64, and bfloat16 and the float8s, as ml_dtypes' types), so
 `from_torch(to_torch(params))` equals `params` and `to_torch(from_torch(sd))`
 equals `sd` exactly.
 
@@ -114,13 +115,51 @@ def _expected_shapes(like: Any, *, where: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# NumPy's own float dtypes; the others (bfloat16, the float8s) are ml_dtypes',
+# which JAX ships, and cross between torch and NumPy as raw bits.
+_NUMPY_FLOATS = ("float16", "float32", "float64")
+
+
+def _bits_dtypes(torch: Any, itemsize: int) -> tuple[Any, Any] | None:
+    """Return (torch, NumPy) integer dtypes of `itemsize` bytes, to carry bits."""
+    return {
+        1: (torch.uint8, np.uint8),
+        2: (torch.int16, np.int16),
+        4: (torch.int32, np.int32),
+        8: (torch.int64, np.int64),
+    }.get(itemsize)
+
+
+def _jax_dtype_for(torch: Any, dtype: Any) -> np.dtype | None:
+    """Return the JAX (NumPy) dtype for a torch float dtype, or None.
+
+    None where JAX has no dtype of the same name and size, such as for torch's
+    packed `float4_e2m1fn_x2`.
+    """
+    name = str(dtype).removeprefix("torch.")
+    scalar_type = getattr(jnp, name, None)
+    if scalar_type is None:
+        return None
+    try:
+        np_dtype = np.dtype(scalar_type)
+    except TypeError:
+        return None
+    size = dtype.itemsize
+    if np_dtype.itemsize != size or _bits_dtypes(torch, size) is None:
+        return None
+    return np_dtype
+
+
 def _tensor_to_numpy(torch: Any, tensor: Any) -> np.ndarray:
     tensor = tensor.detach().cpu()
-    if tensor.dtype == torch.bfloat16:
-        # NumPy has no bfloat16; move the bits, then view them as ml_dtypes'.
-        bits = tensor.view(torch.int16).numpy()
-        return bits.view(jnp.bfloat16)
-    return tensor.numpy()
+    name = str(tensor.dtype).removeprefix("torch.")
+    if name in _NUMPY_FLOATS:
+        return tensor.numpy()
+    # NumPy has no bfloat16 or float8; move the bits, then view them as
+    # ml_dtypes' type of the same name (which `from_torch` checked exists).
+    np_dtype = _jax_dtype_for(torch, tensor.dtype)
+    torch_bits, _ = _bits_dtypes(torch, tensor.element_size())
+    return tensor.view(torch_bits).numpy().view(np_dtype)
 
 
 def from_torch(state_dict_or_module: Any, *, like: Any = None) -> Params:
@@ -142,8 +181,9 @@ def from_torch(state_dict_or_module: Any, *, like: Any = None) -> Params:
 
     Raises:
       ImportError: torch is not installed.
-      TypeError: a tensor is not floating point or, with `like`, keys are
-        missing or unexpected (every such key is named, with any shape
+      TypeError: a tensor is not floating point, or has a float dtype that JAX
+        has no array type for (such as `float4_e2m1fn_x2`), or, with `like`,
+        keys are missing or unexpected (every such key is named, with any shape
         mismatches too); a value is not a tensor; the input is neither a
         mapping nor a module.
       ValueError: with `like`, shapes differ (and nothing else is wrong), each
@@ -202,6 +242,16 @@ def from_torch(state_dict_or_module: Any, *, like: Any = None) -> Params:
         kind_problems.append(
             f"tensors that are not floating point: {not_float!r} (drop them from "
             "the state_dict or convert them with `.float()`)"
+        )
+    no_jax_dtype = {
+        k: str(v.dtype).removeprefix("torch.")
+        for k, v in state_dict.items()
+        if v.is_floating_point() and _jax_dtype_for(torch, v.dtype) is None
+    }
+    if no_jax_dtype:
+        kind_problems.append(
+            f"tensors of a float dtype that JAX has no array type for: "
+            f"{no_jax_dtype!r} (convert them with `.float()`)"
         )
     if like is not None:
         expected = _expected_shapes(like, where=where)
@@ -264,7 +314,7 @@ def to_torch(params: Params) -> collections.OrderedDict:
     Raises:
       ImportError: torch is not installed.
       TypeError: `params` is not nested dicts, or a leaf is not a float array
-        (each such key is named).
+        of a dtype torch also has (each such key is named).
 
     >>> import pytest; torch = pytest.importorskip("torch")
     >>> import jax
@@ -285,14 +335,13 @@ def to_torch(params: Params) -> collections.OrderedDict:
             f"{where}: every leaf of `params` must be an array; these are not: "
             f"{not_array!r}."
         )
-    torch_floats = ("float16", "bfloat16", "float32", "float64")
     not_float = {
-        k: str(v.dtype) for k, v in flat.items() if str(v.dtype) not in torch_floats
+        k: str(v.dtype) for k, v in flat.items() if _torch_dtype_for(torch, v) is None
     }
     if not_float:
         raise TypeError(
-            f"{where}: every leaf of `params` must have a floating dtype; these do "
-            f"not: {not_float!r}."
+            f"{where}: every leaf of `params` must have a floating dtype that torch "
+            f"also has; these do not: {not_float!r}."
         )
     state_dict: collections.OrderedDict = collections.OrderedDict()
     for name, leaf in flat.items():
@@ -302,9 +351,30 @@ def to_torch(params: Params) -> collections.OrderedDict:
             array = array.T
         # Not np.ascontiguousarray: it turns a 0-d array into shape (1,).
         array = np.array(array, order="C")
-        if array.dtype == jnp.bfloat16:
-            tensor = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-        else:
+        if array.dtype.name in _NUMPY_FLOATS:
             tensor = torch.from_numpy(array)
+        else:
+            # bfloat16, float8: torch.from_numpy knows no ml_dtypes type, so
+            # move the bits and view them as torch's dtype of the same name.
+            _, np_bits = _bits_dtypes(torch, array.dtype.itemsize)
+            tensor = torch.from_numpy(array.view(np_bits)).view(
+                _torch_dtype_for(torch, array)
+            )
         state_dict[name] = tensor
     return state_dict
+
+
+def _torch_dtype_for(torch: Any, leaf: Any) -> Any:
+    """Return torch's dtype for a float leaf, or None where torch has none."""
+    try:
+        dtype = np.dtype(leaf.dtype)
+    except TypeError:  # JAX's extended dtypes, such as PRNG keys
+        return None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return None
+    torch_dtype = getattr(torch, dtype.name, None)
+    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+        return None
+    if _jax_dtype_for(torch, torch_dtype) != dtype:
+        return None
+    return torch_dtype

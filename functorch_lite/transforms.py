@@ -56,6 +56,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from functorch_lite._trees import leaf_pairs, structure_diff
+
 __all__ = [
     "functional_call",
     "grad",
@@ -126,6 +128,172 @@ def _check_argnums_in_range(argnums: Argnums, n_args: int, *, where: str) -> Non
             )
 
 
+def _normalize_argnums(argnums: Argnums, n_args: int, *, where: str) -> Argnums:
+    """Return `argnums` with negative indices resolved against `n_args`, or raise.
+
+    `(1, -1)` names positional argument 1 twice when there are two: JAX would
+    then silently pass `None` for one of them.
+    """
+    _check_argnums_in_range(argnums, n_args, where=where)
+    if isinstance(argnums, int):
+        return argnums % n_args
+    normalized = tuple(a % n_args for a in argnums)
+    if len(set(normalized)) != len(normalized):
+        raise ValueError(
+            f"{where}: `argnums` must not repeat an argument; got {argnums!r}, "
+            f"which with {n_args} positional argument{'s' if n_args != 1 else ''} "
+            f"refers to positional arguments {normalized!r}."
+        )
+    return normalized
+
+
+def _describe(value: Any) -> str:
+    """Say what `value` is, for a message: an array's shape and dtype, or a type."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"an array of shape {tuple(value.shape)} and dtype {value.dtype}"
+    if isinstance(value, tuple | list):
+        n = len(value)
+        return f"a {type(value).__name__} of {n} item{'s' if n != 1 else ''}"
+    return type(value).__name__
+
+
+def _dtype_of(value: Any) -> Any:
+    """Return the dtype JAX gives `value`, or None if it is not array-like.
+
+    Only arrays and Python numbers: `jnp.result_type` would also read a str
+    or a type as a dtype name.
+    """
+    if not (
+        isinstance(value, bool | int | float | complex)
+        or (hasattr(value, "shape") and hasattr(value, "dtype"))
+    ):
+        return None
+    try:
+        return jnp.result_type(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_differentiable_inputs(
+    args: tuple, argnums: Argnums, *, where: str, complex_ok: bool
+) -> None:
+    """Raise unless every leaf of `args[argnums]` has a differentiable dtype."""
+    expected = "a floating or complex dtype" if complex_ok else "a real floating dtype"
+    for i in (argnums,) if isinstance(argnums, int) else argnums:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(args[i])[0]:
+            at = jax.tree_util.keystr(path)
+            dtype = _dtype_of(leaf)
+            if dtype is None:
+                raise TypeError(
+                    f"{where}: positional argument {i}{at}, differentiated as "
+                    f"`argnums` asks, must be an array of {expected}; got "
+                    f"{type(leaf).__name__}."
+                )
+            if not (
+                jnp.issubdtype(dtype, jnp.floating)
+                or (complex_ok and jnp.issubdtype(dtype, jnp.complexfloating))
+            ):
+                raise TypeError(
+                    f"{where}: positional argument {i}{at}, differentiated as "
+                    f"`argnums` asks, must have {expected}; got {dtype}. Convert it "
+                    "(for example `x.astype(jnp.float32)`) or leave it out of "
+                    "`argnums`."
+                )
+
+
+def _checked_output(
+    func: Callable, *, where: str, has_aux: bool, scalar: bool
+) -> Callable:
+    """Wrap `func` to check, while JAX traces it, what it returns.
+
+    Shapes and dtypes are static during tracing, so this raises before JAX
+    does, with a message that names the transform.
+    """
+    if not (has_aux or scalar):
+        return func
+
+    @_wraps(func)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        out = func(*args, **kwargs)
+        value = out
+        if has_aux:
+            if not (isinstance(out, tuple | list) and len(out) == 2):
+                raise TypeError(
+                    f"{where}: with `has_aux=True`, `func` must return a pair "
+                    f"(output, aux); got {_describe(out)}."
+                )
+            value = out[0]
+        if scalar:
+            _check_scalar_output(value, where=where)
+        return out
+
+    return checked
+
+
+def _check_scalar_output(value: Any, *, where: str) -> None:
+    dtype = _dtype_of(value)
+    if dtype is None:
+        raise TypeError(
+            f"{where}: `func` must return a scalar array; got {_describe(value)}."
+        )
+    shape = jnp.shape(value)
+    if shape != ():
+        raise TypeError(
+            f"{where}: `func` must return a scalar (shape ()); got shape {shape}. "
+            "Reduce it first (for example with `jnp.sum`), or use `jacrev` for "
+            "the Jacobian of a non-scalar output."
+        )
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{where}: `func` must return a real floating-point scalar; got dtype "
+            f"{dtype}."
+        )
+
+
+def _check_tangent_tree(
+    got: Any, want: Any, *, where: str, got_name: str, want_name: str
+) -> None:
+    """Raise unless `got` matches `want` in structure, shapes and dtypes.
+
+    `want` holds arrays or `jax.ShapeDtypeStruct`s; a leaf of an inexact dtype
+    needs that dtype, an integer or bool one needs `float0` in `jvp` (only
+    its shape is checked in `vjp`, which accepts any float there).
+    """
+    diff = structure_diff(got, want)
+    if diff is not None:
+        raise TypeError(
+            f"{where}: `{got_name}` must have the tree structure of "
+            f"{want_name};\n{diff}"
+        )
+    for path, got_leaf, want_leaf in leaf_pairs(got, want):
+        want_dtype = jnp.result_type(want_leaf)
+        got_dtype = _dtype_of(got_leaf)
+        if got_dtype is None:
+            raise TypeError(
+                f"{where}: `{got_name}`{path} must be an array; got "
+                f"{type(got_leaf).__name__}."
+            )
+        got_shape, want_shape = jnp.shape(got_leaf), jnp.shape(want_leaf)
+        if got_shape != want_shape:
+            raise ValueError(
+                f"{where}: `{got_name}`{path} must have the shape of "
+                f"{want_name}{path}, {want_shape}; got shape {got_shape}."
+            )
+        if jnp.issubdtype(want_dtype, jnp.inexact):
+            need = want_dtype
+        elif where == "jvp":
+            need = jax.dtypes.float0
+        else:
+            continue
+        if got_dtype != need:
+            if need == jax.dtypes.float0:
+                need = "float0 (`jax.dtypes.float0`)"
+            raise TypeError(
+                f"{where}: `{got_name}`{path} must have dtype {need}, as "
+                f"{want_name}{path} has dtype {want_dtype}; got dtype {got_dtype}."
+            )
+
+
 def _wraps(func: Callable) -> Callable[[Callable], Callable]:
     # Keep `func`'s name, doc and signature (so `jax.jit(static_argnames=...)`
     # resolves names), but not its `__dict__`: `fl.jit` objects carry stats.
@@ -133,18 +301,29 @@ def _wraps(func: Callable) -> Callable[[Callable], Callable]:
 
 
 def _differentiated(
-    transformed: Callable,
+    make: Callable[[Argnums], Callable],
     func: Callable,
     argnums: Argnums,
     *,
     where: str,
     forward_mode: bool = False,
+    complex_ok: bool = True,
 ) -> Callable:
-    """Wrap a JAX derivative of `func` with an argnums check and error hints."""
+    """Wrap a JAX derivative of `func` with argument checks and error hints.
+
+    `make(argnums)` builds the JAX transform; it runs at call time, once the
+    number of positional arguments resolves negative `argnums`. `complex_ok`
+    is False where JAX's forward mode needs real inputs (`jacfwd`, `hessian`).
+    """
+    built: dict[Argnums, Callable] = {}
 
     @_wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _check_argnums_in_range(argnums, len(args), where=where)
+        nums = _normalize_argnums(argnums, len(args), where=where)
+        _check_differentiable_inputs(args, nums, where=where, complex_ok=complex_ok)
+        if nums not in built:
+            built[nums] = make(nums)
+        transformed = built[nums]
         if not forward_mode:
             return transformed(*args, **kwargs)
         return _forward_mode_call(transformed, args, kwargs, where=where)
@@ -191,8 +370,9 @@ def grad(
     _check_callable(func, where=where)
     argnums = _check_argnums(argnums, where=where)
     _check_bool(has_aux, where=where, name="has_aux")
+    checked = _checked_output(func, where=where, has_aux=has_aux, scalar=True)
     return _differentiated(
-        jax.grad(func, argnums=argnums, has_aux=has_aux),
+        lambda nums: jax.grad(checked, argnums=nums, has_aux=has_aux),
         func,
         argnums,
         where=where,
@@ -228,8 +408,9 @@ def grad_and_value(
     _check_callable(func, where=where)
     argnums = _check_argnums(argnums, where=where)
     _check_bool(has_aux, where=where, name="has_aux")
+    checked = _checked_output(func, where=where, has_aux=has_aux, scalar=True)
     value_and_grad = _differentiated(
-        jax.value_and_grad(func, argnums=argnums, has_aux=has_aux),
+        lambda nums: jax.value_and_grad(checked, argnums=nums, has_aux=has_aux),
         func,
         argnums,
         where=where,
@@ -272,7 +453,35 @@ def vjp(
             f"{where}: pass at least one primal after `func`, as in "
             "`vjp(func, x)`; got none."
         )
-    return jax.vjp(func, *primals, has_aux=has_aux)
+    checked = _checked_output(func, where=where, has_aux=has_aux, scalar=False)
+    output, vjp_fn, *aux = jax.vjp(checked, *primals, has_aux=has_aux)
+    spec = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(jnp.shape(leaf), jnp.result_type(leaf)),
+        output,
+    )
+    # A `Partial`, as JAX's own `vjp_fn` is a pytree: it can leave a `jax.jit`.
+    checked_vjp_fn = jax.tree_util.Partial(
+        functools.partial(_call_vjp_fn, spec=spec), vjp_fn
+    )
+    return (output, checked_vjp_fn, *aux)
+
+
+def _call_vjp_fn(vjp_fn: Callable, *cotangents: Any, spec: Any) -> tuple[Any, ...]:
+    """Check the cotangents against `func`'s output, then run JAX's `vjp_fn`."""
+    where = "vjp"
+    if len(cotangents) != 1:
+        raise TypeError(
+            f"{where}: `vjp_fn` takes one argument, the cotangents (a tree shaped "
+            f"like the output of `func`); got {len(cotangents)}."
+        )
+    _check_tangent_tree(
+        cotangents[0],
+        spec,
+        where=where,
+        got_name="cotangents",
+        want_name="the output of `func`",
+    )
+    return vjp_fn(cotangents[0])
 
 
 # -------------------------------------------------------------- forward mode
@@ -320,9 +529,24 @@ def jvp(
             f"{where}: `primals` and `tangents` must have the same length; got "
             f"{len(primals)} and {len(tangents)}."
         )
+    for i, (primal, tangent) in enumerate(zip(primals, tangents, strict=True)):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(primal)[0]:
+            if _dtype_of(leaf) is None:
+                raise TypeError(
+                    f"{where}: `primals[{i}]`{jax.tree_util.keystr(path)} must be "
+                    f"an array; got {type(leaf).__name__}."
+                )
+        _check_tangent_tree(
+            tangent,
+            primal,
+            where=where,
+            got_name=f"tangents[{i}]",
+            want_name=f"`primals[{i}]`",
+        )
+    checked = _checked_output(func, where=where, has_aux=has_aux, scalar=False)
     return _forward_mode_call(
         jax.jvp,
-        (func, tuple(primals), tuple(tangents)),
+        (checked, tuple(primals), tuple(tangents)),
         {"has_aux": has_aux},
         where=where,
     )
@@ -356,8 +580,9 @@ def jacrev(
     _check_callable(func, where=where)
     argnums = _check_argnums(argnums, where=where)
     _check_bool(has_aux, where=where, name="has_aux")
+    checked = _checked_output(func, where=where, has_aux=has_aux, scalar=False)
     return _differentiated(
-        jax.jacrev(func, argnums=argnums, has_aux=has_aux),
+        lambda nums: jax.jacrev(checked, argnums=nums, has_aux=has_aux),
         func,
         argnums,
         where=where,
@@ -390,12 +615,14 @@ def jacfwd(
     _check_callable(func, where=where)
     argnums = _check_argnums(argnums, where=where)
     _check_bool(has_aux, where=where, name="has_aux")
+    checked = _checked_output(func, where=where, has_aux=has_aux, scalar=False)
     return _differentiated(
-        jax.jacfwd(func, argnums=argnums, has_aux=has_aux),
+        lambda nums: jax.jacfwd(checked, argnums=nums, has_aux=has_aux),
         func,
         argnums,
         where=where,
         forward_mode=True,
+        complex_ok=False,
     )
 
 
@@ -424,7 +651,11 @@ def hessian(func: Callable[..., Any], argnums: Argnums = 0) -> Callable[..., Any
     _check_callable(func, where=where)
     argnums = _check_argnums(argnums, where=where)
     return _differentiated(
-        jax.hessian(func, argnums=argnums), func, argnums, where=where
+        lambda nums: jax.hessian(func, argnums=nums),
+        func,
+        argnums,
+        where=where,
+        complex_ok=False,
     )
 
 
@@ -443,6 +674,82 @@ def _check_dims(dims: Any, *, where: str, name: str) -> None:
             f"{where}: `{name}` must be an int, None, or a tuple (or pytree) of "
             f"ints and Nones; got {dims!r}, which holds {bad[0]!r}."
         )
+
+
+def _dims_with_leaves(
+    dims: Any, tree: Any, *, where: str, name: str, what: str
+) -> list[tuple[str, Any, Any]]:
+    """Broadcast the prefix `dims` over `tree`: `(path, dim, leaf)` per leaf."""
+    found: list[tuple[str, Any, Any]] = []
+
+    def visit(path: Any, dim: Any, subtree: Any) -> None:
+        for sub_path, leaf in jax.tree_util.tree_flatten_with_path(subtree)[0]:
+            found.append((jax.tree_util.keystr((*path, *sub_path)), dim, leaf))
+
+    try:
+        jax.tree_util.tree_map_with_path(visit, dims, tree, is_leaf=_is_dims_leaf)
+    except ValueError as err:
+        raise ValueError(
+            f"{where}: `{name}` must be a pytree prefix of {what}; got {dims!r} "
+            f"for {what} of structure {jax.tree.structure(tree)}."
+        ) from err
+    return found
+
+
+def _check_mapped_sizes(args: tuple, in_dims: Any, *, where: str) -> None:
+    """Raise unless every mapped axis exists and all have one size."""
+    per_arg = in_dims if isinstance(in_dims, tuple) else (in_dims,) * len(args)
+    sizes = []
+    for i, (dims, arg) in enumerate(zip(per_arg, args, strict=True)):
+        name = f"in_dims[{i}]" if isinstance(in_dims, tuple) else "in_dims"
+        what = f"positional argument {i}"
+        for path, dim, leaf in _dims_with_leaves(
+            dims, arg, where=where, name=name, what=what
+        ):
+            if dim is None:
+                continue
+            if _dtype_of(leaf) is None:
+                raise TypeError(
+                    f"{where}: `{name}` maps {what}{path}, which must then be an "
+                    f"array; got {type(leaf).__name__}."
+                )
+            shape = jnp.shape(leaf)
+            if not -len(shape) <= dim < len(shape):
+                raise ValueError(
+                    f"{where}: `{name}` maps axis {dim} of {what}{path}, which has "
+                    f"shape {shape} (rank {len(shape)}); the mapped axis must be "
+                    f"in [{-len(shape)}, {len(shape) - 1}], or None to not map it."
+                )
+            sizes.append((f"argument {i}{path} axis {dim}", shape[dim]))
+    if not sizes:
+        raise ValueError(
+            f"{where}: `in_dims` {in_dims!r} maps no array of the {len(args)} "
+            f"positional argument{'s' if len(args) != 1 else ''}; map at least one "
+            "array."
+        )
+    if len({size for _, size in sizes}) > 1:
+        listed = ", ".join(f"{at}: size {size}" for at, size in sizes)
+        raise ValueError(
+            f"{where}: every mapped axis must have the same size (the batch size); "
+            f"got {listed}."
+        )
+
+
+def _check_out_dims(out: Any, out_dims: Any, *, where: str) -> None:
+    """Raise unless `out_dims` fits `func`'s per-example output (while tracing)."""
+    what = "the output of `func`"
+    for path, dim, leaf in _dims_with_leaves(
+        out_dims, out, where=where, name="out_dims", what=what
+    ):
+        if dim is None or _dtype_of(leaf) is None:
+            continue
+        rank = len(jnp.shape(leaf))
+        if not -(rank + 1) <= dim <= rank:
+            raise ValueError(
+                f"{where}: `out_dims` puts the mapped axis at {dim} in "
+                f"{what}{path}, which has rank {rank} per example ({rank + 1} "
+                f"with the mapped axis); it must be in [{-(rank + 1)}, {rank}]."
+            )
 
 
 def vmap(
@@ -503,10 +810,17 @@ def vmap(
                 f"{where}: `in_dims` maps no argument ({in_dims!r}); map at least "
                 "one, for example `in_dims=(None, 0)`."
             )
+        _check_mapped_sizes(args, in_dims, where=where)
         # Close over keyword arguments: torch leaves them unmapped, while
         # `jax.vmap` would map them over axis 0.
         f = functools.partial(func, **kwargs) if kwargs else func
-        return jax.vmap(f, in_axes=in_dims, out_axes=out_dims)(*args)
+
+        def checked(*args: Any) -> Any:
+            out = f(*args)
+            _check_out_dims(out, out_dims, where=where)
+            return out
+
+        return jax.vmap(checked, in_axes=in_dims, out_axes=out_dims)(*args)
 
     return mapped
 

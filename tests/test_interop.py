@@ -149,6 +149,67 @@ def test_state_dict_round_trip_is_bitwise(torch, dtype_name):
     )
 
 
+FLOAT8 = [
+    "float8_e4m3fn",
+    "float8_e4m3fnuz",
+    "float8_e5m2",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
+]
+
+
+@pytest.mark.parametrize("dtype_name", FLOAT8)
+def test_float8_round_trips_are_bitwise(torch, dtype_name):
+    # NumPy has no float8: the bits cross as uint8, viewed as ml_dtypes' type.
+    if not hasattr(torch, dtype_name):
+        pytest.skip(f"this torch has no {dtype_name}")
+    dtype = getattr(torch, dtype_name)
+    every_byte = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    state_dict = collections.OrderedDict(
+        [
+            ("a.weight", every_byte.reshape(16, 16).view(dtype)),
+            ("a.bias", every_byte[:7].view(dtype)),
+            ("scale", every_byte[100].view(dtype)),  # 0-d
+        ]
+    )
+    params = fl.interop.from_torch(state_dict)
+    assert params["a"]["weight"].dtype == jnp.dtype(dtype_name)
+    np.testing.assert_array_equal(
+        np.asarray(params["a"]["weight"]).view(np.uint8),
+        every_byte.reshape(16, 16).numpy().T,
+    )
+    back = fl.interop.to_torch(params)
+    assert list(back) == list(state_dict)
+    for k, tensor in state_dict.items():
+        assert back[k].dtype == dtype and back[k].shape == tensor.shape, k
+        assert torch.equal(back[k].view(torch.uint8), tensor.view(torch.uint8)), k
+    params_back = fl.interop.from_torch(back)
+    for a, b in zip(jax.tree.leaves(params_back), jax.tree.leaves(params), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(
+            np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8)
+        )
+
+
+def test_float_dtypes_without_a_counterpart_raise(torch):
+    if not hasattr(torch, "float4_e2m1fn_x2"):
+        pytest.skip("this torch has no float4_e2m1fn_x2")
+    packed = torch.zeros(2, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    with pytest.raises(
+        TypeError,
+        match=r"from_torch: .*float dtype that JAX has no array type for: "
+        r"\{'a': 'float4_e2m1fn_x2'\}",
+    ) as info:
+        fl.interop.from_torch({"a": packed, "b": torch.ones(2)})
+    assert "'b'" not in str(info.value)
+    with pytest.raises(
+        TypeError,
+        match=r"to_torch: every leaf of `params` must have a floating dtype that "
+        r"torch also has; these do not: \{'a': 'float8_e3m4'\}",
+    ):
+        fl.interop.to_torch({"a": jnp.ones(2, jnp.float8_e3m4), "b": jnp.ones(2)})
+
+
 def test_params_round_trip_is_bitwise(torch, key):
     params = fl.models.DynamicNet(5, 7, 3).init(key)
     params["output_linear"]["bias"] = jnp.array([-0.0, jnp.nan, jnp.inf])

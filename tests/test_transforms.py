@@ -463,6 +463,244 @@ def test_stack_params_errors():
         ft.stack_params([a, {"w": jnp.ones((2, 3)), "b": jnp.ones(3, jnp.int32)}])
 
 
+# ------------------------------------------------- boundary errors, at call
+
+
+DIFFERENTIATING = ["grad", "grad_and_value", "jacrev", "jacfwd", "hessian"]
+
+
+def _two_args(a, b):
+    return jnp.sum(a * 2.0) + jnp.sum(b * b)
+
+
+@pytest.mark.parametrize("name", DIFFERENTIATING)
+def test_negative_argnums_that_repeat_an_argument_raise(name):
+    # (1, -1) both name `b` when there are two arguments: JAX would pass None.
+    x, y = jnp.ones(2), jnp.ones(3)
+    with pytest.raises(
+        ValueError,
+        match=rf"{name}: `argnums` must not repeat an argument; got \(1, -1\), "
+        r"which with 2 positional arguments refers to .* \(1, 1\)",
+    ):
+        getattr(ft, name)(_two_args, argnums=(1, -1))(x, y)
+
+
+@pytest.mark.parametrize("name", DIFFERENTIATING)
+def test_negative_argnums_resolve_like_positive_ones(name):
+    x, y = jnp.ones(2), jnp.array([1.0, 2.0, 3.0])
+    transform = getattr(ft, name)
+    tree_allclose(transform(_two_args, -1)(x, y), transform(_two_args, 1)(x, y))
+    tree_allclose(
+        transform(_two_args, (-1, 0))(x, y), transform(_two_args, (1, 0))(x, y)
+    )
+
+
+@pytest.mark.parametrize("name", DIFFERENTIATING)
+def test_integer_inputs_raise_naming_the_argument(name):
+    kinds = (
+        "floating or complex"
+        if name in ("grad", "grad_and_value", "jacrev")
+        else ("real floating")
+    )
+    with pytest.raises(
+        TypeError,
+        match=rf"{name}: positional argument 0, .*must have a {kinds} dtype; "
+        r"got int32",
+    ):
+        getattr(ft, name)(lambda x: jnp.sum(x**2))(jnp.array([1, 2]))
+    with pytest.raises(
+        TypeError, match=rf"{name}: positional argument 1\['w'\], .* got bool"
+    ):
+        getattr(ft, name)(_two_args, argnums=(0, 1))(
+            jnp.ones(2), {"w": jnp.array([True])}
+        )
+    with pytest.raises(
+        TypeError, match=rf"{name}: positional argument 0\[0\], .*be an array .*str"
+    ):
+        getattr(ft, name)(lambda x: 0.0)(["a"])
+
+
+@pytest.mark.parametrize("name", ["jacfwd", "hessian"])
+def test_forward_mode_rejects_complex_inputs(name):
+    with pytest.raises(TypeError, match=rf"{name}: .*real floating dtype; got compl"):
+        getattr(ft, name)(lambda x: jnp.sum(x.real**2))(jnp.ones(2, jnp.complex64))
+
+
+def test_grad_takes_complex_inputs():
+    x = jnp.array([1.0 + 2.0j])
+    tree_allclose(
+        ft.grad(lambda x: jnp.sum(jnp.abs(x) ** 2))(x),
+        jax.grad(lambda x: jnp.sum(jnp.abs(x) ** 2))(x),
+    )
+
+
+@pytest.mark.parametrize("name", ["grad", "grad_and_value"])
+def test_grad_needs_a_real_scalar_output(name):
+    transform = getattr(ft, name)
+    with pytest.raises(
+        TypeError,
+        match=rf"{name}: `func` must return a scalar \(shape \(\)\); got "
+        r"shape \(2,\)",
+    ):
+        transform(lambda x: x**2)(jnp.ones(2))
+    with pytest.raises(TypeError, match=rf"{name}: `func` must return a scalar arr"):
+        transform(lambda x: {"y": jnp.sum(x)})(jnp.ones(2))
+    with pytest.raises(TypeError, match=rf"{name}: .*real floating-point scalar; got"):
+        transform(lambda x: jnp.sum(x > 0))(jnp.ones(2))
+    # Under jit and with has_aux too: the check runs while JAX traces.
+    with pytest.raises(TypeError, match=rf"{name}: .*got shape \(2,\)"):
+        jax.jit(transform(lambda x: (x**2, x), has_aux=True))(jnp.ones(2))
+
+
+@pytest.mark.parametrize(
+    "name", ["grad", "grad_and_value", "jacrev", "jacfwd", "vjp", "jvp"]
+)
+def test_has_aux_needs_a_pair(name):
+    x = jnp.ones(2)
+    sq = lambda x: jnp.sum(x**2)  # noqa: E731
+    call = {
+        "vjp": lambda f: ft.vjp(f, x, has_aux=True),
+        "jvp": lambda f: ft.jvp(f, (x,), (x,), has_aux=True),
+    }.get(name, lambda f: getattr(ft, name)(f, has_aux=True)(x))
+    with pytest.raises(
+        TypeError,
+        match=rf"{name}: with `has_aux=True`, `func` must return a pair \(output, "
+        r"aux\); got an array of shape \(\) and dtype float32",
+    ):
+        call(sq)
+    with pytest.raises(TypeError, match=rf"{name}: .*pair.*got a tuple of 3 items"):
+        call(lambda x: (sq(x), x, x))
+
+
+def test_vmap_sizes_that_differ_are_listed_per_argument():
+    with pytest.raises(
+        ValueError,
+        match=r"vmap: every mapped axis must have the same size \(the batch size\); "
+        r"got argument 0 axis 0: size 3, argument 1 axis 0: size 4\.",
+    ):
+        ft.vmap(lambda a, b: a + b)(jnp.ones(3), jnp.ones(4))
+    with pytest.raises(
+        ValueError,
+        match=r"argument 0\['p'\] axis 0: size 2, argument 1 axis -1: size 5",
+    ):
+        ft.vmap(lambda p, b: p["p"] + b, in_dims=({"p": 0, "q": None}, -1))(
+            {"p": jnp.ones(2), "q": jnp.ones(7)}, jnp.ones((3, 5))
+        )
+
+
+def test_vmap_in_dims_must_fit_the_arguments():
+    with pytest.raises(
+        ValueError,
+        match=r"vmap: `in_dims\[0\]` maps axis 2 of positional argument 0, which "
+        r"has shape \(2,\) \(rank 1\); the mapped axis must be in \[-1, 0\]",
+    ):
+        ft.vmap(lambda a: a, in_dims=(2,))(jnp.ones(2))
+    with pytest.raises(ValueError, match=r"vmap: `in_dims` maps axis 0 .*rank 0"):
+        ft.vmap(lambda a: a)(1.0)
+    with pytest.raises(
+        ValueError,
+        match=r"vmap: `in_dims\[0\]` must be a pytree prefix of positional argument "
+        r"0; got \{'x': 0\}",
+    ):
+        ft.vmap(lambda a: a, in_dims=({"x": 0},))({"y": jnp.ones(2)})
+    with pytest.raises(
+        TypeError, match=r"vmap: `in_dims` maps positional argument 1, .*got str"
+    ):
+        ft.vmap(lambda a, s: a)(jnp.ones(2), "s")
+    with pytest.raises(
+        ValueError, match=r"vmap: `in_dims` 0 maps no array of the 1 positional arg"
+    ):
+        ft.vmap(lambda a: a)({})
+
+
+def test_vmap_out_dims_must_fit_the_output():
+    x = jnp.ones((4, 3))
+    with pytest.raises(
+        ValueError,
+        match=r"vmap: `out_dims` puts the mapped axis at 5 in the output of `func`, "
+        r"which has rank 1 per example \(2 with the mapped axis\); it must be in "
+        r"\[-2, 1\]",
+    ):
+        ft.vmap(lambda a: a, out_dims=5)(x)
+    with pytest.raises(ValueError, match=r"vmap: `out_dims` puts .* at -3 .*\['h'\]"):
+        jax.jit(ft.vmap(lambda a: {"h": a}, out_dims={"h": -3}))(x)
+    with pytest.raises(
+        ValueError, match=r"vmap: `out_dims` must be a pytree prefix of the output"
+    ):
+        ft.vmap(lambda a: {"y": a}, out_dims={"x": 0})(x)
+    # Both ends of the valid range work.
+    assert ft.vmap(lambda a: a, out_dims=1)(x).shape == (3, 4)
+    assert ft.vmap(lambda a: a, out_dims=-2)(x).shape == (4, 3)
+
+
+def test_vjp_cotangents_must_match_the_output():
+    _, vjp_fn = ft.vjp(lambda x: {"a": x * 2.0, "b": jnp.sum(x)}, jnp.ones(3))
+    good = {"a": jnp.ones(3), "b": jnp.float32(1.0)}
+    with pytest.raises(
+        ValueError,
+        match=r"vjp: `cotangents`\['a'\] must have the shape of the output of "
+        r"`func`\['a'\], \(3,\); got shape \(4,\)",
+    ):
+        vjp_fn({**good, "a": jnp.ones(4)})
+    with pytest.raises(
+        TypeError,
+        match=r"vjp: `cotangents`\['b'\] must have dtype float32, .* has dtype "
+        r"float32; got dtype float16",
+    ):
+        vjp_fn({**good, "b": jnp.float16(1.0)})
+    with pytest.raises(
+        TypeError,
+        match=r"(?s)vjp: `cotangents` must have the tree structure .*"
+        r"expected: PyTreeDef\(\{'a': \*, 'b': \*\}\)",
+    ):
+        vjp_fn({"a": jnp.ones(3)})
+    with pytest.raises(TypeError, match=r"vjp: `vjp_fn` takes one argument.*got 2"):
+        vjp_fn(good, good)
+    with pytest.raises(TypeError, match=r"vjp: `cotangents`\['b'\] must be an array"):
+        vjp_fn({**good, "b": "one"})
+
+
+def test_vjp_fn_stays_a_pytree_that_can_leave_jit():
+    f = lambda x: x**2  # noqa: E731
+    vjp_fn = jax.jit(lambda x: ft.vjp(f, x)[1])(jnp.array([1.0, 2.0]))
+    tree_allclose(vjp_fn(jnp.ones(2)), (jnp.array([2.0, 4.0]),))
+    with pytest.raises(ValueError, match=r"vjp: `cotangents` must have the shape"):
+        vjp_fn(jnp.ones(3))
+
+
+def test_jvp_tangents_must_match_the_primals():
+    x = jnp.ones(3)
+    with pytest.raises(
+        ValueError,
+        match=r"jvp: `tangents\[0\]` must have the shape of `primals\[0\]`, \(3,\); "
+        r"got shape \(4,\)",
+    ):
+        ft.jvp(jnp.sin, (x,), (jnp.ones(4),))
+    with pytest.raises(
+        TypeError,
+        match=r"jvp: `tangents\[1\]`\['w'\] must have dtype float32, as "
+        r"`primals\[1\]`\['w'\] has dtype float32; got dtype float16",
+    ):
+        ft.jvp(
+            lambda a, p: a * p["w"],
+            (x, {"w": x}),
+            (x, {"w": jnp.ones(3, jnp.float16)}),
+        )
+    with pytest.raises(
+        TypeError, match=r"jvp: `tangents\[0\]` must have the tree structure of"
+    ):
+        ft.jvp(lambda p: p["w"], ({"w": x},), (x,))
+    with pytest.raises(TypeError, match=r"jvp: `tangents\[0\]` must have dtype float0"):
+        ft.jvp(lambda i: i * 2, (jnp.array([1, 2]),), (jnp.ones(2),))
+    with pytest.raises(TypeError, match=r"jvp: `primals\[0\]` must be an array; got s"):
+        ft.jvp(lambda s: s, ("s",), ("s",))
+    # An integer primal takes a float0 tangent, as in JAX.
+    out, _ = ft.jvp(
+        lambda i: i * 2, (jnp.array([1, 2]),), (np.zeros(2, jax.dtypes.float0),)
+    )
+    tree_allclose(out, jnp.array([2, 4]))
+
+
 # ------------------------------------------------------- agreement with torch
 
 
