@@ -107,7 +107,15 @@ def test_arrays_are_sharded():
     in_shardings = compiled.input_shardings[0]
     assert in_shardings[2].spec == P("data") and in_shardings[3].spec == P("data")
 
+    placed_state = jax.tree.leaves(args[:2])
+    assert len(placed_state) == 12  # 6 params leaves, 6 momentum leaves
     params, opt_state, loss = dp(*args, **kwargs)
+    # Donated: the placed params and opt_state became the outputs' buffers; the
+    # batch was not donated.
+    assert all(leaf.is_deleted() for leaf in placed_state)
+    assert not args[2].is_deleted() and not args[3].is_deleted()
+    with pytest.raises(ValueError, match=r"`params\[.*was donated to an earlier"):
+        dp(*args, **kwargs)
     for leaf in jax.tree.leaves((params, opt_state, loss)):
         assert leaf.sharding.is_fully_replicated
         assert len(leaf.sharding.device_set) == DEVICES
@@ -115,6 +123,38 @@ def test_arrays_are_sharded():
     # The returned state is used as it is: no copy, and it is donated.
     again = dp.place(params, opt_state, prob["x"], prob["y"], 2)[0]
     assert again[0]["middle_linear"]["weight"] is params["middle_linear"]["weight"]
+
+
+@pytest.mark.parametrize("donate", [True, False], ids=["donate", "keep"])
+def test_step_donation_carries_over(donate):
+    """`data_parallel` donates params and opt_state iff the wrapped step does."""
+    prob = problem("static", 16)
+    net, optimizer = prob["net"], prob["optimizer"]
+
+    def loss_fn(params, x, y, depth):
+        return fl.nn.mse_loss(net.apply(params, x, depth), y)
+
+    dp = fl.parallel.data_parallel(
+        fl.train.make_step(loss_fn, optimizer, donate=donate)
+    )
+    params = net.init(jax.random.key(0))
+    opt_state = optimizer.init(params)
+    # Placed arrays are passed to the program as they are: exactly the arrays
+    # given to the call are donated (unplaced ones are first put on the mesh).
+    args, kwargs = dp.place(params, opt_state, prob["x"], prob["y"], 1)
+    state = jax.tree.leaves(args[:2])
+    assert len(state) == 12
+    new_params, new_state, _ = dp(*args, **kwargs)
+    assert [leaf.is_deleted() for leaf in state] == [donate] * 12
+    assert not args[2].is_deleted() and not args[3].is_deleted()
+    if not donate:  # kept, and untouched
+        tree_allclose(_numpy(args[0]), _numpy(params), rtol=0, atol=0)
+        tree_allclose(_numpy(args[1]), _numpy(opt_state), rtol=0, atol=0)
+    # The returned state is donated (or kept) by the next call in turn.
+    dp(new_params, new_state, *args[2:], **kwargs)
+    after = jax.tree.leaves((new_params, new_state))
+    assert [leaf.is_deleted() for leaf in after] == [donate] * 12
+    assert dp.stats.compiles == 1
 
 
 def test_batch_not_divisible_raises():

@@ -1,5 +1,6 @@
 """Compile accounting: counters, per-function stats, trace budgets, cache switch."""
 
+import itertools
 import subprocess
 import sys
 
@@ -9,15 +10,25 @@ import pytest
 
 import functorch_lite as fl
 
+# Shapes no other test uses, one per call: eager ops and jitted functions on
+# them must compile afresh, whatever ran before in this process.
+_FRESH = itertools.count(7919)
+
+
+def _fresh_size():
+    return next(_FRESH)
+
 
 def test_compile_counter_counts_jit_and_ignores_eager_ops():
     f = jax.jit(lambda x: x * 2)
+    n = _fresh_size()
     with fl.compile_counter() as counter:
-        a = jnp.ones(5) + jnp.arange(5.0)  # eager ops compile small programs
-        jax.random.normal(jax.random.key(3), (2,))
+        # Eager ops compile small programs, once per new shape: these are new.
+        a = jnp.ones(n) + jnp.arange(n, dtype=jnp.float32)
+        jax.random.normal(jax.random.key(3), (n, 3))
         f(a)
         f(a)
-        f(jnp.ones(6))
+        f(jnp.ones(n + 1))
     assert counter.compiles == 2
     assert counter.names == ["jit(<lambda>)", "jit(<lambda>)"]
     assert counter.eager_compiles >= 1
@@ -53,7 +64,7 @@ def test_jit_stats_static_argument_retraces_per_value():
         return x**n
 
     f = fl.jit(power, static_argnames=("n",))
-    x = jnp.ones(3)
+    x = jnp.ones(_fresh_size())
     for n in [2, 3, 2, 2, 4]:
         f(x, n=n)
     assert traces == [2, 3, 4]

@@ -374,7 +374,9 @@ def test_two_layer_net_init_is_standard_normal(key):
     # Different keys: w2 is no prefix (or other part) of w1's draw.
     flat1, flat2 = w1.ravel(), w2.ravel()
     assert not np.array_equal(flat1[: flat2.size], flat2)
-    assert np.isin(flat2, flat1).sum() < 10
+    # float32 normals take some 1e7 values: ~15 of w2's 1000 recur in w1 by
+    # chance (measured: 15); drawn with w1's key, all 1000 would.
+    assert np.isin(flat2, flat1).sum() < 100
     # Deterministic in the key, and another key draws other weights.
     again = net.init(key)
     assert all(np.array_equal(params[k], again[k]) for k in params)

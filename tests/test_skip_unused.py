@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import torch_dynamic_net, tree_allclose
+from helpers import dynamic_net_grads_np, to_f64, torch_dynamic_net, tree_allclose
 
 import functorch_lite as fl
 
@@ -64,6 +64,56 @@ def test_unused_leaves_and_their_state_do_not_move(key, mode):
     assert not np.array_equal(
         q["middle_linear"]["weight"], before_p["middle_linear"]["weight"]
     )
+
+
+def _skip_unused_sgd_np(params, x, y, depths, lr, momentum):
+    """PyTorch 2.x SGD with momentum in float64 NumPy: a layer the forward pass
+    did not use (the middle one at depth 0) keeps its params and momentum."""
+    p = to_f64(params)
+    trace = jax.tree.map(np.zeros_like, p)
+    for d in depths:
+        _, g = dynamic_net_grads_np(p, x, y, d)
+        for name in p:
+            if name == "middle_linear" and d == 0:
+                continue
+            for leaf in p[name]:
+                trace[name][leaf] = g[name][leaf] + momentum * trace[name][leaf]
+                p[name][leaf] = p[name][leaf] - lr * trace[name][leaf]
+    return p, trace
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_used_leaves_and_their_state_move_at_depth_one(key, mode):
+    net, params, x, y = _setup(key)
+    lr, momentum = 1e-2, 0.9
+    opt = optax.sgd(lr, momentum=momentum)
+    step = _steps(net, opt, mode)
+    depths = [0, 1, 1, 0, 2, 1]
+    p, s = jax.tree.map(jnp.copy, params), opt.init(params)
+    p, s, _ = step(p, s, x, y, 0)
+    # Unused at depth 0, from the initial state: params and momentum untouched.
+    np.testing.assert_array_equal(
+        p["middle_linear"]["weight"], params["middle_linear"]["weight"]
+    )
+    assert not np.any(np.asarray(s[0].trace["middle_linear"]["weight"]))
+    before_p, before_s = jax.tree.map(np.asarray, p), jax.tree.map(np.asarray, s)
+    p, s, _ = step(p, s, x, y, 1)
+    # Depth 1 uses every layer: each leaf and its momentum move.
+    for name in ("input_linear", "middle_linear", "output_linear"):
+        for leaf in ("weight", "bias"):
+            assert not np.array_equal(p[name][leaf], before_p[name][leaf]), name
+            assert not np.array_equal(
+                s[0].trace[name][leaf], before_s[0].trace[name][leaf]
+            ), name
+    for d in depths[2:]:
+        p, s, _ = step(p, s, x, y, d)
+    ref_p, ref_trace = _skip_unused_sgd_np(params, x, y, depths, lr, momentum)
+    tree_allclose(to_f64(p), ref_p, rtol=1e-5, atol=1e-6)
+    tree_allclose(to_f64(s[0].trace), ref_trace, rtol=1e-5, atol=1e-5)
+    # Static path: one compile for every depth; dynamic: one per distinct depth.
+    expected = 1 if mode == "static" else len(set(depths))
+    assert (step.stats.traces, step.stats.compiles) == (expected, expected)
+    assert step.stats.calls == len(depths)
 
 
 def test_dynamic_detection_reads_the_jaxpr(key):
