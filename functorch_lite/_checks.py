@@ -2,9 +2,35 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
+
+
+@overload
+def check_int(
+    value: Any,
+    *,
+    where: str,
+    name: str,
+    minimum: int,
+    allow_none: Literal[False] = False,
+    context: str = "",
+    fix: str = "",
+) -> int: ...
+
+
+@overload
+def check_int(
+    value: Any,
+    *,
+    where: str,
+    name: str,
+    minimum: int,
+    allow_none: bool,
+    context: str = "",
+    fix: str = "",
+) -> int | None: ...
 
 
 def check_int(

@@ -219,7 +219,7 @@ def _os_error(err: OSError, message: str) -> OSError:
 
 def _is_key(x: Any) -> bool:
     dtype = getattr(x, "dtype", None)
-    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def _np_dtype(name: str) -> np.dtype:
@@ -279,7 +279,9 @@ def _encode_leaf(name: str, leaf: Any) -> tuple[np.ndarray, dict[str, Any]]:
 
 def _sha256(arr: np.ndarray) -> str:
     # The bytes that safetensors writes: the contiguous little-endian buffer.
-    return hashlib.sha256(memoryview(arr.reshape(-1).view(np.uint8))).hexdigest()
+    # `.data` is the array's buffer as a memoryview (typed as one, unlike
+    # `memoryview(arr)`, which NumPy's stubs do not allow before Python 3.12).
+    return hashlib.sha256(arr.reshape(-1).view(np.uint8).data).hexdigest()
 
 
 def _fsync_dir(directory: str) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 from jax import monitoring
+from jax.core import Tracer
 
 from functorch_lite._checks import check_int
 
@@ -51,16 +52,17 @@ _EAGER_DIRS = tuple(
 )
 
 
-def _listener(event: str, duration: float, **kwargs: Any) -> None:
+def _listener(event: str, duration_secs: float, **kwargs: str | int) -> None:
+    # Matches jax.monitoring.EventDurationListenerWithMetadata.
     if event not in (_TRACE_EVENT, _LOWER_EVENT, _COMPILE_EVENT):
         return
     active = getattr(_calls, "stack", None)
     if active:
-        active[-1]._sink(event, duration, kwargs)
+        active[-1]._sink(event, duration_secs, kwargs)
     with _lock:
         sinks = list(_sinks)
     for sink in sinks:
-        sink(event, duration, kwargs)
+        sink(event, duration_secs, kwargs)
 
 
 def _install() -> None:
@@ -223,7 +225,7 @@ def donation_error(
             continue
         flat = jax.tree_util.tree_flatten_with_path(arguments[name])[0]
         for path, leaf in flat:
-            if not isinstance(leaf, jax.Array) or isinstance(leaf, jax.core.Tracer):
+            if not isinstance(leaf, jax.Array) or isinstance(leaf, Tracer):
                 continue
             label = f"`{name}{jax.tree_util.keystr(path)}`"
             if leaf.is_deleted():

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.core import Tracer
 
 from functorch_lite._checks import check_int
 from functorch_lite._trees import leaf_pairs, structure_diff
@@ -54,14 +55,14 @@ def _is_concrete_int(n: Any) -> bool:
     if isinstance(n, int | np.integer):
         return True
     # A 0-d, non-traced integer array is as good as an int.
-    if isinstance(n, np.ndarray | jax.Array) and not isinstance(n, jax.core.Tracer):
+    if isinstance(n, np.ndarray | jax.Array) and not isinstance(n, Tracer):
         return n.ndim == 0 and jnp.issubdtype(n.dtype, jnp.integer)
     return False
 
 
 def check_concrete_count(n: Any, max_n: int | None, *, where: str, name: str) -> int:
     """Return `n` as an int, or raise a clear error (for the dynamic path)."""
-    if isinstance(n, jax.core.Tracer):
+    if isinstance(n, Tracer):
         raise TypeError(
             f"{where}: `{name}` must be a concrete Python int in the dynamic path; "
             f"got a traced value {n!r}. Mark `{name}` static "
@@ -88,14 +89,14 @@ def check_concrete_count(n: Any, max_n: int | None, *, where: str, name: str) ->
 
 def check_static_count(n: Any, max_n: int, *, where: str, name: str) -> jax.Array:
     """Return `n` as an int32 scalar (maybe traced), or raise a clear error."""
-    if isinstance(n, jax.core.Tracer) or isinstance(n, np.ndarray | jax.Array):
+    if isinstance(n, Tracer) or isinstance(n, np.ndarray | jax.Array):
         shape, dtype = jnp.shape(n), jnp.result_type(n)
         if shape != () or not jnp.issubdtype(dtype, jnp.integer):
             raise TypeError(
                 f"{where}: `{name}` must be an int or an integer scalar array; got "
                 f"an array of shape {shape} and dtype {dtype}."
             )
-        if not isinstance(n, jax.core.Tracer):
+        if not isinstance(n, Tracer):
             check_concrete_count(n, max_n, where=where, name=name)
         # Clamp in the count's own dtype, then narrow: a uint32 or int64 count
         # past the int32 range would otherwise wrap around.

@@ -158,7 +158,9 @@ def _tensor_to_numpy(torch: Any, tensor: Any) -> np.ndarray:
     # NumPy has no bfloat16 or float8; move the bits, then view them as
     # ml_dtypes' type of the same name (which `from_torch` checked exists).
     np_dtype = _jax_dtype_for(torch, tensor.dtype)
-    torch_bits, _ = _bits_dtypes(torch, tensor.element_size())
+    bits = _bits_dtypes(torch, tensor.element_size())
+    assert bits is not None  # `_jax_dtype_for` found a dtype: its size has bits.
+    torch_bits, _ = bits
     return tensor.view(torch_bits).numpy().view(np_dtype)
 
 
@@ -198,16 +200,17 @@ def from_torch(state_dict_or_module: Any, *, like: Any = None) -> Params:
     """
     where = "from_torch"
     torch = _import_torch(where)
-    state_dict = state_dict_or_module
-    if not isinstance(state_dict, Mapping):
-        get_state = getattr(state_dict, "state_dict", None)
-        if not callable(get_state):
+    state_dict: Mapping[Any, Any]
+    if isinstance(state_dict_or_module, Mapping):
+        state_dict = state_dict_or_module
+    else:
+        if not callable(getattr(state_dict_or_module, "state_dict", None)):
             raise TypeError(
                 f"{where}: `state_dict_or_module` must be a state_dict (a mapping "
                 f"from names to tensors) or a torch.nn.Module; got "
-                f"{type(state_dict).__name__}."
+                f"{type(state_dict_or_module).__name__}."
             )
-        state_dict = get_state()
+        state_dict = state_dict_or_module.state_dict()
 
     not_tensor = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if not_tensor:
@@ -280,7 +283,7 @@ def from_torch(state_dict_or_module: Any, *, like: Any = None) -> Params:
             + "; ".join(kind_problems + value_problems)
             + "."
         )
-    if not jax.config.jax_enable_x64:
+    if not jax.config.read("jax_enable_x64"):
         wide = [k for k, v in state_dict.items() if v.dtype == torch.float64]
         if wide:
             raise ValueError(
@@ -356,7 +359,10 @@ def to_torch(params: Params) -> collections.OrderedDict:
         else:
             # bfloat16, float8: torch.from_numpy knows no ml_dtypes type, so
             # move the bits and view them as torch's dtype of the same name.
-            _, np_bits = _bits_dtypes(torch, array.dtype.itemsize)
+            bits = _bits_dtypes(torch, array.dtype.itemsize)
+            # `_torch_dtype_for` accepted the leaf above: its size has bits.
+            assert bits is not None
+            _, np_bits = bits
             tensor = torch.from_numpy(array.view(np_bits)).view(
                 _torch_dtype_for(torch, array)
             )
@@ -373,7 +379,11 @@ def _torch_dtype_for(torch: Any, leaf: Any) -> Any:
     if not jnp.issubdtype(dtype, jnp.floating):
         return None
     torch_dtype = getattr(torch, dtype.name, None)
-    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+    if (
+        torch_dtype is None
+        or not isinstance(torch_dtype, torch.dtype)
+        or not torch_dtype.is_floating_point
+    ):
         return None
     if _jax_dtype_for(torch, torch_dtype) != dtype:
         return None

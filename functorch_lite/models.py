@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.core import Tracer
 
 from functorch_lite import nn
 from functorch_lite._checks import check_int
@@ -241,7 +242,7 @@ class DynamicNet:
         {'input_linear': True, 'middle_linear': False, 'output_linear': True}
         """
         where = "DynamicNet.used_params"
-        if isinstance(depth, jax.core.Tracer):
+        if isinstance(depth, Tracer):
             check_static_count(depth, self.max_depth, where=where, name="depth")
             middle: Any = depth > 0
         else:
@@ -300,7 +301,7 @@ class DynamicNet:
             static_method=self.static_method,
         )
         out = layers["output_linear"].apply(params["output_linear"], h)
-        if isinstance(given, jax.core.Tracer):
+        if isinstance(given, Tracer):
             # Compared in the depth's own dtype: no int32 wrap-around.
             in_range = (given >= 0) & (given <= self.max_depth)
             out = jnp.where(in_range, out, jnp.nan)

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 from functorch_lite._checks import check_int
 
@@ -200,7 +201,7 @@ def mse_loss(
     total = jnp.sum(jnp.square(diff) * weights)
     if reduction == "sum":
         return total
-    if not isinstance(mask, jax.core.Tracer) and not np.any(np.asarray(mask)):
+    if not isinstance(mask, Tracer) and not np.any(np.asarray(mask)):
         raise ValueError(
             'mse_loss: with reduction="mean", `mask` must keep at least one row; '
             "got a mask of zeros, whose mean is undefined."

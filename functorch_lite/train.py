@@ -145,7 +145,10 @@ def make_step(
             f"make_step: `static_argnames` names {unknown}, which `loss_fn` does not "
             f"take; its arguments after `params` are {sorted(batch_names)}."
         )
-    if not (isinstance(skip_unused, bool | np.bool_) or callable(skip_unused)):
+    if isinstance(skip_unused, bool | np.bool_):
+        # A Python bool: `_optimizer_update` tests `skip_unused is True`.
+        skip_unused = bool(skip_unused)
+    elif not callable(skip_unused):
         raise TypeError(
             "make_step: `skip_unused` must be a bool or a callable returning a tree "
             f"of bools; got {skip_unused!r}."
