@@ -75,7 +75,6 @@ def check_bool(value: Any, *, where: str, name: str) -> bool:
     """Return `value`, or raise `TypeError` if it is not a bool (truthy is not)."""
     if not isinstance(value, bool | np.bool_):
         raise TypeError(
-            f"{where}: `{name}` must be True or False; got {type(value).__name__} "
-            f"{value!r}."
+            f"{where}: `{name}` must be a bool; got {type(value).__name__} {value!r}."
         )
     return bool(value)

@@ -23,7 +23,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from functorch_lite._checks import check_int
+from functorch_lite._checks import check_bool, check_int
 from functorch_lite.compile import Compiled, CompileStats, donation_error, jit
 
 __all__ = ["DataParallel", "data_parallel", "initialize"]
@@ -541,8 +541,7 @@ def data_parallel(
         )
     if not isinstance(axis, str):
         raise TypeError(f"data_parallel: `axis` must be a str; got {axis!r}.")
-    if not isinstance(pad, bool):
-        raise TypeError(f"data_parallel: `pad` must be a bool; got {pad!r}.")
+    check_bool(pad, where="data_parallel", name="pad")
     if mesh is None:
         mesh = jax.make_mesh(
             (jax.device_count(),), (axis,), axis_types=(AxisType.Auto,)

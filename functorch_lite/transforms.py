@@ -56,6 +56,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from functorch_lite._checks import check_bool
 from functorch_lite._trees import leaf_pairs, structure_diff
 
 __all__ = [
@@ -86,11 +87,6 @@ _FORWARD_MODE_FIX = (
 def _check_callable(func: Any, *, where: str, name: str = "func") -> None:
     if not callable(func):
         raise TypeError(f"{where}: `{name}` must be callable; got {func!r}.")
-
-
-def _check_bool(value: Any, *, where: str, name: str) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{where}: `{name}` must be a bool; got {value!r}.")
 
 
 def _is_int(value: Any) -> bool:
@@ -369,7 +365,7 @@ def grad(
     where = "grad"
     _check_callable(func, where=where)
     argnums = _check_argnums(argnums, where=where)
-    _check_bool(has_aux, where=where, name="has_aux")
+    check_bool(has_aux, where=where, name="has_aux")
     checked = _checked_output(func, where=where, has_aux=has_aux, scalar=True)
     return _differentiated(
         lambda nums: jax.grad(checked, argnums=nums, has_aux=has_aux),
@@ -407,7 +403,7 @@ def grad_and_value(
     where = "grad_and_value"
     _check_callable(func, where=where)
     argnums = _check_argnums(argnums, where=where)
-    _check_bool(has_aux, where=where, name="has_aux")
+    check_bool(has_aux, where=where, name="has_aux")
     checked = _checked_output(func, where=where, has_aux=has_aux, scalar=True)
     value_and_grad = _differentiated(
         lambda nums: jax.value_and_grad(checked, argnums=nums, has_aux=has_aux),
@@ -447,7 +443,7 @@ def vjp(
     """
     where = "vjp"
     _check_callable(func, where=where)
-    _check_bool(has_aux, where=where, name="has_aux")
+    check_bool(has_aux, where=where, name="has_aux")
     if not primals:
         raise TypeError(
             f"{where}: pass at least one primal after `func`, as in "
@@ -517,7 +513,7 @@ def jvp(
     """
     where = "jvp"
     _check_callable(func, where=where)
-    _check_bool(has_aux, where=where, name="has_aux")
+    check_bool(has_aux, where=where, name="has_aux")
     for name, value in (("primals", primals), ("tangents", tangents)):
         if not isinstance(value, tuple | list):
             raise TypeError(
@@ -579,7 +575,7 @@ def jacrev(
     where = "jacrev"
     _check_callable(func, where=where)
     argnums = _check_argnums(argnums, where=where)
-    _check_bool(has_aux, where=where, name="has_aux")
+    check_bool(has_aux, where=where, name="has_aux")
     checked = _checked_output(func, where=where, has_aux=has_aux, scalar=False)
     return _differentiated(
         lambda nums: jax.jacrev(checked, argnums=nums, has_aux=has_aux),
@@ -614,7 +610,7 @@ def jacfwd(
     where = "jacfwd"
     _check_callable(func, where=where)
     argnums = _check_argnums(argnums, where=where)
-    _check_bool(has_aux, where=where, name="has_aux")
+    check_bool(has_aux, where=where, name="has_aux")
     checked = _checked_output(func, where=where, has_aux=has_aux, scalar=False)
     return _differentiated(
         lambda nums: jax.jacfwd(checked, argnums=nums, has_aux=has_aux),

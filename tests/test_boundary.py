@@ -186,27 +186,27 @@ def test_fit_rejects_a_step_returning_many_losses():
     [
         (
             lambda: fl.train.make_step(_loss, OPT, guard="no"),
-            r"make_step: `guard` must be True or False; got ",
+            r"make_step: `guard` must be a bool; got ",
         ),
         (
             lambda: fl.train.make_step(_loss, OPT, donate=1),
-            r"make_step: `donate` must be True or False; got ",
+            r"make_step: `donate` must be a bool; got ",
         ),
         (
             lambda: fl.train.make_fused_step(_loss, OPT, donate="yes"),
-            r"make_fused_step: `donate` must be True or False; got ",
+            r"make_fused_step: `donate` must be a bool; got ",
         ),
         (
             lambda: fl.train.fit(
                 fl.train.make_step(_loss, OPT), *_state(), [], resume="no"
             ),
-            r"fit: `resume` must be True or False; got ",
+            r"fit: `resume` must be a bool; got ",
         ),
         (
             lambda: fl.train.fit(
                 fl.train.make_step(_loss, OPT), *_state(), [], progress=None
             ),
-            r"fit: `progress` must be True or False; got ",
+            r"fit: `progress` must be a bool; got ",
         ),
         (
             lambda: fl.jit(lambda x: x, static_argnames=3),

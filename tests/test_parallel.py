@@ -109,7 +109,7 @@ def test_rejects_step_without_state():
         ({"mesh": "cpu"}, TypeError, r"`mesh` must be a jax.sharding.Mesh"),
         ({"axis": 0}, TypeError, r"`axis` must be a str; got 0"),
         ({"axis": "model"}, ValueError, r"`axis` must be an axis of `mesh`.*'model'"),
-        ({"pad": 1}, TypeError, r"`pad` must be a bool; got 1"),
+        ({"pad": 1}, TypeError, r"`pad` must be a bool; got int 1"),
         (
             {"batch_argnames": ("z",)},
             ValueError,
