@@ -186,11 +186,11 @@ def repeat(
             f"got {static_method!r}."
         )
     max_count = _check_max_n(max_n, where=where)
+    # In [0, max_count]: a concrete count is checked, a traced one clamped.
     count = check_static_count(n, max_count, where=where, name="n")
     _check_body_keeps_structure(body, carry, where=where)
     if max_count == 0:
         return carry
-    count = jnp.clip(count, 0, max_count)
     if static_method == "scan":
         return _repeat_scan(body, carry, count, max_count)
     if static_method == "masked":
