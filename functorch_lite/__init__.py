@@ -17,7 +17,7 @@ from functorch_lite.compile import (
     enable_persistent_cache,
     jit,
 )
-from functorch_lite.control import repeat
+from functorch_lite.control import repeat, while_loop
 
 __version__ = "0.1.0"
 
@@ -36,4 +36,5 @@ __all__ = [
     "repeat",
     "train",
     "transforms",
+    "while_loop",
 ]

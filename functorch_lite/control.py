@@ -1,32 +1,38 @@
-"""`repeat`: the one loop primitive, run as a static graph or define-by-run.
+"""The loop primitives: `repeat` (counted) and `while_loop` (data-dependent).
 
 Two modes, the words of the two reference programs:
 
-* `mode="static"` builds one graph for every trip count `n` in `[0, max_n]`; `n`
-  may be a traced int32 scalar, so `jax.jit` compiles once for all depths (the
-  TensorFlow 1 static graph: define once, run many times).
-* `mode="dynamic"` is a plain Python loop over a concrete int `n` (the PyTorch
-  define-by-run program). Under `jax.jit` the trip count must be a static
-  argument, so each distinct `n` is traced and compiled once, then cached.
+* `mode="static"` builds one graph for every trip count; the count (or the
+  condition) may be traced, so `jax.jit` compiles once for all depths (the
+  TensorFlow 1 static graph: define once, run many times, `tf.while_loop`).
+* `mode="dynamic"` is a plain Python loop over concrete values (the PyTorch
+  define-by-run program). Under `jax.jit` a count must be a static argument,
+  so each distinct count is traced and compiled once, then cached.
 
 Both modes compute the same function: same values, same gradients.
 
-The static mode has three interchangeable loop mechanisms (`static_method`):
+`repeat`'s static mode has three interchangeable mechanisms (`static_method`):
 
-* `"bounded"` (default): a `lax.while_loop` that runs exactly `n` iterations,
-  with its own reverse-mode rule (`jax.custom_vjp`) that saves each iteration's
-  residuals in a `(max_n, ...)` buffer and runs the backward loop exactly `n`
-  times. Fastest; reverse mode, `jit`, `vmap` and forward-over-reverse
-  (`hessian`) compose with it; pure forward mode (`jvp`, `jacfwd`) does not.
+* `"bounded"` (default): the bounded-loop core that `while_loop` uses too
+  (`functorch_lite._loop`): a `lax.while_loop` that runs exactly `n` steps, with
+  its own reverse pass that also runs exactly `n` steps. Fastest. Reverse mode
+  of any order, `jit`, `vmap` and forward-over-reverse (`jax.hessian`) compose
+  with it; pure forward mode (`jax.jvp`, `jax.jacfwd`) does not.
 * `"scan"`: `lax.scan` over `max_n` steps with the steps past `n` skipped by
   `lax.cond`. Every transformation composes with it, forward mode included.
 * `"masked"`: `lax.scan` over `max_n` steps, all of them computed, the results
   past `n` masked out. Costs `max_n` bodies every call; shown for comparison.
+
+Per-example counts: in either mode `n` may be an int array of shape `(N,)`
+when every carry leaf has a leading batch axis of size `N`: row `r` then runs
+`n[r]` steps. `body` must treat rows independently (row `r` of its output
+depends only on row `r` of its input), as a batched layer does. The static
+mode runs `max(n)` steps in one graph and keeps each row's carry once its own
+count is reached; the dynamic mode runs each distinct count's rows as a group.
 """
 
 from __future__ import annotations
 
-import functools
 import operator
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -37,10 +43,11 @@ import numpy as np
 from jax import lax
 from jax.core import Tracer
 
-from functorch_lite._checks import check_int
+from functorch_lite._checks import check_bool, check_int
+from functorch_lite._loop import bounded_while
 from functorch_lite._trees import leaf_pairs, structure_diff
 
-__all__ = ["STATIC_METHODS", "repeat"]
+__all__ = ["STATIC_METHODS", "repeat", "while_loop"]
 
 Carry = TypeVar("Carry")
 
@@ -117,6 +124,70 @@ def _check_max_n(max_n: Any, *, where: str) -> int:
     return value
 
 
+def _leading_axis_check(carry: Any, size: int, *, where: str, name: str) -> None:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(carry)[0]:
+        shape = jnp.shape(leaf)
+        if not shape or shape[0] != size:
+            raise ValueError(
+                f"{where}: a per-example `{name}` of shape ({size},) needs a leading "
+                f"batch axis of size {size} on every carry leaf; leaf "
+                f"{jax.tree_util.keystr(path) or '(the carry)'} has shape {shape}."
+            )
+
+
+def is_per_example(n: Any) -> bool:
+    """Whether `n` is a per-example count (an array with one axis)."""
+    return isinstance(n, Tracer | np.ndarray | jax.Array) and jnp.ndim(n) == 1
+
+
+def check_per_example_counts(
+    n: Any, max_n: int | None, carry: Any, *, where: str, name: str, dynamic: bool
+) -> Any:
+    """Check a per-example count array `(N,)` against `carry`; return it.
+
+    Dynamic: a concrete NumPy int array. Static: an int32 array, clamped to
+    `[0, max_n]` when traced.
+    """
+    dtype = jnp.result_type(n)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(
+            f"{where}: a per-example `{name}` must be an integer array of shape "
+            f"(N,); got dtype {dtype}. Cast it, for example "
+            f"`{name}.astype(jnp.int32)`."
+        )
+    size = jnp.shape(n)[0]
+    _leading_axis_check(carry, size, where=where, name=name)
+    if isinstance(n, Tracer):
+        if dynamic:
+            raise TypeError(
+                f"{where}: a per-example `{name}` must be concrete in the dynamic "
+                "path (its rows are grouped by value on the host); got a traced "
+                'array. Call it outside `jit`, or use mode="static", whose loop '
+                "takes a traced per-example count in one compiled program."
+            )
+        upper = max_n if max_n is not None else _INT32_MAX
+        return jnp.clip(n, 0, upper).astype(jnp.int32)
+    values = np.asarray(n)
+    bad = np.nonzero((values < 0) | (values > (max_n if max_n is not None else 2**62)))
+    if bad[0].size:
+        row = int(bad[0][0])
+        upper = "" if max_n is None else f", {max_n}"
+        raise ValueError(
+            f"{where}: every `{name}` must be in [0{upper}]; got {int(values[row])} "
+            f"at row {row}."
+        )
+    return values.astype(np.int64) if dynamic else jnp.asarray(values, jnp.int32)
+
+
+def _select_rows(keep: jax.Array, new: Any, old: Any) -> Any:
+    """Rows of `new` where `keep` (shape `(N,)`) holds, else rows of `old`."""
+
+    def pick(a: jax.Array, b: jax.Array) -> jax.Array:
+        return jnp.where(keep.reshape(keep.shape + (1,) * (a.ndim - 1)), a, b)
+
+    return jax.tree.map(pick, new, old)
+
+
 def repeat(
     body: Callable[[Carry], Carry],
     carry: Carry,
@@ -131,7 +202,7 @@ def repeat(
     This is the loop that `DynamicNet` is built on; use it to build your own
     variable-depth models. `body` may close over parameters (weight sharing):
     their gradients sum over the iterations. See the module docstring for the
-    two modes and the three static mechanisms.
+    two modes, the three static mechanisms and per-example counts.
 
     In the static mode the result equals this plain loop, with `n` clamped:
 
@@ -148,8 +219,10 @@ def repeat(
       body: a pure function `carry -> carry` that keeps the tree structure,
         shapes and dtypes of `carry`.
       carry: the initial pytree of arrays.
-      n: the trip count. `mode="dynamic"`: a concrete int. `mode="static"`: an
-        int or an int32 scalar, which may be traced.
+      n: the trip count. `mode="dynamic"`: a concrete int, or a concrete int
+        array of shape `(N,)` (one count per row). `mode="static"`: an int or
+        an int32 scalar, which may be traced, or an int array of shape `(N,)`.
+        A per-example `n` needs a leading axis `N` on every carry leaf.
       max_n: the largest `n`; required with `mode="static"`, optional with
         `mode="dynamic"` (then only used for validation).
       mode: `"static"` or `"dynamic"`.
@@ -167,6 +240,8 @@ def repeat(
     >>> run = jax.jit(lambda c, n: fl.repeat(double, c, n, max_n=5))
     >>> [float(run(jnp.float32(1.0), n)) for n in range(4)]
     [1.0, 2.0, 4.0, 8.0]
+    >>> run(jnp.ones(3), jnp.array([0, 2, 3]))  # one count per row
+    Array([1., 4., 8.], dtype=float32)
     """
     where = "repeat"
     if mode not in MODES:
@@ -175,9 +250,15 @@ def repeat(
         )
     if not callable(body):
         raise TypeError(f"{where}: `body` must be callable; got {body!r}.")
+    per_example = is_per_example(n)
     if mode == "dynamic":
         if max_n is not None:
             max_n = _check_max_n(max_n, where=where)
+        if per_example:
+            counts = check_per_example_counts(
+                n, max_n, carry, where=where, name="n", dynamic=True
+            )
+            return _repeat_grouped(body, carry, counts, where=where)
         count = check_concrete_count(n, max_n, where=where, name="n")
         return _repeat_unrolled(body, carry, count, where=where)
     if static_method not in STATIC_METHODS:
@@ -186,26 +267,46 @@ def repeat(
             f"got {static_method!r}."
         )
     max_count = _check_max_n(max_n, where=where)
-    # In [0, max_count]: a concrete count is checked, a traced one clamped.
-    count = check_static_count(n, max_count, where=where, name="n")
     _check_body_keeps_structure(body, carry, where=where)
+    if per_example:
+        counts = check_per_example_counts(
+            n, max_count, carry, where=where, name="n", dynamic=False
+        )
+
+        def step(i: jax.Array, c: Any) -> Any:
+            return _select_rows(i < counts, body(c), c)
+
+        count = jnp.max(counts, initial=0)
+    else:
+        # In [0, max_count]: a concrete count is checked, a traced one clamped.
+        count = check_static_count(n, max_count, where=where, name="n")
+
+        def step(i: jax.Array, c: Any) -> Any:
+            del i
+            return body(c)
+
     if max_count == 0:
         return carry
     if static_method == "scan":
-        return _repeat_scan(body, carry, count, max_count)
+        return _repeat_scan(step, carry, count, max_count)
     if static_method == "masked":
-        return _repeat_masked(body, carry, count, max_count)
-    return _repeat_bounded(body, carry, count, max_count)
+        return _repeat_masked(step, carry, count, max_count)
+    out, _ = bounded_while(
+        lambda i, c: i < count, step, carry, max_steps=max_count, checkpoints=None
+    )
+    return out
 
 
-def _check_body_keeps_structure(body: Callable, carry: Any, *, where: str) -> None:
-    _check_same_carry(carry, jax.eval_shape(body, carry), where=where)
+def _check_body_keeps_structure(
+    body: Callable, carry: Any, *, where: str, name: str = "body"
+) -> None:
+    _check_same_carry(carry, jax.eval_shape(body, carry), where=where, name=name)
 
 
-def _check_same_carry(carry: Any, out: Any, *, where: str) -> None:
+def _check_same_carry(carry: Any, out: Any, *, where: str, name: str = "body") -> None:
     if (diff := structure_diff(out, carry)) is not None:
         raise TypeError(
-            f"{where}: `body` must return a carry with the structure of its input "
+            f"{where}: `{name}` must return a carry with the structure of its input "
             f"(expected: the input's, got: the output's).\n{diff}"
         )
     for path, b, a in leaf_pairs(out, carry):
@@ -213,7 +314,7 @@ def _check_same_carry(carry: Any, out: Any, *, where: str) -> None:
         b_shape, b_dtype = jnp.shape(b), jnp.result_type(b)
         if (a_shape, a_dtype) != (b_shape, b_dtype):
             raise TypeError(
-                f"{where}: `body` must keep each carry leaf's shape and dtype; leaf "
+                f"{where}: `{name}` must keep each carry leaf's shape and dtype; leaf "
                 f"{path} went from {a_shape} {a_dtype} to {b_shape} {b_dtype}."
             )
 
@@ -230,15 +331,34 @@ def _repeat_unrolled(
     return carry
 
 
+def _repeat_grouped(
+    body: Callable, carry: Any, counts: np.ndarray, *, where: str
+) -> Any:
+    """Per-example counts, define-by-run: each distinct count's rows as a group.
+
+    The rows of each distinct count are gathered, run `count` times in a
+    Python loop, and scattered back into place.
+    """
+    out = carry
+    for count in np.unique(counts):
+        if count == 0:
+            continue
+        rows = np.nonzero(counts == count)[0]
+        group = jax.tree.map(lambda a, rows=rows: a[rows], carry)
+        group = _repeat_unrolled(body, group, int(count), where=where)
+        out = jax.tree.map(lambda a, g, rows=rows: a.at[rows].set(g), out, group)
+    return out
+
+
 def _repeat_scan(body: Callable, carry: Any, n: jax.Array, max_n: int) -> Any:
     """`lax.scan` over `max_n` steps, skipping those past `n` with `lax.cond`.
 
-    The static twin of `_repeat_unrolled`; equivalent to
-    `for i in range(max_n): carry = body(carry) if i < n else carry`.
+    `body(i, carry)`; equivalent to
+    `for i in range(max_n): carry = body(i, carry) if i < n else carry`.
     """
 
     def step(c: Any, i: jax.Array) -> tuple[Any, None]:
-        return lax.cond(i < n, body, lambda c_: c_, c), None
+        return lax.cond(i < n, lambda c_: body(i, c_), lambda c_: c_, c), None
 
     carry, _ = lax.scan(step, carry, jnp.arange(max_n, dtype=jnp.int32))
     return carry
@@ -248,7 +368,7 @@ def _repeat_masked(body: Callable, carry: Any, n: jax.Array, max_n: int) -> Any:
     """`lax.scan` over `max_n` steps, all computed, the ones past `n` discarded."""
 
     def step(c: Any, i: jax.Array) -> tuple[Any, None]:
-        new = body(c)
+        new = body(i, c)
         keep = i < n
         return jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, c), None
 
@@ -256,124 +376,149 @@ def _repeat_masked(body: Callable, carry: Any, n: jax.Array, max_n: int) -> Any:
     return carry
 
 
-def _all_inexact(tree: Any) -> bool:
-    return all(
-        jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in jax.tree.leaves(tree)
-    )
-
-
-def _repeat_bounded(body: Callable, carry: Any, n: jax.Array, max_n: int) -> Any:
-    """Run exactly `n` iterations forward and backward, saving residuals.
-
-    The fast static twin of `_repeat_unrolled`: a `lax.while_loop` for the
-    forward pass and a custom reverse pass (another `while_loop`, walking the
-    saved residuals backwards). Gradients are those of the unrolled loop.
-    """
-    # closure_convert turns the parameters that `body` closes over (the shared
-    # weights) into explicit inputs, so that custom_vjp can return their
-    # gradients instead of silently treating them as constants.
-    converted, consts = jax.closure_convert(body, carry)
-    if not (_all_inexact(carry) and _all_inexact(consts)):
-        # Integer carries have float0 cotangents, which the hand-written
-        # backward loop does not carry; the scan form handles them.
-        return _repeat_scan(body, carry, n, max_n)
-    return _bounded_loop(converted, max_n, carry, n, tuple(consts))
-
-
-def _pullback_layout(fn: Callable, carry: Any, consts: tuple) -> tuple[Any, list]:
-    """Trace one VJP of `fn` and describe where each residual comes from.
-
-    Returns the pullback's treedef and, per residual leaf, either `("const", j)`
-    (it is `consts[j]`, loop-invariant: not stored per step) or
-    `("saved", aval)` (stored in a `(max_n, ...)` buffer).
-    """
-    layout: list = []
-    treedef_box: list = []
-
-    def probe(c: Any, k: tuple) -> list:
-        _, pullback = jax.vjp(lambda c_, *k_: fn(c_, *k_), c, *k)
-        leaves, treedef = jax.tree.flatten(pullback)
-        treedef_box.append(treedef)
-        saved = []
-        for leaf in leaves:
-            j = next((j for j, kj in enumerate(k) if leaf is kj), None)
-            if j is None:
-                layout.append(("saved", None))
-                saved.append(leaf)
-            else:
-                layout.append(("const", j))
-        return saved
-
-    avals = jax.eval_shape(probe, carry, consts)
-    it = iter(avals)
-    layout = [(kind, next(it) if kind == "saved" else j) for kind, j in layout]
-    return treedef_box[0], layout
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _bounded_loop(fn: Callable, max_n: int, carry: Any, n: jax.Array, consts: tuple):
-    def cond(state: tuple) -> jax.Array:
-        return state[0] < n
-
-    def step(state: tuple) -> tuple:
-        i, c = state
-        return i + 1, fn(c, *consts)
-
-    return lax.while_loop(cond, step, (jnp.int32(0), carry))[1]
-
-
-def _bounded_fwd(fn: Callable, max_n: int, carry: Any, n: jax.Array, consts: tuple):
-    _, layout = _pullback_layout(fn, carry, consts)
-    buffers = [
-        jnp.zeros((max_n, *aval.shape), aval.dtype)
-        for kind, aval in layout
-        if kind == "saved"
-    ]
-
-    def cond(state: tuple) -> jax.Array:
-        return state[0] < n
-
-    def step(state: tuple) -> tuple:
-        i, c, bufs = state
-        c_new, pullback = jax.vjp(lambda c_, *k_: fn(c_, *k_), c, *consts)
-        leaves = jax.tree.leaves(pullback)
-        saved = [
-            leaf
-            for leaf, (kind, _) in zip(leaves, layout, strict=True)
-            if kind == "saved"
-        ]
-        bufs = [
-            lax.dynamic_update_index_in_dim(b, r, i, 0)
-            for b, r in zip(bufs, saved, strict=True)
-        ]
-        return i + 1, c_new, bufs
-
-    _, out, buffers = lax.while_loop(cond, step, (jnp.int32(0), carry, buffers))
-    return out, (n, consts, buffers, carry)
-
-
-def _bounded_bwd(fn: Callable, max_n: int, residuals: tuple, ct_out: Any):
-    n, consts, buffers, carry = residuals
-    treedef, layout = _pullback_layout(fn, carry, consts)
-
-    def cond(state: tuple) -> jax.Array:
-        return state[0] > 0
-
-    def step(state: tuple) -> tuple:
-        i, ct_c, ct_k = state
-        i = i - 1
-        saved = iter(
-            [lax.dynamic_index_in_dim(b, i, 0, keepdims=False) for b in buffers]
+def _check_cond_output(cond_fun: Callable, carry: Any, *, where: str) -> None:
+    out = jax.eval_shape(cond_fun, carry)
+    shape = getattr(out, "shape", None)
+    dtype = getattr(out, "dtype", None)
+    if shape != () or dtype != jnp.bool_:
+        got = (
+            f"shape {shape} and dtype {dtype}"
+            if shape is not None
+            else type(out).__name__
         )
-        leaves = [next(saved) if kind == "saved" else consts[j] for kind, j in layout]
-        pullback = jax.tree.unflatten(treedef, leaves)
-        ct_c, *ct_ki = pullback(ct_c)
-        ct_k = jax.tree.map(jnp.add, ct_k, tuple(ct_ki))
-        return i, ct_c, ct_k
-
-    zeros = jax.tree.map(jnp.zeros_like, consts)
-    _, ct_carry, ct_consts = lax.while_loop(cond, step, (n, ct_out, zeros))
-    return ct_carry, None, ct_consts
+        raise TypeError(
+            f"{where}: `cond_fun` must return a boolean scalar; got {got}. Reduce "
+            "it, for example `jnp.all(...)` or `(err > tol).any()`."
+        )
 
 
-_bounded_loop.defvjp(_bounded_fwd, _bounded_bwd)
+def while_loop(
+    cond_fun: Callable[[Carry], Any],
+    body_fun: Callable[[Carry], Carry],
+    init: Carry,
+    *,
+    max_steps: int,
+    mode: str = "static",
+    checkpoints: int | None = None,
+    return_steps: bool = False,
+) -> Any:
+    """Run `while cond_fun(carry): carry = body_fun(carry)`, at most `max_steps` times.
+
+    A data-dependent loop that training can differentiate (`tf.while_loop`
+    with a reverse pass). `cond_fun` may depend on the carry: a convergence
+    test, a halting unit, a counter.
+
+    * `mode="static"`: one compiled program for every trip count; `cond_fun`
+      is traced. Reverse mode (`jax.grad`, `jax.vjp`, `make_step`, and again
+      for higher orders) gives the gradient of the unrolled loop that ran
+      exactly as many steps as the forward pass did. Parameters that
+      `body_fun` closes over get their gradients summed over the steps. `jit`,
+      `vmap` (each example stops at its own step) and forward-over-reverse
+      (`jax.hessian`) compose; pure forward mode (`jax.jvp`) does not.
+      Reaching `max_steps` with `cond_fun` still true stops the loop there:
+      pass `return_steps=True` to see the steps run (`steps == max_steps` with
+      `cond_fun(carry)` still true means it was cut).
+    * `mode="dynamic"`: a plain Python `while` on concrete values, run
+      eagerly (define-by-run). Under `jit` the condition is traced, which this
+      mode refuses with a clear error. Reaching `max_steps` with `cond_fun`
+      still true raises `RuntimeError`.
+
+    `checkpoints` trades memory for time in the static mode's gradient.
+    `None` stores the carry at every step: the fastest, with memory growing
+    with `max_steps` (for large carries only the first steps and a checkpoint
+    every `sqrt(max_steps)` steps are kept, and longer runs replay segments).
+    An int `k` keeps at most `k` carries (one every `ceil(max_steps / k)`
+    steps) and recomputes each segment during the backward pass: memory
+    `O(k + max_steps / k)` carries, one extra forward pass, the same gradients.
+
+    Args:
+      cond_fun: `carry -> bool scalar`.
+      body_fun: `carry -> carry`, keeping the tree structure, shapes and dtypes.
+        Non-float leaves (step counters) ride along without gradients.
+      init: the initial carry, a pytree of arrays.
+      max_steps: the most steps to run, a positive int.
+      mode: `"static"` or `"dynamic"`.
+      checkpoints: `None` or a positive int (static mode; see above).
+      return_steps: also return the number of steps run.
+
+    Returns:
+      The final carry, or `(carry, steps)` with `return_steps=True` (`steps`
+      an int32 scalar in the static mode, an int in the dynamic mode).
+
+    >>> import jax, jax.numpy as jnp
+    >>> import functorch_lite as fl
+    >>> def newton_sqrt(a):  # x <- (x + a / x) / 2 until |x*x - a| < 1e-5
+    ...     return fl.while_loop(
+    ...         lambda x: jnp.abs(x * x - a) > 1e-5,
+    ...         lambda x: 0.5 * (x + a / x),
+    ...         a,
+    ...         max_steps=32,
+    ...     )
+    >>> round(float(newton_sqrt(2.0)), 4)
+    1.4142
+    >>> round(float(jax.grad(newton_sqrt)(2.0)), 4)  # d sqrt(a) / da = 1 / (2 sqrt(a))
+    0.3536
+    >>> fl.while_loop(lambda c: c < 10, lambda c: c * 2, 1, max_steps=8,
+    ...               mode="dynamic", return_steps=True)
+    (16, 4)
+    """
+    where = "while_loop"
+    if mode not in MODES:
+        raise ValueError(
+            f'{where}: `mode` must be "static" or "dynamic"; got {mode!r}.'
+        )
+    for name, fn in (("cond_fun", cond_fun), ("body_fun", body_fun)):
+        if not callable(fn):
+            raise TypeError(f"{where}: `{name}` must be callable; got {fn!r}.")
+    bound = check_int(max_steps, where=where, name="max_steps", minimum=1)
+    if bound > _INT32_MAX:
+        raise ValueError(
+            f"{where}: `max_steps` must be at most 2**31 - 1 (the loop counts in "
+            f"int32); got {bound}."
+        )
+    check_int(checkpoints, where=where, name="checkpoints", minimum=1, allow_none=True)
+    check_bool(return_steps, where=where, name="return_steps")
+    if mode == "dynamic":
+        carry, steps = _while_dynamic(cond_fun, body_fun, init, bound, where=where)
+        return (carry, steps) if return_steps else carry
+    _check_cond_output(cond_fun, init, where=where)
+    _check_body_keeps_structure(body_fun, init, where=where, name="body_fun")
+    carry, steps = bounded_while(
+        lambda i, c: cond_fun(c),
+        lambda i, c: body_fun(c),
+        init,
+        max_steps=bound,
+        checkpoints=checkpoints,
+    )
+    return (carry, steps) if return_steps else carry
+
+
+def _while_dynamic(
+    cond_fun: Callable, body_fun: Callable, carry: Any, max_steps: int, *, where: str
+) -> tuple[Any, int]:
+    steps = 0
+    while True:
+        pred = cond_fun(carry)
+        if isinstance(pred, Tracer):
+            raise TypeError(
+                f"{where}: `cond_fun` returned a traced value, which the dynamic "
+                "mode cannot branch on (it runs eagerly). Call it outside `jit`, or "
+                'use mode="static", whose loop traces the condition.'
+            )
+        if jnp.shape(pred) != () or jnp.result_type(pred) != jnp.bool_:
+            raise TypeError(
+                f"{where}: `cond_fun` must return a boolean scalar; got shape "
+                f"{jnp.shape(pred)} and dtype {jnp.result_type(pred)}."
+            )
+        if not bool(pred):
+            return carry, steps
+        if steps == max_steps:
+            raise RuntimeError(
+                f"{where}: `cond_fun` was still true after `max_steps`={max_steps} "
+                'steps (mode="dynamic"). Raise `max_steps`, or check the condition.'
+            )
+        new = body_fun(carry)
+        if steps == 0:
+            _check_same_carry(carry, new, where=where, name="body_fun")
+        carry = new
+        steps += 1

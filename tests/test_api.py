@@ -20,6 +20,7 @@ def test_all_is_pinned_and_sorted():
         "repeat",
         "train",
         "transforms",
+        "while_loop",
     ]
     for name in fl.__all__:
         assert hasattr(fl, name), name

@@ -1,0 +1,387 @@
+"""The bounded-loop core behind `repeat`, `while_loop` and per-example depth.
+
+One private primitive, `bounded_while(cond, body, carry, max_steps, checkpoints)`:
+`while i < max_steps and cond(i, carry): carry = body(i, carry); i += 1`, returning
+the final carry and the number of steps run. It is reverse-mode differentiable,
+and its gradient is that of the unrolled loop that ran exactly as many steps as
+the forward pass did.
+
+How the reverse pass works (`jax.custom_vjp`, documented JAX only):
+
+* The forward pass stores carries, not the body's internals. The backward pass
+  walks the steps in reverse; at each step it calls `jax.vjp` on the body at the
+  stored carry (one recomputed body forward per step) and pulls the cotangent
+  back. Parameters that the body closes over are made explicit inputs with
+  `jax.closure_convert`, and their cotangents are summed over the steps (weight
+  sharing). Non-float carry leaves (counters, masks) ride along: they are stored
+  and replayed, but carry no cotangent.
+* `checkpoints=None`: every carry is stored. When `max_steps` carries fit in
+  `_DIRECT_BYTES`, the forward pass writes them into one `(max_steps, ...)`
+  buffer (the fastest form). Past that, allocating and filling that buffer would
+  cost time in `max_steps` on every call, so the forward pass stores nothing
+  and the backward pass first replays the forward into the smallest of a few
+  buffer sizes (powers of 4) that holds the steps actually run: time grows with
+  the steps run, memory stays bounded by `max_steps`.
+* `checkpoints=k`: segments. With `S = ceil(max_steps / k)`, the forward pass
+  keeps the carry at every `S`-th step (at most `k` of them); the backward pass
+  replays one segment at a time into an `S`-step buffer and pulls back through
+  it. Memory: `k + S` carries, `O(k + max_steps / k)`; one extra forward pass.
+  The per-step computations are the same as with `checkpoints=None`, so the
+  gradients are the same.
+
+Higher order: the forward and backward rules are themselves loops, run by
+`_while_any_mode`: a `lax.while_loop` whose own derivative rule (`custom_jvp`)
+is that of an equivalent `lax.scan` over the bound. So `grad(grad(f))`, a
+Hessian-vector product by double reverse, MAML-style gradients through an inner
+training step, and forward-over-reverse (`jax.hessian`) all work; only pure
+forward mode (`jax.jvp` of the loop itself) does not (`jax.custom_vjp`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = ["bounded_while"]
+
+# Store every carry up front while max_steps of them take at most this much;
+# past it, store the first carries within _FIRST_BYTES and replay the rest.
+_DIRECT_BYTES = 4 * 2**20
+_FIRST_BYTES = 2**20
+
+
+def _is_float(x: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def _nbytes(x: Any) -> int:
+    return math.prod(jnp.shape(x)) * jnp.result_type(x).itemsize
+
+
+def _buffer(leaf: Any, size: int) -> jax.Array:
+    # Entries past the steps run are never read. (`lax.empty` would skip the
+    # fill on GPU, but under `vmap` it makes one buffer per example.)
+    return jnp.zeros((size, *jnp.shape(leaf)), jnp.result_type(leaf))
+
+
+def _write(bufs: list, index: jax.Array, leaves: list) -> list:
+    return [
+        lax.dynamic_update_index_in_dim(b, x, index, 0)
+        for b, x in zip(bufs, leaves, strict=True)
+    ]
+
+
+def _read(bufs: list, index: jax.Array) -> list:
+    return [lax.dynamic_index_in_dim(b, index, 0, keepdims=False) for b in bufs]
+
+
+# --- a while loop that every mode of autodiff can go through -----------------
+
+
+def _while_any_mode(cond: Callable, body: Callable, init: Any, bound: int) -> Any:
+    """`lax.while_loop(cond, body, init)` that runs at most `bound` iterations.
+
+    Runs as a `while_loop`; differentiated (either mode, any order) as the
+    equivalent `lax.scan` of `bound` iterations with the finished ones skipped.
+    Used for the loops inside the custom rules, so that those rules can be
+    differentiated again.
+    """
+    body_c, body_k = jax.closure_convert(body, init)
+    cond_c, cond_k = jax.closure_convert(cond, init)
+    return _while_jvp(body_c, cond_c, bound, init, tuple(body_k), tuple(cond_k))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _while_jvp(body: Callable, cond: Callable, bound: int, init, body_k, cond_k):
+    def c(state: tuple) -> jax.Array:
+        i, x = state
+        return (i < bound) & cond(x, *cond_k)
+
+    def b(state: tuple) -> tuple:
+        i, x = state
+        return i + 1, body(x, *body_k)
+
+    return lax.while_loop(c, b, (jnp.int32(0), init))[1]
+
+
+def _while_as_scan(body: Callable, cond: Callable, bound: int, init, body_k, cond_k):
+    def step(state: tuple, _: None) -> tuple:
+        active, x = state
+        active = active & cond(x, *cond_k)
+        x = lax.cond(active, lambda x_: body(x_, *body_k), lambda x_: x_, x)
+        return (active, x), None
+
+    (_, out), _ = lax.scan(step, (jnp.bool_(True), init), None, length=bound)
+    return out
+
+
+@_while_jvp.defjvp
+def _while_jvp_rule(body, cond, bound, primals, tangents):
+    return jax.jvp(
+        functools.partial(_while_as_scan, body, cond, bound), primals, tangents
+    )
+
+
+# --- the core ----------------------------------------------------------------
+
+
+class _Spec(NamedTuple):
+    """Static description of one loop (hashable: a `custom_vjp` nondiff arg)."""
+
+    body: Callable  # body(i, carry, *body_k) -> carry
+    cond: Callable  # cond(i, carry, *cond_k) -> bool scalar
+    max_steps: int
+    checkpoints: int | None
+    treedef: Any
+    is_float: tuple[bool, ...]
+
+    def join(self, fl: tuple, nl: tuple) -> Any:
+        f, n = iter(fl), iter(nl)
+        leaves = [next(f) if isf else next(n) for isf in self.is_float]
+        return jax.tree.unflatten(self.treedef, leaves)
+
+    def split(self, carry: Any) -> tuple[tuple, tuple]:
+        leaves = jax.tree.leaves(carry)
+        fl = tuple(x for x, isf in zip(leaves, self.is_float, strict=True) if isf)
+        nl = tuple(x for x, isf in zip(leaves, self.is_float, strict=True) if not isf)
+        return fl, nl
+
+
+def bounded_while(
+    cond: Callable[[jax.Array, Any], jax.Array],
+    body: Callable[[jax.Array, Any], Any],
+    carry: Any,
+    *,
+    max_steps: int,
+    checkpoints: int | None = None,
+) -> tuple[Any, jax.Array]:
+    """Run `while i < max_steps and cond(i, c): c = body(i, c)`; return `(c, steps)`.
+
+    `i` is the int32 step index. `body` must keep the carry's structure, shapes
+    and dtypes (the callers check this with a clear error). Reverse-mode
+    differentiable; see the module docstring.
+    """
+    i0 = jnp.int32(0)
+    body_c, body_k = jax.closure_convert(body, i0, carry)
+    cond_c, cond_k = jax.closure_convert(cond, i0, carry)
+    leaves, treedef = jax.tree.flatten(carry)
+    spec = _Spec(
+        body_c,
+        cond_c,
+        max_steps,
+        checkpoints,
+        treedef,
+        tuple(_is_float(x) for x in leaves),
+    )
+    fl, nl = spec.split(carry)
+    out_fl, out_nl, steps = _loop(spec, fl, nl, tuple(body_k), tuple(cond_k))
+    return spec.join(out_fl, out_nl), steps
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _loop(spec: _Spec, fl: tuple, nl: tuple, body_k: tuple, cond_k: tuple):
+    def c(state: tuple) -> jax.Array:
+        i, fl_, nl_ = state
+        return (i < spec.max_steps) & spec.cond(i, spec.join(fl_, nl_), *cond_k)
+
+    def b(state: tuple) -> tuple:
+        i, fl_, nl_ = state
+        out = spec.body(i, spec.join(fl_, nl_), *body_k)
+        return (i + 1, *spec.split(out))
+
+    steps, fl, nl = lax.while_loop(c, b, (jnp.int32(0), fl, nl))
+    return fl, nl, steps
+
+
+def _carry_bytes(fl: tuple, nl: tuple) -> int:
+    return sum(_nbytes(x) for x in (*fl, *nl))
+
+
+def _plan(spec: _Spec, fl: tuple, nl: tuple) -> tuple[str, list[tuple[int, int]]]:
+    """Choose how the forward pass stores carries: `(strategy, [(size, every)])`.
+
+    Each `(size, every)` is one buffer of `size` carries, stored every `every`
+    steps: `"direct"` stores every carry; `"segments"` every `every`-th one;
+    `"long"` stores the first few carries (short runs need no replay) and a
+    segment checkpoint every `ceil(sqrt(max_steps))` steps.
+    """
+    m, k = spec.max_steps, spec.checkpoints
+    if k is not None and k < m:
+        every = -(-m // k)
+        return "segments", [(-(-m // every), every)]
+    nbytes = max(1, _carry_bytes(fl, nl))
+    if m * nbytes <= _DIRECT_BYTES:
+        return "direct", [(m, 1)]
+    first = max(1, min(m, _FIRST_BYTES // nbytes))
+    every = math.isqrt(m - 1) + 1
+    return "long", [(first, 1), (-(-m // every), every)]
+
+
+def _forward(
+    spec: _Spec,
+    fl: tuple,
+    nl: tuple,
+    body_k: tuple,
+    cond_k: tuple,
+    *,
+    start: Any,
+    count: Any | None,
+    bound: int,
+    stores: list[tuple[int, int]],
+) -> tuple[tuple, tuple, jax.Array, list]:
+    """Run from step index `start`, storing carries as `stores` says.
+
+    Runs `count` steps if given, else while `cond` holds and `max_steps` is not
+    reached; at most `bound` steps. For each `(size, every)` in `stores`, the
+    carry before every `every`-th step goes into a buffer of `size` entries
+    (float leaves first); past `size * every` steps the last entry is
+    overwritten, and the caller then does not read that buffer. Returns the
+    final carry, the steps run and one buffer list per store.
+    """
+    bufs = [[_buffer(x, size) for x in (*fl, *nl)] for size, _ in stores]
+
+    def c(state: tuple) -> jax.Array:
+        t, fl_, nl_, _ = state
+        if count is not None:
+            return t < count
+        i = start + t
+        return (i < spec.max_steps) & spec.cond(i, spec.join(fl_, nl_), *cond_k)
+
+    def b(state: tuple) -> tuple:
+        t, fl_, nl_, bufs_ = state
+        new_bufs = []
+        for (size, every), bs in zip(stores, bufs_, strict=True):
+            slot = jnp.minimum(t // every, size - 1)
+            if every == 1:
+                bs = _write(bs, slot, [*fl_, *nl_])
+            else:
+                bs = lax.cond(
+                    t % every == 0,
+                    lambda bs_, slot=slot: _write(bs_, slot, [*fl_, *nl_]),
+                    lambda bs_: bs_,
+                    bs,
+                )
+            new_bufs.append(bs)
+        out = spec.body(start + t, spec.join(fl_, nl_), *body_k)
+        return (t + 1, *spec.split(out), new_bufs)
+
+    t, fl, nl, bufs = _while_any_mode(c, b, (jnp.int32(0), fl, nl, bufs), bound)
+    return fl, nl, t, bufs
+
+
+def _reverse(
+    spec: _Spec,
+    bufs: list,
+    n_float: int,
+    start: Any,
+    count: Any,
+    ct_fl: tuple,
+    ct_k: tuple,
+    body_k: tuple,
+    size: int,
+) -> tuple[tuple, tuple]:
+    """Pull `ct_fl` back through `count` stored steps (indices `start + t`)."""
+
+    def c(state: tuple) -> jax.Array:
+        return state[0] > 0
+
+    def b(state: tuple) -> tuple:
+        t, ct_fl_, ct_k_ = state
+        t = t - 1
+        stored = _read(bufs, t)
+        fl_t, nl_t = tuple(stored[:n_float]), tuple(stored[n_float:])
+
+        def step(fl_: tuple, k: tuple) -> tuple:
+            out = spec.body(start + t, spec.join(fl_, nl_t), *k)
+            return spec.split(out)[0]
+
+        _, pullback = jax.vjp(step, fl_t, body_k)
+        d_fl, d_k = pullback(ct_fl_)
+        return t, d_fl, jax.tree.map(jnp.add, ct_k_, d_k)
+
+    _, ct_fl, ct_k = _while_any_mode(c, b, (count, ct_fl, ct_k), size)
+    return ct_fl, ct_k
+
+
+def _loop_fwd(spec: _Spec, fl: tuple, nl: tuple, body_k: tuple, cond_k: tuple):
+    _, stores = _plan(spec, fl, nl)
+    out_fl, out_nl, steps, bufs = _forward(
+        spec,
+        fl,
+        nl,
+        body_k,
+        cond_k,
+        start=jnp.int32(0),
+        count=None,
+        bound=spec.max_steps,
+        stores=stores,
+    )
+    return (out_fl, out_nl, steps), (bufs, steps, body_k, cond_k, fl, nl)
+
+
+def _loop_bwd(spec: _Spec, residuals: tuple, cts: tuple):
+    bufs, steps, body_k, cond_k, fl, nl = residuals
+    ct_fl = tuple(cts[0])
+    ct_k = jax.tree.map(jnp.zeros_like, body_k)
+    n_float = len(fl)
+    strategy, stores = _plan(spec, fl, nl)
+    zero = jnp.int32(0)
+
+    def pull(stored: list, start: Any, length: Any, size: int, ct_fl_, ct_k_):
+        return _reverse(
+            spec, stored, n_float, start, length, ct_fl_, ct_k_, body_k, size
+        )
+
+    def segments(ckpts: list, every: int, ct_fl_, ct_k_):
+        # Walk the segments backwards; replay each from its checkpoint into an
+        # `every`-step buffer, then pull the cotangent back through it.
+        def seg(state: tuple) -> tuple:
+            j, ct_fl_j, ct_k_j = state
+            j = j - 1
+            start = j * every
+            length = jnp.minimum(every, steps - start)
+            init = _read(ckpts, j)
+            _, _, _, (seg_bufs,) = _forward(
+                spec,
+                tuple(init[:n_float]),
+                tuple(init[n_float:]),
+                body_k,
+                cond_k,
+                start=start,
+                count=length,
+                bound=every,
+                stores=[(every, 1)],
+            )
+            ct_fl_j, ct_k_j = pull(seg_bufs, start, length, every, ct_fl_j, ct_k_j)
+            return j, ct_fl_j, ct_k_j
+
+        n_seg = -(-steps // every)
+        bound = -(-spec.max_steps // every)
+        state = _while_any_mode(lambda s: s[0] > 0, seg, (n_seg, ct_fl_, ct_k_), bound)
+        return state[1], state[2]
+
+    if strategy == "direct":
+        ct_fl, ct_k = pull(bufs[0], zero, steps, spec.max_steps, ct_fl, ct_k)
+    elif strategy == "segments":
+        ct_fl, ct_k = segments(bufs[0], stores[0][1], ct_fl, ct_k)
+    else:  # long: the first carries if the run was short, else segments
+        first = stores[0][0]
+        ct_fl, ct_k = lax.cond(
+            steps <= first,
+            functools.partial(pull, bufs[0], zero, steps, first),
+            functools.partial(segments, bufs[1], stores[1][1]),
+            ct_fl,
+            ct_k,
+        )
+    ct_nl = tuple(None for _ in nl)
+    ct_cond = tuple(None for _ in cond_k)
+    return ct_fl, ct_nl, ct_k, ct_cond
+
+
+_loop.defvjp(_loop_fwd, _loop_bwd)
