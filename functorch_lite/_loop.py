@@ -45,6 +45,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 from jax import lax
 
@@ -77,6 +78,36 @@ def _write(bufs: list, index: jax.Array, leaves: list) -> list:
     ]
 
 
+def _hoist(fn: Callable, *example: Any) -> tuple[Callable, list]:
+    """Closure-convert `fn`: return `(converted, consts)`, every const hoisted.
+
+    `converted(*args, *consts)` computes `fn(*args)`. Unlike
+    `jax.closure_convert`, integer tracers are hoisted too, so that no rule
+    below closes over a tracer of an outer transformation.
+    """
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*example)
+    in_tree = jax.tree.structure(example)
+    out_tree = jax.tree.structure(out_shape)
+    jaxpr, n_consts = closed.jaxpr, len(closed.consts)
+
+    def converted(*args_and_consts: Any) -> Any:
+        args, consts = (
+            args_and_consts[: -n_consts or None],
+            args_and_consts[len(args_and_consts) - n_consts :],
+        )
+        flat, tree = jax.tree.flatten(tuple(args))
+        if tree != in_tree:
+            raise TypeError(
+                f"internal: loop function called with {tree}, not {in_tree}"
+            )
+        out = jax.extend.core.jaxpr_as_fun(
+            jax.extend.core.ClosedJaxpr(jaxpr, list(consts))
+        )(*flat)
+        return jax.tree.unflatten(out_tree, out)
+
+    return converted, list(closed.consts)
+
+
 def _read(bufs: list, index: jax.Array) -> list:
     return [lax.dynamic_index_in_dim(b, index, 0, keepdims=False) for b in bufs]
 
@@ -92,8 +123,8 @@ def _while_any_mode(cond: Callable, body: Callable, init: Any, bound: int) -> An
     Used for the loops inside the custom rules, so that those rules can be
     differentiated again.
     """
-    body_c, body_k = jax.closure_convert(body, init)
-    cond_c, cond_k = jax.closure_convert(cond, init)
+    body_c, body_k = _hoist(body, init)
+    cond_c, cond_k = _hoist(cond, init)
     return _while_jvp(body_c, cond_c, bound, init, tuple(body_k), tuple(cond_k))
 
 
@@ -140,6 +171,13 @@ class _Spec(NamedTuple):
     checkpoints: int | None
     treedef: Any
     is_float: tuple[bool, ...]
+    body_k_float: tuple[bool, ...]
+
+    def call_body(self, i: Any, carry: Any, body_k: tuple) -> Any:
+        """`body(i, carry)`, its consts given as `(float consts, other consts)`."""
+        f, n = iter(body_k[0]), iter(body_k[1])
+        consts = [next(f) if isf else next(n) for isf in self.body_k_float]
+        return self.body(i, carry, *consts)
 
     def join(self, fl: tuple, nl: tuple) -> Any:
         f, n = iter(fl), iter(nl)
@@ -168,9 +206,10 @@ def bounded_while(
     differentiable; see the module docstring.
     """
     i0 = jnp.int32(0)
-    body_c, body_k = jax.closure_convert(body, i0, carry)
-    cond_c, cond_k = jax.closure_convert(cond, i0, carry)
+    body_c, body_k = _hoist(body, i0, carry)
+    cond_c, cond_k = _hoist(cond, i0, carry)
     leaves, treedef = jax.tree.flatten(carry)
+    k_float = tuple(_is_float(k) for k in body_k)
     spec = _Spec(
         body_c,
         cond_c,
@@ -178,9 +217,12 @@ def bounded_while(
         checkpoints,
         treedef,
         tuple(_is_float(x) for x in leaves),
+        k_float,
     )
     fl, nl = spec.split(carry)
-    out_fl, out_nl, steps = _loop(spec, fl, nl, tuple(body_k), tuple(cond_k))
+    body_kf = tuple(k for k, isf in zip(body_k, k_float, strict=True) if isf)
+    body_kn = tuple(k for k, isf in zip(body_k, k_float, strict=True) if not isf)
+    out_fl, out_nl, steps = _loop(spec, fl, nl, (body_kf, body_kn), tuple(cond_k))
     return spec.join(out_fl, out_nl), steps
 
 
@@ -192,7 +234,7 @@ def _loop(spec: _Spec, fl: tuple, nl: tuple, body_k: tuple, cond_k: tuple):
 
     def b(state: tuple) -> tuple:
         i, fl_, nl_ = state
-        out = spec.body(i, spec.join(fl_, nl_), *body_k)
+        out = spec.call_body(i, spec.join(fl_, nl_), body_k)
         return (i + 1, *spec.split(out))
 
     steps, fl, nl = lax.while_loop(c, b, (jnp.int32(0), fl, nl))
@@ -268,7 +310,7 @@ def _forward(
                     bs,
                 )
             new_bufs.append(bs)
-        out = spec.body(start + t, spec.join(fl_, nl_), *body_k)
+        out = spec.call_body(start + t, spec.join(fl_, nl_), body_k)
         return (t + 1, *spec.split(out), new_bufs)
 
     t, fl, nl, bufs = _while_any_mode(c, b, (jnp.int32(0), fl, nl, bufs), bound)
@@ -298,10 +340,10 @@ def _reverse(
         fl_t, nl_t = tuple(stored[:n_float]), tuple(stored[n_float:])
 
         def step(fl_: tuple, k: tuple) -> tuple:
-            out = spec.body(start + t, spec.join(fl_, nl_t), *k)
+            out = spec.call_body(start + t, spec.join(fl_, nl_t), (k, body_k[1]))
             return spec.split(out)[0]
 
-        _, pullback = jax.vjp(step, fl_t, body_k)
+        _, pullback = jax.vjp(step, fl_t, body_k[0])
         d_fl, d_k = pullback(ct_fl_)
         return t, d_fl, jax.tree.map(jnp.add, ct_k_, d_k)
 
@@ -328,7 +370,7 @@ def _loop_fwd(spec: _Spec, fl: tuple, nl: tuple, body_k: tuple, cond_k: tuple):
 def _loop_bwd(spec: _Spec, residuals: tuple, cts: tuple):
     bufs, steps, body_k, cond_k, fl, nl = residuals
     ct_fl = tuple(cts[0])
-    ct_k = jax.tree.map(jnp.zeros_like, body_k)
+    ct_k = jax.tree.map(jnp.zeros_like, body_k[0])
     n_float = len(fl)
     strategy, stores = _plan(spec, fl, nl)
     zero = jnp.int32(0)
@@ -381,7 +423,7 @@ def _loop_bwd(spec: _Spec, residuals: tuple, cts: tuple):
         )
     ct_nl = tuple(None for _ in nl)
     ct_cond = tuple(None for _ in cond_k)
-    return ct_fl, ct_nl, ct_k, ct_cond
+    return ct_fl, ct_nl, (ct_k, tuple(None for _ in body_k[1])), ct_cond
 
 
 _loop.defvjp(_loop_fwd, _loop_bwd)

@@ -16,7 +16,9 @@ from functorch_lite._trees import leaf_pairs, structure_diff
 from functorch_lite.control import (
     STATIC_METHODS,
     check_concrete_count,
+    check_per_example_counts,
     check_static_count,
+    is_per_example,
     repeat,
 )
 
@@ -242,6 +244,29 @@ class DynamicNet:
         {'input_linear': True, 'middle_linear': False, 'output_linear': True}
         """
         where = "DynamicNet.used_params"
+        if is_per_example(depth):
+            dtype = jnp.result_type(depth)
+            if not jnp.issubdtype(dtype, jnp.integer):
+                raise TypeError(
+                    f"{where}: a per-example `depth` must be an integer array; got "
+                    f"dtype {dtype}."
+                )
+            if not isinstance(depth, Tracer):
+                counts = jnp.asarray(depth)
+                check_per_example_counts(
+                    depth,
+                    self.max_depth,
+                    counts,
+                    where=where,
+                    name="depth",
+                    dynamic=True,
+                )
+            middle_used: Any = jnp.any(jnp.asarray(depth) > 0)
+            return {
+                "input_linear": True,
+                "middle_linear": middle_used,
+                "output_linear": True,
+            }
         if isinstance(depth, Tracer):
             check_static_count(depth, self.max_depth, where=where, name="depth")
             middle: Any = depth > 0
@@ -269,11 +294,16 @@ class DynamicNet:
             `mode="dynamic"`, a concrete int in `[0, max_depth]` (under `jit`,
             make it a static argument). With `mode="static"`, an int or an
             integer scalar that may be traced: one compiled graph serves every
-            depth. A concrete depth outside `[0, max_depth]` raises
+            depth. In either mode it may also be an int array of shape `(N,)`
+            for `x` of shape `(N, d_in)`: each row runs at its own depth (the
+            static mode in one compiled program for every depth pattern; the
+            dynamic mode needs it concrete and runs each distinct depth's rows
+            as a group). A concrete depth outside `[0, max_depth]` raises
             `ValueError`. A traced one cannot be checked when the graph is
             built (a depth passed to a `make_step` step is traced): the output
-            is then NaN, as `jnp.take` fills an out-of-range read, so that the
-            loss shows it and `fit` stops on it; its gradients are zero.
+            (of each such row) is then NaN, as `jnp.take` fills an
+            out-of-range read, so that the loss shows it and `fit` stops on
+            it; its gradients are zero.
           mode: `"static"` or `"dynamic"`.
 
         Returns:
@@ -287,11 +317,28 @@ class DynamicNet:
         check_params(params, _param_spec(self), where=where)
         check_x(x, self.d_in, where=where)
         check_dtypes(params, x, where=where)
-        check = check_concrete_count if mode == "dynamic" else check_static_count
-        given, depth = depth, check(depth, self.max_depth, where=where, name="depth")
         layers = self._layers
         middle = layers["middle_linear"]
         h = jax.nn.relu(layers["input_linear"].apply(params["input_linear"], x))
+        given = depth
+        if is_per_example(depth):
+            # `repeat` checks it against `h` (one row per example).
+            if jnp.ndim(x) != 2:
+                raise ValueError(
+                    f"{where}: a per-example `depth` of shape {jnp.shape(depth)} "
+                    f"needs `x` of shape (N, {self.d_in}); got {jnp.shape(x)}."
+                )
+            check_per_example_counts(
+                depth,
+                self.max_depth,
+                h,
+                where=where,
+                name="depth",
+                dynamic=mode == "dynamic",
+            )
+        else:
+            check = check_concrete_count if mode == "dynamic" else check_static_count
+            depth = check(depth, self.max_depth, where=where, name="depth")
         h = repeat(
             lambda h: jax.nn.relu(middle.apply(params["middle_linear"], h)),
             h,
@@ -304,5 +351,7 @@ class DynamicNet:
         if isinstance(given, Tracer):
             # Compared in the depth's own dtype: no int32 wrap-around.
             in_range = (given >= 0) & (given <= self.max_depth)
+            if jnp.ndim(given) == 1:
+                in_range = in_range[:, None]
             out = jnp.where(in_range, out, jnp.nan)
         return out

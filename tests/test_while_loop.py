@@ -1,0 +1,380 @@
+"""`fl.while_loop` and the bounded-loop core: values and gradients of every order.
+
+References: the unrolled Python loop of the same length, finite differences in
+float64, and the `"scan"` mechanism (JAX's own reverse mode through `lax.scan`).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import tree_allclose
+from jax.test_util import check_grads
+
+import functorch_lite as fl
+
+X64 = jax.enable_x64(True)
+
+
+def _newton(a, tol=1e-10, max_steps=64, checkpoints=None):
+    return fl.while_loop(
+        lambda x: jnp.abs(x * x - a) > tol,
+        lambda x: 0.5 * (x + a / x),
+        a,
+        max_steps=max_steps,
+        checkpoints=checkpoints,
+        return_steps=True,
+    )
+
+
+def _newton_unrolled(a, steps):
+    x = a
+    for _ in range(steps):
+        x = 0.5 * (x + a / x)
+    return x
+
+
+@pytest.mark.parametrize("a", [2.0, 9.0, 1e4])
+@pytest.mark.parametrize("checkpoints", [None, 3])
+def test_newton_sqrt_value_and_grad(a, checkpoints):
+    with X64:
+        a = jnp.float64(a)
+        x, steps = _newton(a, checkpoints=checkpoints)
+        steps = int(steps)
+        assert 0 < steps < 64
+        np.testing.assert_allclose(x, np.sqrt(float(a)), rtol=1e-10)
+        g = jax.grad(lambda a: _newton(a, checkpoints=checkpoints)[0])(a)
+        g_unrolled = jax.grad(_newton_unrolled)(a, steps)
+        np.testing.assert_allclose(g, g_unrolled, rtol=1e-12)
+        # The unrolled loop converged, so its gradient is the analytic one.
+        np.testing.assert_allclose(g, 0.5 / np.sqrt(float(a)), rtol=1e-8)
+
+
+def _shared_weights(key):
+    kw, kb, kh = jax.random.split(key, 3)
+    w = 0.4 * jax.random.normal(kw, (5, 5), jnp.float64)
+    b = 0.1 * jax.random.normal(kb, (5,), jnp.float64)
+    h0 = jax.random.normal(kh, (3, 5), jnp.float64)
+    return w, b, h0
+
+
+def _until_small(w, b, h0, *, max_steps=12, checkpoints=None, steps=False):
+    """Weight sharing: the body closes over `w` and `b`; stops on a norm test."""
+    h, n = fl.while_loop(
+        lambda c: jnp.sum(c["h"] ** 2) > 0.7,
+        lambda c: {"h": jnp.tanh(c["h"] @ w + b[None]) * 0.8, "i": c["i"] + 1},
+        {"h": h0, "i": jnp.int32(0)},  # an integer leaf rides along
+        max_steps=max_steps,
+        checkpoints=checkpoints,
+        return_steps=True,
+    )
+    assert h["i"].dtype == jnp.int32
+    return (jnp.sum(h["h"] ** 3), n) if steps else jnp.sum(h["h"] ** 3)
+
+
+def _until_small_unrolled(w, b, h0, steps):
+    h = h0
+    for _ in range(steps):
+        h = jnp.tanh(h @ w + b[None]) * 0.8
+    return jnp.sum(h**3)
+
+
+@pytest.mark.parametrize("checkpoints", [None, 1, 2, 5])
+def test_weight_sharing_equals_unrolled_and_finite_differences(key, checkpoints):
+    with X64:
+        w, b, h0 = _shared_weights(key)
+        val, steps = _until_small(w, b, h0, checkpoints=checkpoints, steps=True)
+        steps = int(steps)
+        assert 1 < steps < 12, steps
+        np.testing.assert_allclose(val, _until_small_unrolled(w, b, h0, steps))
+        grad = jax.jit(
+            jax.grad(lambda *a: _until_small(*a, checkpoints=checkpoints), (0, 1, 2))
+        )(w, b, h0)
+        ref = jax.grad(_until_small_unrolled, (0, 1, 2))(w, b, h0, steps)
+        tree_allclose(grad, ref, rtol=1e-12, atol=1e-14)
+        # Finite differences: the step count is locally constant at this point.
+        check_grads(
+            lambda w, b: _until_small(w, b, h0, checkpoints=checkpoints),
+            (w, b),
+            order=1,
+            modes=["rev"],
+            eps=1e-6,
+        )
+
+
+def test_checkpoints_give_bitwise_identical_float64_gradients(key):
+    with X64:
+        w, b, h0 = _shared_weights(key)
+        grads = [
+            jax.jit(
+                jax.grad(lambda *a, k=k: _until_small(*a, checkpoints=k), (0, 1, 2))
+            )(w, b, h0)
+            for k in (None, 1, 2, 3, 12)
+        ]
+        for g in grads[1:]:
+            for x, y in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(g), strict=True):
+                np.testing.assert_array_equal(x, y)
+
+
+def test_checkpoints_float32_gradients_close(key):
+    with X64:
+        w, b, h0 = _shared_weights(key)
+    w, b, h0 = (jnp.asarray(np.asarray(a), jnp.float32) for a in (w, b, h0))
+    g0 = jax.grad(lambda *a: _until_small(*a), (0, 1))(w, b, h0)
+    g3 = jax.grad(lambda *a: _until_small(*a, checkpoints=3), (0, 1))(w, b, h0)
+    tree_allclose(g0, g3, rtol=1e-6, atol=1e-7)
+
+
+def test_halting_under_vmap_each_example_stops_on_its_own(key):
+    """A halting loop: each example of the vmap batch stops at its own step."""
+    with X64:
+        w = 0.3 * jax.random.normal(key, (4, 4), jnp.float64)
+        xs = jnp.array(
+            [[0.1, 0.0, 0.0, 0.0], [1.0, 2.0, 0.5, 0.0], [3.0, -3.0, 2.0, 1.0]]
+        )
+
+        def run(x, w):
+            c, n = fl.while_loop(
+                lambda c: jnp.sum(c**2) > 0.05,
+                lambda c: 0.6 * jnp.tanh(c @ w),
+                x,
+                max_steps=40,
+                return_steps=True,
+            )
+            return jnp.sum(jnp.sin(c)), n
+
+        vals, steps = jax.vmap(run, in_axes=(0, None))(xs, w)
+        assert len(set(np.asarray(steps).tolist())) == 3, steps
+        g_batched = jax.vmap(jax.grad(lambda x, w: run(x, w)[0], (0, 1)), (0, None))(
+            xs, w
+        )
+        for r in range(3):
+            val, n = run(xs[r], w)
+            assert int(n) == int(steps[r])
+            np.testing.assert_allclose(vals[r], val, rtol=1e-13)
+            g_alone = jax.grad(lambda x, w: run(x, w)[0], (0, 1))(xs[r], w)
+            tree_allclose((g_batched[0][r], g_batched[1][r]), g_alone, rtol=1e-12)
+
+            def unrolled(x, w, n=int(n)):
+                for _ in range(n):
+                    x = 0.6 * jnp.tanh(x @ w)
+                return jnp.sum(jnp.sin(x))
+
+            tree_allclose(g_alone, jax.grad(unrolled, (0, 1))(xs[r], w), rtol=1e-12)
+
+
+def test_max_steps_reached_static_stops_and_reports(key):
+    out, steps = fl.while_loop(
+        lambda c: c < 100.0, lambda c: c + 1.0, 0.0, max_steps=7, return_steps=True
+    )
+    assert float(out) == 7.0 and int(steps) == 7
+
+
+def test_dynamic_mode_matches_static_and_raises_at_max_steps():
+    out, steps = fl.while_loop(
+        lambda c: c < 10.0,
+        lambda c: c * 2.0,
+        1.0,
+        max_steps=8,
+        mode="dynamic",
+        return_steps=True,
+    )
+    ref, ref_steps = fl.while_loop(
+        lambda c: c < 10.0, lambda c: c * 2.0, 1.0, max_steps=8, return_steps=True
+    )
+    assert (float(out), steps) == (float(ref), int(ref_steps)) == (16.0, 4)
+    with pytest.raises(RuntimeError, match=r"while_loop: `cond_fun` was still true"):
+        fl.while_loop(
+            lambda c: c < 100.0, lambda c: c + 1.0, 0.0, max_steps=3, mode="dynamic"
+        )
+
+
+def test_dynamic_mode_refuses_a_traced_condition():
+    f = jax.jit(
+        lambda x: fl.while_loop(
+            lambda c: c < 3.0, lambda c: c + 1.0, x, max_steps=8, mode="dynamic"
+        )
+    )
+    with pytest.raises(TypeError, match=r'while_loop: .*traced.*mode="static"'):
+        f(0.0)
+
+
+def test_one_compile_for_every_trip_count():
+    f = fl.jit(
+        jax.grad(
+            lambda a: fl.while_loop(
+                lambda x: jnp.abs(x * x - a) > 1e-4,
+                lambda x: 0.5 * (x + a / x),
+                a,
+                max_steps=64,
+            )
+        )
+    )
+    for a in (1.5, 4.0, 1e3, 1e6):
+        f(jnp.float32(a))
+    assert f.stats.traces == 1 and f.stats.compiles == 1
+
+
+# --- second order and composition -------------------------------------------
+
+
+def _loss_methods(w, b, h0, n, method):
+    out = fl.repeat(
+        lambda h: jnp.tanh(h @ w + b[None]), h0, n, max_n=5, static_method=method
+    )
+    return jnp.sum(out**3)
+
+
+@pytest.mark.parametrize("n", [0, 2, 5])
+def test_grad_of_grad_and_double_reverse_hvp_equal_scan(key, n):
+    with X64:
+        w, b, h0 = _shared_weights(key)
+        v = jax.random.normal(jax.random.key(7), w.shape, jnp.float64)
+
+        def gg(method):
+            g = jax.grad(lambda w: _loss_methods(w, b, h0, n, method))
+            return jax.grad(lambda w: jnp.sum(g(w) ** 2))(w)
+
+        def hvp_rev_rev(method):
+            g = jax.grad(lambda w: _loss_methods(w, b, h0, n, method))
+            return jax.grad(lambda w: jnp.vdot(g(w), v))(w)
+
+        tree_allclose(gg("bounded"), gg("scan"), rtol=1e-11, atol=1e-13)
+        tree_allclose(
+            hvp_rev_rev("bounded"), hvp_rev_rev("scan"), rtol=1e-11, atol=1e-13
+        )
+        h = jax.hessian(lambda w: _loss_methods(w, b, h0, n, "bounded"))(w)
+        h_ref = jax.hessian(lambda w: _loss_methods(w, b, h0, n, "scan"))(w)
+        tree_allclose(h, h_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_second_order_through_while_loop_checkpoints(key):
+    with X64:
+        w, b, h0 = _shared_weights(key)
+        for k in (None, 2):
+            g = jax.grad(lambda w, k=k: _until_small(w, b, h0, checkpoints=k))
+            gg = jax.grad(lambda w: jnp.sum(g(w) ** 2))(w)
+            steps = int(_until_small(w, b, h0, steps=True)[1])
+            g_ref = jax.grad(lambda w: _until_small_unrolled(w, b, h0, steps))
+            gg_ref = jax.grad(lambda w: jnp.sum(g_ref(w) ** 2))(w)
+            tree_allclose(gg, gg_ref, rtol=1e-11, atol=1e-13)
+
+
+def test_maml_gradient_through_an_inner_step(key):
+    """`jax.grad` of a loss after one inner optimizer step (MAML-style)."""
+    with X64:
+        net = fl.models.DynamicNet(4, 6, 2, max_depth=3)
+        params = jax.tree.map(
+            lambda a: a.astype(jnp.float64), net.init(jax.random.key(1))
+        )
+        x = jax.random.normal(key, (5, 4), jnp.float64)
+        y = jax.random.normal(jax.random.key(2), (5, 2), jnp.float64)
+        opt = optax.sgd(0.1)
+        outer = {}
+        for method in ("bounded", "scan"):
+            net_m = fl.models.DynamicNet(4, 6, 2, max_depth=3, static_method=method)
+
+            def loss(p, net_m=net_m):
+                return fl.nn.mse_loss(net_m.apply(p, x, 2), y)
+
+            def meta(p, loss=loss):
+                g = jax.grad(loss)(p)
+                upd, _ = opt.update(g, opt.init(p), p)
+                return loss(optax.apply_updates(p, upd))
+
+            outer[method] = jax.grad(meta)(params)
+        tree_allclose(outer["bounded"], outer["scan"], rtol=1e-11, atol=1e-13)
+
+
+# --- memory ------------------------------------------------------------------
+
+
+def _grad_temp_bytes(max_steps, checkpoints, carry_shape=(64, 64)):
+    w = jnp.ones((carry_shape[1], carry_shape[1]), jnp.float32) * 0.01
+
+    def loss(w, h0):
+        h = fl.while_loop(
+            lambda c: jnp.sum(c) > 0.0,
+            lambda c: jnp.tanh(c @ w),
+            h0,
+            max_steps=max_steps,
+            checkpoints=checkpoints,
+        )
+        return jnp.sum(h)
+
+    h0 = jnp.ones(carry_shape, jnp.float32)
+    compiled = jax.jit(jax.grad(loss)).lower(w, h0).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_saved_carry_memory_is_pinned():
+    """checkpoints=None stores one carry per step (16 KiB each here), no more."""
+    carry = 64 * 64 * 4
+    for m in (32, 128):
+        temp = _grad_temp_bytes(m, None)
+        assert m * carry <= temp <= m * carry + 24 * carry, (m, temp)
+
+
+def test_checkpointed_memory_grows_with_k_not_max_steps():
+    carry = 64 * 64 * 4
+    full = [_grad_temp_bytes(m, None) for m in (64, 256)]
+    assert full[1] > full[0] + 150 * carry  # grows with max_steps
+    k4 = [_grad_temp_bytes(m, 4) for m in (64, 256)]
+    # k + max_steps/k carries: 4 + 16 at 64, 4 + 64 at 256; never max_steps.
+    for m, temp in zip((64, 256), k4, strict=True):
+        assert temp <= (4 + m // 4 + 24) * carry, (m, temp)
+    assert k4[1] < full[1] / 3
+
+
+def test_long_loops_keep_memory_sublinear():
+    """Large carries past the direct budget: first steps + sqrt(max) checkpoints."""
+    temp = _grad_temp_bytes(4096, None, carry_shape=(128, 128))
+    carry = 128 * 128 * 4
+    assert temp < 300 * carry, temp  # storing every step would be 4096 carries
+
+
+# --- bad input ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cond", "match"),
+    [
+        (lambda c: c, r"`cond_fun` must return a boolean scalar; got shape \(3,\)"),
+        (lambda c: jnp.sum(c), r"`cond_fun` must return a boolean scalar.*float32"),
+    ],
+)
+def test_bad_cond(cond, match):
+    with pytest.raises(TypeError, match="while_loop: " + match):
+        fl.while_loop(cond, lambda c: c, jnp.ones(3), max_steps=3)
+
+
+def test_body_must_keep_the_carry():
+    with pytest.raises(TypeError, match=r"while_loop: `body_fun` must return a carry"):
+        fl.while_loop(lambda c: c[0] > 0, lambda c: (c[0],), (1.0, 2.0), max_steps=3)
+    with pytest.raises(TypeError, match=r"while_loop: `body_fun` must keep each"):
+        fl.while_loop(
+            lambda c: jnp.all(c > 0), lambda c: c[:2], jnp.ones(3), max_steps=3
+        )
+    with pytest.raises(TypeError, match=r"while_loop: `body_fun` must keep each"):
+        fl.while_loop(
+            lambda c: jnp.all(c > 0),
+            lambda c: c.astype(jnp.int32),
+            jnp.ones(3),
+            max_steps=3,
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"max_steps": 0}, ValueError, r"`max_steps` must be a positive int"),
+        ({"max_steps": 2.5}, TypeError, r"`max_steps` must be a positive int"),
+        ({"max_steps": 4, "checkpoints": 0}, ValueError, r"`checkpoints` must be"),
+        ({"max_steps": 4, "checkpoints": "2"}, TypeError, r"`checkpoints` must be"),
+        ({"max_steps": 4, "mode": "eager"}, ValueError, r"`mode` must be"),
+    ],
+)
+def test_bad_options(kwargs, exc, match):
+    with pytest.raises(exc, match="while_loop: " + match):
+        fl.while_loop(lambda c: c < 3.0, lambda c: c + 1.0, 0.0, **kwargs)
