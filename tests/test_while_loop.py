@@ -252,12 +252,12 @@ def test_grad_of_grad_and_double_reverse_hvp_equal_scan(key, n):
 def test_second_order_through_while_loop_checkpoints(key):
     with X64:
         w, b, h0 = _shared_weights(key)
+        steps = int(_until_small(w, b, h0, steps=True)[1])
+        g_ref = jax.grad(lambda w: _until_small_unrolled(w, b, h0, steps))
+        gg_ref = jax.grad(lambda w: jnp.sum(g_ref(w) ** 2))(w)
         for k in (None, 2):
             g = jax.grad(lambda w, k=k: _until_small(w, b, h0, checkpoints=k))
-            gg = jax.grad(lambda w: jnp.sum(g(w) ** 2))(w)
-            steps = int(_until_small(w, b, h0, steps=True)[1])
-            g_ref = jax.grad(lambda w: _until_small_unrolled(w, b, h0, steps))
-            gg_ref = jax.grad(lambda w: jnp.sum(g_ref(w) ** 2))(w)
+            gg = jax.grad(lambda w, g=g: jnp.sum(g(w) ** 2))(w)
             tree_allclose(gg, gg_ref, rtol=1e-11, atol=1e-13)
 
 
