@@ -99,3 +99,13 @@ def test_dynamic_net_example_runs(mode, capsys):
     assert out["compiles"] == expected
     assert f"compiles: {expected}" in printed
     assert np.all(np.isfinite(out["losses"])) and out["losses"][-1] < out["losses"][0]
+
+
+def test_per_example_depth_example_runs(capsys):
+    out = load("per_example_depth").main(["--steps", "20", "--print-every", "10"])
+    assert out["static_compiles"] == 1
+    # One gradient program per distinct depth seen (0..3), not per pattern.
+    assert out["dynamic_programs"] == 4
+    np.testing.assert_allclose(out["static_losses"], out["dynamic_losses"], rtol=1e-4)
+    assert out["static_losses"][-1] < out["static_losses"][0]
+    assert "1 compile(s) for 20 depth patterns" in capsys.readouterr().out
