@@ -127,8 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     gap = float(
         np.max(
-            np.abs(np.subtract(static_losses, dynamic_losses))
-            / np.abs(dynamic_losses)
+            np.abs(np.subtract(static_losses, dynamic_losses)) / np.abs(dynamic_losses)
         )
     )
     print(f"largest relative gap between the two loss curves: {gap:.2e}")
