@@ -238,7 +238,8 @@ class CountSpec:
             return np.array(self.value, self.dtype)
         if self.kind == "jax0d":
             return jnp.array(self.value, self.dtype)
-        return jnp.array([self.value], self.dtype)
+        # Not a scalar and not a per-example (N,) count: refused either way.
+        return jnp.array([[self.value]], self.dtype)
 
     @property
     def integer(self) -> bool:
