@@ -100,8 +100,9 @@ def check_static_count(n: Any, max_n: int, *, where: str, name: str) -> jax.Arra
         shape, dtype = jnp.shape(n), jnp.result_type(n)
         if shape != () or not jnp.issubdtype(dtype, jnp.integer):
             raise TypeError(
-                f"{where}: `{name}` must be an int or an integer scalar array; got "
-                f"an array of shape {shape} and dtype {dtype}."
+                f"{where}: `{name}` must be an int or an integer scalar array (or "
+                f"an int array of shape (N,), one per example); got an array of "
+                f"shape {shape} and dtype {dtype}."
             )
         if not isinstance(n, Tracer):
             check_concrete_count(n, max_n, where=where, name=name)

@@ -289,7 +289,7 @@ def test_single_example_input(key):
             r"`depth` must be an int or an integer scalar",
         ),
         (
-            {"depth": jnp.array([1, 2])},
+            {"depth": jnp.array([[1, 2]])},
             TypeError,
             r"`depth` must be an int or an integer scalar",
         ),
