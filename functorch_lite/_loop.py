@@ -14,7 +14,12 @@ How the reverse pass works (`jax.custom_vjp`, documented JAX only):
   back. Parameters that the body closes over are made explicit inputs with
   `jax.closure_convert`, and their cotangents are summed over the steps (weight
   sharing). Non-float carry leaves (counters, masks) ride along: they are stored
-  and replayed, but carry no cotangent.
+  and replayed, but carry no cotangent. Storing the body's own residuals instead
+  would save that recomputation (3 to 17% of a DynamicNet step, measured in
+  bench/RESULTS.md), but no documented JAX mechanism tells which residuals of a
+  pullback are loop-invariant, and `jax.vjp`'s pullback is not even laid out the
+  same way in two traces of one body (jax 0.10), so a layout probed once is not
+  safe to reuse.
 * `checkpoints=None`: every carry is stored. When `max_steps` carries fit in
   `_DIRECT_BYTES`, the forward pass writes them into one `(max_steps, ...)`
   buffer (the fastest form). Past that, allocating and filling that buffer would

@@ -76,8 +76,10 @@ Argnums = int | tuple[int, ...]
 
 _FORWARD_MODE_FIX = (
     "Forward mode cannot differentiate a `jax.custom_vjp` function, such as "
-    'DynamicNet\'s static path with static_method="bounded". Build the net with '
-    'static_method="scan", or use mode="dynamic", or use `jacrev` (reverse mode).'
+    "the static loops of `fl.while_loop` and of `fl.repeat` (and DynamicNet) with "
+    'static_method="bounded". For `repeat` or DynamicNet pass static_method="scan"; '
+    'or use mode="dynamic"; or use reverse mode (`jacrev`, or `jax.hessian` for '
+    "forward-over-reverse)."
 )
 
 

@@ -378,3 +378,28 @@ def test_body_must_keep_the_carry():
 def test_bad_options(kwargs, exc, match):
     with pytest.raises(exc, match="while_loop: " + match):
         fl.while_loop(lambda c: c < 3.0, lambda c: c + 1.0, 0.0, **kwargs)
+
+
+def test_forward_mode_through_while_loop_names_the_fix():
+    def f(a):
+        return fl.while_loop(
+            lambda x: jnp.abs(x * x - a) > 1e-5,
+            lambda x: 0.5 * (x + a / x),
+            a,
+            max_steps=32,
+        )
+
+    with pytest.raises(TypeError, match=r"jvp: Forward mode .*`fl.while_loop`.*jacrev"):
+        fl.transforms.jvp(f, (2.0,), (1.0,))
+    # Forward-over-reverse works: it equals the unrolled loop's Hessian.
+    steps = int(
+        fl.while_loop(
+            lambda x: jnp.abs(x * x - 2.0) > 1e-5,
+            lambda x: 0.5 * (x + 2.0 / x),
+            2.0,
+            max_steps=32,
+            return_steps=True,
+        )[1]
+    )
+    want = jax.hessian(lambda a: _newton_unrolled(a, steps))(2.0)
+    np.testing.assert_allclose(jax.hessian(f)(2.0), want, rtol=1e-5)
