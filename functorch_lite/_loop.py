@@ -167,33 +167,65 @@ def _while_jvp_rule(body, cond, bound, primals, tangents):
 # --- the core ----------------------------------------------------------------
 
 
-class _Spec(NamedTuple):
-    """Static description of one loop (hashable: a `custom_vjp` nondiff arg)."""
+class _Split(NamedTuple):
+    """How one pytree splits into float leaves (differentiated) and the rest."""
 
-    body: Callable  # body(i, carry, *body_k) -> carry
-    cond: Callable  # cond(i, carry, *cond_k) -> bool scalar
-    max_steps: int
-    checkpoints: int | None
     treedef: Any
     is_float: tuple[bool, ...]
-    body_k_float: tuple[bool, ...]
 
-    def call_body(self, i: Any, carry: Any, body_k: tuple) -> Any:
-        """`body(i, carry)`, its consts given as `(float consts, other consts)`."""
-        f, n = iter(body_k[0]), iter(body_k[1])
-        consts = [next(f) if isf else next(n) for isf in self.body_k_float]
-        return self.body(i, carry, *consts)
+    @classmethod
+    def of(cls, tree: Any) -> _Split:
+        leaves, treedef = jax.tree.flatten(tree)
+        return cls(treedef, tuple(_is_float(x) for x in leaves))
 
     def join(self, fl: tuple, nl: tuple) -> Any:
         f, n = iter(fl), iter(nl)
         leaves = [next(f) if isf else next(n) for isf in self.is_float]
         return jax.tree.unflatten(self.treedef, leaves)
 
-    def split(self, carry: Any) -> tuple[tuple, tuple]:
-        leaves = jax.tree.leaves(carry)
+    def split(self, tree: Any) -> tuple[tuple, tuple]:
+        leaves = jax.tree.leaves(tree)
         fl = tuple(x for x, isf in zip(leaves, self.is_float, strict=True) if isf)
         nl = tuple(x for x, isf in zip(leaves, self.is_float, strict=True) if not isf)
         return fl, nl
+
+
+class _Spec(NamedTuple):
+    """Static description of one loop (hashable: a `custom_vjp` nondiff arg).
+
+    `body(i, carry, x, *consts) -> (carry, y)`: `x` is step `i`'s slice of the
+    per-step inputs `xs`, `y` goes to step `i`'s slot of the per-step outputs.
+    """
+
+    body: Callable
+    cond: Callable  # cond(i, carry, *cond_k) -> bool scalar
+    max_steps: int
+    checkpoints: int | None
+    carry: _Split
+    x: _Split
+    y: _Split
+    body_k_float: tuple[bool, ...]
+
+    def step(self, i: Any, fl: tuple, nl: tuple, x: tuple, body_k: tuple) -> tuple:
+        """One step on split values: `((fl, nl), (y float, y other))`.
+
+        `x` is `(float leaves, other leaves)` of step `i`'s inputs (see
+        `_x_at`); `body_k` is `(float consts, other consts)`.
+        """
+        x = self.x.join(*x)
+        f, n = iter(body_k[0]), iter(body_k[1])
+        consts = [next(f) if isf else next(n) for isf in self.body_k_float]
+        carry, y = self.body(i, self.carry.join(fl, nl), x, *consts)
+        return self.carry.split(carry), self.y.split(y)
+
+    def keep_going(self, i: Any, fl: tuple, nl: tuple, cond_k: tuple) -> jax.Array:
+        carry = self.carry.join(fl, nl)
+        return (i < self.max_steps) & self.cond(i, carry, *cond_k)
+
+
+def _x_at(xs: tuple, i: Any) -> tuple:
+    """Step `i`'s slice of the split per-step inputs `(float, other)`."""
+    return tuple(tuple(_read(list(part), i)) for part in xs)
 
 
 def bounded_while(
@@ -210,40 +242,88 @@ def bounded_while(
     and dtypes (the callers check this with a clear error). Reverse-mode
     differentiable; see the module docstring.
     """
+    carry, _, steps = _run(
+        cond,
+        lambda i, c, x: (body(i, c), ()),
+        carry,
+        (),
+        max_steps=max_steps,
+        checkpoints=checkpoints,
+    )
+    return carry, steps
+
+
+def bounded_scan(
+    body: Callable[[jax.Array, Any, Any], tuple[Any, Any]],
+    carry: Any,
+    xs: Any,
+    *,
+    length: Any,
+    max_steps: int,
+    checkpoints: int | None = None,
+) -> tuple[Any, Any]:
+    """A `lax.scan` that runs only `length` (maybe traced) of `max_steps` steps.
+
+    `body(i, carry, x) -> (carry, y)`, `x` step `i`'s slice of `xs` (every
+    leaf has a leading `max_steps` axis). Returns `(carry, ys)`; `ys` has the
+    steps axis first and zeros past `length`. Both the forward and the reverse
+    pass run `length` steps.
+    """
+    carry, ys, _ = _run(
+        lambda i, c: i < length,
+        body,
+        carry,
+        xs,
+        max_steps=max_steps,
+        checkpoints=checkpoints,
+    )
+    return carry, ys
+
+
+def _run(cond, body, carry, xs, *, max_steps, checkpoints):
     i0 = jnp.int32(0)
-    body_c, body_k = _hoist(body, i0, carry)
+    x0 = jax.tree.map(lambda a: a[0], xs)
+    body_c, body_k = _hoist(body, i0, carry, x0)
     cond_c, cond_k = _hoist(cond, i0, carry)
-    leaves, treedef = jax.tree.flatten(carry)
+    y_shape = jax.eval_shape(lambda c, x: body(i0, c, x)[1], carry, x0)
     k_float = tuple(_is_float(k) for k in body_k)
     spec = _Spec(
         body_c,
         cond_c,
         max_steps,
         checkpoints,
-        treedef,
-        tuple(_is_float(x) for x in leaves),
+        _Split.of(carry),
+        _Split.of(x0),
+        _Split.of(y_shape),
         k_float,
     )
-    fl, nl = spec.split(carry)
+    fl, nl = spec.carry.split(carry)
+    xs_split = spec.x.split(xs)
     body_kf = tuple(k for k, isf in zip(body_k, k_float, strict=True) if isf)
     body_kn = tuple(k for k, isf in zip(body_k, k_float, strict=True) if not isf)
-    out_fl, out_nl, steps = _loop(spec, fl, nl, (body_kf, body_kn), tuple(cond_k))
-    return spec.join(out_fl, out_nl), steps
+    out_fl, out_nl, steps, yf, yn = _loop(
+        spec, fl, nl, (body_kf, body_kn), tuple(cond_k), xs_split
+    )
+    return spec.carry.join(out_fl, out_nl), spec.y.join(yf, yn), steps
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _loop(spec: _Spec, fl: tuple, nl: tuple, body_k: tuple, cond_k: tuple):
-    def c(state: tuple) -> jax.Array:
-        i, fl_, nl_ = state
-        return (i < spec.max_steps) & spec.cond(i, spec.join(fl_, nl_), *cond_k)
-
-    def b(state: tuple) -> tuple:
-        i, fl_, nl_ = state
-        out = spec.call_body(i, spec.join(fl_, nl_), body_k)
-        return (i + 1, *spec.split(out))
-
-    steps, fl, nl = lax.while_loop(c, b, (jnp.int32(0), fl, nl))
-    return fl, nl, steps
+def _loop(spec: _Spec, fl: tuple, nl: tuple, body_k: tuple, cond_k: tuple, xs: tuple):
+    out_fl, out_nl, steps, ys, _ = _forward(
+        spec,
+        fl,
+        nl,
+        body_k,
+        cond_k,
+        xs,
+        start=jnp.int32(0),
+        count=None,
+        bound=spec.max_steps,
+        stores=[],
+        outputs=True,
+        any_mode=False,
+    )
+    return out_fl, out_nl, steps, *ys
 
 
 def _carry_bytes(fl: tuple, nl: tuple) -> int:
@@ -276,32 +356,46 @@ def _forward(
     nl: tuple,
     body_k: tuple,
     cond_k: tuple,
+    xs: tuple,
     *,
     start: Any,
     count: Any | None,
     bound: int,
     stores: list[tuple[int, int]],
-) -> tuple[tuple, tuple, jax.Array, list]:
+    outputs: bool,
+    any_mode: bool = True,
+) -> tuple[tuple, tuple, jax.Array, tuple, list]:
     """Run from step index `start`, storing carries as `stores` says.
 
     Runs `count` steps if given, else while `cond` holds and `max_steps` is not
     reached; at most `bound` steps. For each `(size, every)` in `stores`, the
     carry before every `every`-th step goes into a buffer of `size` entries
     (float leaves first); past `size * every` steps the last entry is
-    overwritten, and the caller then does not read that buffer. Returns the
-    final carry, the steps run and one buffer list per store.
+    overwritten, and the caller then does not read that buffer. With
+    `outputs`, the per-step outputs go into `(max_steps, ...)` buffers at
+    their step index. Returns the final carry, the steps run, the output
+    buffers `(float, other)` and one carry buffer list per store.
     """
     bufs = [[_buffer(x, size) for x in (*fl, *nl)] for size, _ in stores]
+    if outputs:
+        y_avals = jax.eval_shape(
+            lambda f, n: spec.step(start, f, n, _x_at(xs, start), body_k)[1], fl, nl
+        )
+        ys = tuple(
+            tuple(jnp.zeros((spec.max_steps, *a.shape), a.dtype) for a in part)
+            for part in y_avals
+        )
+    else:
+        ys = ((), ())
 
     def c(state: tuple) -> jax.Array:
-        t, fl_, nl_, _ = state
+        t, fl_, nl_, _, _ = state
         if count is not None:
             return t < count
-        i = start + t
-        return (i < spec.max_steps) & spec.cond(i, spec.join(fl_, nl_), *cond_k)
+        return spec.keep_going(start + t, fl_, nl_, cond_k)
 
     def b(state: tuple) -> tuple:
-        t, fl_, nl_, bufs_ = state
+        t, fl_, nl_, bufs_, ys_ = state
         new_bufs = []
         for (size, every), bs in zip(stores, bufs_, strict=True):
             slot = jnp.minimum(t // every, size - 1)
@@ -315,120 +409,153 @@ def _forward(
                     bs,
                 )
             new_bufs.append(bs)
-        out = spec.call_body(start + t, spec.join(fl_, nl_), body_k)
-        return (t + 1, *spec.split(out), new_bufs)
+        i = start + t
+        (fl_, nl_), y = spec.step(i, fl_, nl_, _x_at(xs, i), body_k)
+        if outputs:
+            ys_ = tuple(
+                tuple(_write(list(buf), i, list(part)))
+                for buf, part in zip(ys_, y, strict=True)
+            )
+        return t + 1, fl_, nl_, new_bufs, ys_
 
-    t, fl, nl, bufs = _while_any_mode(c, b, (jnp.int32(0), fl, nl, bufs), bound)
-    return fl, nl, t, bufs
+    init = (jnp.int32(0), fl, nl, bufs, ys)
+    if any_mode:
+        t, fl, nl, bufs, ys = _while_any_mode(c, b, init, bound)
+    else:
+        t, fl, nl, bufs, ys = lax.while_loop(c, b, init)
+    return fl, nl, t, ys, bufs
 
 
 def _reverse(
     spec: _Spec,
     bufs: list,
-    n_float: int,
     start: Any,
     count: Any,
-    ct_fl: tuple,
-    ct_k: tuple,
+    state: tuple,
     body_k: tuple,
+    xs: tuple,
+    ct_ys: tuple,
     size: int,
-) -> tuple[tuple, tuple]:
-    """Pull `ct_fl` back through `count` stored steps (indices `start + t`)."""
+) -> tuple:
+    """Pull the cotangents back through `count` stored steps (`start + t`).
 
-    def c(state: tuple) -> jax.Array:
-        return state[0] > 0
+    `state` is `(ct_fl, ct_k, ct_xs)`: the carry's cotangent, the float
+    consts' accumulated cotangent and the float per-step inputs' cotangent
+    buffers, which each step writes at its index.
+    """
+    n_float = sum(spec.carry.is_float)
 
-    def b(state: tuple) -> tuple:
-        t, ct_fl_, ct_k_ = state
+    def c(st: tuple) -> jax.Array:
+        return st[0] > 0
+
+    def b(st: tuple) -> tuple:
+        t, ct_fl_, ct_k_, ct_xs_ = st
         t = t - 1
+        i = start + t
         stored = _read(bufs, t)
         fl_t, nl_t = tuple(stored[:n_float]), tuple(stored[n_float:])
 
-        def step(fl_: tuple, k: tuple) -> tuple:
-            out = spec.call_body(start + t, spec.join(fl_, nl_t), (k, body_k[1]))
-            return spec.split(out)[0]
+        xf_t, xn_t = _x_at(xs, i)
 
-        _, pullback = jax.vjp(step, fl_t, body_k[0])
-        d_fl, d_k = pullback(ct_fl_)
-        return t, d_fl, jax.tree.map(jnp.add, ct_k_, d_k)
+        def one(f: tuple, kf: tuple, xf: tuple) -> tuple:
+            (out_f, _), (y_f, _) = spec.step(i, f, nl_t, (xf, xn_t), (kf, body_k[1]))
+            return out_f, y_f
 
-    _, ct_fl, ct_k = _while_any_mode(c, b, (count, ct_fl, ct_k), size)
-    return ct_fl, ct_k
+        _, pullback = jax.vjp(one, fl_t, body_k[0], xf_t)
+        ct_y_t = tuple(_read(list(ct_ys), i))
+        d_fl, d_k, d_x = pullback((ct_fl_, ct_y_t))
+        ct_xs_ = tuple(_write(list(ct_xs_), i, list(d_x)))
+        return t, d_fl, jax.tree.map(jnp.add, ct_k_, d_k), ct_xs_
+
+    out = _while_any_mode(c, b, (count, *state), size)
+    return out[1:]
 
 
-def _loop_fwd(spec: _Spec, fl: tuple, nl: tuple, body_k: tuple, cond_k: tuple):
+def _loop_fwd(
+    spec: _Spec, fl: tuple, nl: tuple, body_k: tuple, cond_k: tuple, xs: tuple
+):
     _, stores = _plan(spec, fl, nl)
-    out_fl, out_nl, steps, bufs = _forward(
+    out_fl, out_nl, steps, ys, bufs = _forward(
         spec,
         fl,
         nl,
         body_k,
         cond_k,
+        xs,
         start=jnp.int32(0),
         count=None,
         bound=spec.max_steps,
         stores=stores,
+        outputs=True,
     )
-    return (out_fl, out_nl, steps), (bufs, steps, body_k, cond_k, fl, nl)
+    residuals = (bufs, steps, body_k, cond_k, xs, fl, nl)
+    return (out_fl, out_nl, steps, *ys), residuals
 
 
 def _loop_bwd(spec: _Spec, residuals: tuple, cts: tuple):
-    bufs, steps, body_k, cond_k, fl, nl = residuals
+    bufs, steps, body_k, cond_k, xs, fl, nl = residuals
     ct_fl = tuple(cts[0])
+    ct_ys = tuple(cts[3])
     ct_k = jax.tree.map(jnp.zeros_like, body_k[0])
+    ct_xs = tuple(jnp.zeros_like(x) for x in xs[0])
     n_float = len(fl)
     strategy, stores = _plan(spec, fl, nl)
     zero = jnp.int32(0)
 
-    def pull(stored: list, start: Any, length: Any, size: int, ct_fl_, ct_k_):
-        return _reverse(
-            spec, stored, n_float, start, length, ct_fl_, ct_k_, body_k, size
-        )
+    def pull(stored: list, start: Any, length: Any, size: int, *state):
+        return _reverse(spec, stored, start, length, state, body_k, xs, ct_ys, size)
 
-    def segments(ckpts: list, every: int, ct_fl_, ct_k_):
+    def replay(init: list, start: Any, length: Any, size: int, *state):
+        _, _, _, _, (seg,) = _forward(
+            spec,
+            tuple(init[:n_float]),
+            tuple(init[n_float:]),
+            body_k,
+            cond_k,
+            xs,
+            start=start,
+            count=length,
+            bound=size,
+            stores=[(size, 1)],
+            outputs=False,
+        )
+        return pull(seg, start, length, size, *state)
+
+    def segments(ckpts: list, every: int, *state):
         # Walk the segments backwards; replay each from its checkpoint into an
-        # `every`-step buffer, then pull the cotangent back through it.
-        def seg(state: tuple) -> tuple:
-            j, ct_fl_j, ct_k_j = state
-            j = j - 1
+        # `every`-step buffer, then pull the cotangents back through it.
+        def seg(st: tuple) -> tuple:
+            j = st[0] - 1
             start = j * every
             length = jnp.minimum(every, steps - start)
-            init = _read(ckpts, j)
-            _, _, _, (seg_bufs,) = _forward(
-                spec,
-                tuple(init[:n_float]),
-                tuple(init[n_float:]),
-                body_k,
-                cond_k,
-                start=start,
-                count=length,
-                bound=every,
-                stores=[(every, 1)],
-            )
-            ct_fl_j, ct_k_j = pull(seg_bufs, start, length, every, ct_fl_j, ct_k_j)
-            return j, ct_fl_j, ct_k_j
+            return (j, *replay(_read(ckpts, j), start, length, every, *st[1:]))
 
         n_seg = -(-steps // every)
         bound = -(-spec.max_steps // every)
-        state = _while_any_mode(lambda s: s[0] > 0, seg, (n_seg, ct_fl_, ct_k_), bound)
-        return state[1], state[2]
+        return _while_any_mode(lambda st: st[0] > 0, seg, (n_seg, *state), bound)[1:]
 
+    state = (ct_fl, ct_k, ct_xs)
     if strategy == "direct":
-        ct_fl, ct_k = pull(bufs[0], zero, steps, spec.max_steps, ct_fl, ct_k)
+        state = pull(bufs[0], zero, steps, spec.max_steps, *state)
     elif strategy == "segments":
-        ct_fl, ct_k = segments(bufs[0], stores[0][1], ct_fl, ct_k)
+        state = segments(bufs[0], stores[0][1], *state)
     else:  # long: the first carries if the run was short, else segments
         first = stores[0][0]
-        ct_fl, ct_k = lax.cond(
+        state = lax.cond(
             steps <= first,
             functools.partial(pull, bufs[0], zero, steps, first),
             functools.partial(segments, bufs[1], stores[1][1]),
-            ct_fl,
-            ct_k,
+            *state,
         )
-    ct_nl = tuple(None for _ in nl)
-    ct_cond = tuple(None for _ in cond_k)
-    return ct_fl, ct_nl, (ct_k, tuple(None for _ in body_k[1])), ct_cond
+    ct_fl, ct_k, ct_xs = state
+    none = lambda tree: tuple(None for _ in tree)  # noqa: E731
+    return (
+        ct_fl,
+        none(nl),
+        (ct_k, none(body_k[1])),
+        none(cond_k),
+        (ct_xs, none(xs[1])),
+    )
 
 
 _loop.defvjp(_loop_fwd, _loop_bwd)
