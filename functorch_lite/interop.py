@@ -1,12 +1,35 @@
 """PyTorch interop: `from_torch` (state_dict to params) and `to_torch` (back).
 
 A state_dict's dotted keys become nested dicts (`"input_linear.weight"` ->
-`params["input_linear"]["weight"]`), and every 2-D `weight` is transposed
-between torch's `(out, in)` and our `(in, out)`; every other tensor is copied
-as it is. Values are copied bit for bit and keep their float dtype (float16,
-float32, float64, and bfloat16 and the float8s, as ml_dtypes' types), so
+`params["input_linear"]["weight"]`; `"lstm.weight_ih_l0"` ->
+`params["lstm"]["weight_ih_l0"]`). Matrices that torch stores `(out, in)` are
+transposed to our `(in, out)`, and back: a linear `weight` and a recurrent
+layer's `weight_ih_l{k}` / `weight_hh_l{k}` (`_reverse` too). Every other
+tensor, such as an embedding's `(num_embeddings, dim)` table or a bias, is
+copied as it is.
+
+Which tensors are transposed is decided, most exactly first:
+
+1. by module type, when a `torch.nn.Module` is given (`from_torch(module)`,
+   `to_torch(params, like=module)`): the submodule that owns each tensor is
+   looked up in one layout table, used both ways: `Linear` transposes its
+   `weight`; `Embedding` and `EmbeddingBag` transpose nothing; `LSTM`, `GRU`
+   and `RNN` transpose their `weight_ih_l*` / `weight_hh_l*`. Tensors of
+   other modules follow the name rule.
+2. by shape, for a bare state_dict checked against `like`: a tensor that the
+   name rule would transpose is transposed if its expected shape is its
+   shape transposed, and kept if its expected shape is its own shape. When
+   both fit (a square matrix), the name rule decides.
+3. by name otherwise (the name rule): every 2-D tensor whose last name is
+   `weight`, `weight_ih_l<k>` or `weight_hh_l<k>` (optionally `_reverse`).
+   An embedding's 2-D `weight` is then transposed too; give `like` to keep
+   it as it is.
+
+Values are copied bit for bit and keep their float dtype (float16, float32,
+float64, and bfloat16 and the float8s, as ml_dtypes' types), so
 `from_torch(to_torch(params))` equals `params` and `to_torch(from_torch(sd))`
-equals `sd` exactly.
+equals `sd` exactly, whenever both directions decide alike (the same module
+or `like`, or the name rule both ways).
 
 torch is optional: it is imported only when these functions run.
 """
@@ -15,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import importlib
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,9 +65,101 @@ def _import_torch(where: str) -> Any:
         raise ImportError(f"{where}: {_INSTALL_HINT}") from err
 
 
+# A recurrent layer's input and hidden matrices, in torch's names.
+_RNN_WEIGHTS = r"weight_(?:ih|hh)_l\d+(?:_reverse)?"
+
+# The layout table, for both directions: for each torch module type (matched
+# with isinstance, in this order, so subclasses count), the pattern of the
+# names of its own 2-D tensors that torch stores `(out, in)` and we store
+# `(in, out)`; None where there is none. Those are transposed; every other
+# tensor of such a module is copied as it is. Tensors owned by a module of any
+# other type follow the name rule, `_transposes`.
+_LAYOUTS: tuple[tuple[str, str | None], ...] = (
+    ("Linear", "weight"),
+    ("Embedding", None),  # `(num_embeddings, dim)` both ways
+    ("EmbeddingBag", None),
+    ("LSTM", _RNN_WEIGHTS),
+    ("GRU", _RNN_WEIGHTS),
+    ("RNN", _RNN_WEIGHTS),
+)
+
+_NAME_RULE = re.compile(rf"weight|{_RNN_WEIGHTS}")
+
+
 def _transposes(name: str, ndim: int) -> bool:
-    """Tell whether a leaf is a linear weight, stored `(out, in)` by torch."""
-    return name.rsplit(".", 1)[-1] == "weight" and ndim == 2
+    """Tell, by name alone, whether a leaf is a matrix stored `(out, in)` by torch.
+
+    True for a 2-D leaf whose last name is `weight` (a linear layer's),
+    `weight_ih_l<k>` or `weight_hh_l<k>`, optionally with `_reverse` (a
+    recurrent layer's).
+    """
+    return ndim == 2 and _NAME_RULE.fullmatch(name.rsplit(".", 1)[-1]) is not None
+
+
+def _module_transposes(
+    torch: Any, module: Any, ndims: Mapping[str, int]
+) -> dict[str, bool]:
+    """Decide, for each state_dict name of `module`, whether it is transposed.
+
+    Args:
+      torch: the torch module.
+      module: a `torch.nn.Module` (anything without `named_modules` gets the
+        name rule throughout).
+      ndims: each state_dict name of `module` with its tensor's ndim.
+
+    Returns:
+      `{name: transposes}`, from the type of the submodule that owns each
+      tensor, through `_LAYOUTS`; from `_transposes` for a tensor whose owner
+      is of another type or is not found.
+    """
+    owners: dict[str, Any] = {}
+    if callable(getattr(module, "named_modules", None)):
+        # Every path of a module used twice (tied weights) has its own keys.
+        owners.update(module.named_modules(remove_duplicate=False))
+    rules = [
+        (getattr(torch.nn, kind), None if pattern is None else re.compile(pattern))
+        for kind, pattern in _LAYOUTS
+        if isinstance(getattr(torch.nn, kind, None), type)
+    ]
+    decisions = {}
+    for name, ndim in ndims.items():
+        path, _, local = name.rpartition(".")
+        owner = owners.get(path)
+        for kind, pattern in rules:
+            if isinstance(owner, kind):
+                decisions[name] = (
+                    ndim == 2 and pattern is not None and bool(pattern.fullmatch(local))
+                )
+                break
+        else:
+            decisions[name] = _transposes(name, ndim)
+    return decisions
+
+
+def _fits(
+    name: str, torch_shape: tuple[int, ...], our_shape: tuple[int, ...]
+) -> bool | None:
+    """Decide by shape whether a leaf is transposed; None where neither layout fits.
+
+    Only a leaf that the name rule transposes may be kept as it is, when
+    `our_shape` is `torch_shape` (an embedding's `weight`); when both fit (a
+    square matrix), the name rule decides. Every other leaf is never
+    transposed.
+    """
+    if _transposes(name, len(torch_shape)):
+        if our_shape == torch_shape[::-1]:
+            return True
+        if our_shape == torch_shape:
+            return False
+        return None
+    return False if our_shape == torch_shape else None
+
+
+def _either(name: str, shape: tuple[int, ...]) -> str:
+    """Describe the shapes a leaf may have in the other layout, for errors."""
+    if _transposes(name, len(shape)) and shape != shape[::-1]:
+        return f"{shape[::-1]} (or {shape}, as it is)"
+    return str(shape)
 
 
 def _flatten(tree: Any, *, where: str, arg: str) -> dict[str, Any]:
@@ -98,8 +214,8 @@ def _unflatten(flat: Mapping[str, Any], *, where: str) -> dict[str, Any]:
     return tree
 
 
-def _expected_shapes(like: Any, *, where: str) -> dict[str, tuple[int, ...]]:
-    """Map each dotted name of `like` (a params tree or a model) to its torch shape."""
+def _like_shapes(like: Any, *, where: str) -> dict[str, tuple[int, ...]]:
+    """Map each dotted name of `like` (a params tree or a model) to its shape."""
     init = getattr(like, "init", None)
     if callable(init):
         like = jax.eval_shape(init, jax.random.key(0))
@@ -110,8 +226,7 @@ def _expected_shapes(like: Any, *, where: str) -> dict[str, tuple[int, ...]]:
             raise TypeError(
                 f"{where}: `like` must hold arrays; {name!r} is {type(leaf).__name__}."
             )
-        shape = tuple(leaf.shape)
-        shapes[name] = shape[::-1] if _transposes(name, len(shape)) else shape
+        shapes[name] = tuple(leaf.shape)
     return shapes
 
 
@@ -171,25 +286,36 @@ def from_torch(state_dict_or_module: Any, *, like: Any = None) -> Params:
       state_dict_or_module: a mapping from dotted names to float tensors (a
         `state_dict()`), or a `torch.nn.Module`, whose `state_dict()` is used.
         For the reference `DynamicNet`: `"input_linear.weight"` of shape
-        `(d_hidden, d_in)`, `"input_linear.bias"`, and so on.
+        `(d_hidden, d_in)`, `"input_linear.bias"`, and so on. Given a module,
+        each tensor's layout follows the type of the submodule that owns it
+        (`Linear`, `Embedding`, `LSTM`, `GRU`, `RNN`; see the module
+        docstring); given a state_dict, its name (and `like`) decides.
       like: optional expected structure: a params tree (arrays or
-        `jax.ShapeDtypeStruct`s) or a model with `init(key)`. Every missing
-        key, extra key and wrong shape is then reported, all in one error.
+        `jax.ShapeDtypeStruct`s, in our layout) or a model with `init(key)`.
+        Every missing key, extra key and wrong shape is then reported, all in
+        one error. For a state_dict, it also settles by shape whether a 2-D
+        `weight` is transposed: an embedding's `(num_embeddings, dim)` table
+        expected as it is stays as it is (a square one follows the name
+        rule, and is transposed; pass the module instead).
 
     Returns:
       Nested dicts of `jax.Array`s: `{"input_linear": {"weight": (d_in,
       d_hidden), "bias": (d_hidden,)}, ...}`, each leaf with its tensor's
-      float dtype, 2-D `weight`s transposed to `(in, out)`.
+      float dtype; linear `weight`s and recurrent `weight_ih_l{k}` /
+      `weight_hh_l{k}` transposed to `(in, out)`, such as `(d_in, 4 *
+      d_hidden)` for an LSTM's `weight_ih_l0`; everything else as it is.
 
     Raises:
       ImportError: torch is not installed.
       TypeError: a tensor is not floating point, or has a float dtype that JAX
         has no array type for (such as `float4_e2m1fn_x2`), or, with `like`,
-        keys are missing or unexpected (every such key is named, with any shape
-        mismatches too); a value is not a tensor; the input is neither a
-        mapping nor a module.
+        keys are missing or unexpected, such as a second layer's
+        `weight_ih_l1` against a one-layer `like` (every such key is named,
+        with any shape mismatches too); a value is not a tensor; the input
+        is neither a mapping nor a module.
       ValueError: with `like`, shapes differ (and nothing else is wrong), each
-        key named; or a float64 tensor while JAX's 64-bit mode is off.
+        key named with its shape and the expected one, such as a hidden size
+        of 8 against 16; or a float64 tensor while JAX's 64-bit mode is off.
 
     >>> import pytest; torch = pytest.importorskip("torch")
     >>> import functorch_lite as fl
@@ -197,10 +323,26 @@ def from_torch(state_dict_or_module: Any, *, like: Any = None) -> Params:
     >>> params = fl.interop.from_torch(layer.state_dict())
     >>> params["weight"].shape, params["bias"].shape
     ((3, 2), (2,))
+    >>> lstm = torch.nn.LSTM(3, 5, num_layers=2, bidirectional=True)
+    >>> params = fl.interop.from_torch(lstm)
+    >>> params["weight_ih_l0"].shape, params["weight_hh_l1_reverse"].shape
+    ((3, 20), (5, 20))
+    >>> model = torch.nn.Module()
+    >>> model.embed = torch.nn.Embedding(10, 3)
+    >>> model.lstm = torch.nn.LSTM(3, 5)
+    >>> params = fl.interop.from_torch(model)  # the module: by type
+    >>> params["embed"]["weight"].shape, params["lstm"]["weight_ih_l0"].shape
+    ((10, 3), (3, 20))
+    >>> bare = fl.interop.from_torch(model.state_dict())  # by name: transposed
+    >>> bare["embed"]["weight"].shape
+    (3, 10)
+    >>> fl.interop.from_torch(model.state_dict(), like=params)["embed"]["weight"].shape
+    (10, 3)
     """
     where = "from_torch"
     torch = _import_torch(where)
     state_dict: Mapping[Any, Any]
+    module = None
     if isinstance(state_dict_or_module, Mapping):
         state_dict = state_dict_or_module
     else:
@@ -210,7 +352,8 @@ def from_torch(state_dict_or_module: Any, *, like: Any = None) -> Params:
                 f"from names to tensors) or a torch.nn.Module; got "
                 f"{type(state_dict_or_module).__name__}."
             )
-        state_dict = state_dict_or_module.state_dict()
+        module = state_dict_or_module
+        state_dict = module.state_dict()
 
     not_tensor = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if not_tensor:
@@ -256,19 +399,37 @@ def from_torch(state_dict_or_module: Any, *, like: Any = None) -> Params:
             f"tensors of a float dtype that JAX has no array type for: "
             f"{no_jax_dtype!r} (convert them with `.float()`)"
         )
+    # By module type when a module is given, else by name; refined below by
+    # shape where `like` tells.
+    ndims = {k: v.ndim for k, v in state_dict.items()}
+    if module is not None:
+        transposes = _module_transposes(torch, module, ndims)
+    else:
+        transposes = {k: _transposes(k, n) for k, n in ndims.items()}
     if like is not None:
-        expected = _expected_shapes(like, where=where)
-        missing = [k for k in expected if k not in state_dict]
-        extra = [k for k in state_dict if k not in expected]
+        ours = _like_shapes(like, where=where)
+        missing = [k for k in ours if k not in state_dict]
+        extra = [k for k in state_dict if k not in ours]
         if missing:
             kind_problems.append(f"missing keys: {missing!r}")
         if extra:
             kind_problems.append(f"unexpected keys: {extra!r}")
-        wrong = [
-            f"{k!r} has shape {tuple(state_dict[k].shape)}, expected {want}"
-            for k, want in expected.items()
-            if k in state_dict and tuple(state_dict[k].shape) != want
-        ]
+        wrong = []
+        for k, our in ours.items():
+            if k not in state_dict:
+                continue
+            shape = tuple(state_dict[k].shape)
+            if module is not None:
+                # The module's types decide; `like` only checks the shapes.
+                want = our[::-1] if transposes.get(k) else our
+                if shape != want:
+                    wrong.append(f"{k!r} has shape {shape}, expected {want}")
+                continue
+            fit = _fits(k, shape, our)
+            if fit is None:
+                wrong.append(f"{k!r} has shape {shape}, expected {_either(k, our)}")
+            else:
+                transposes[k] = fit
         if wrong:
             value_problems.append(
                 "wrong shapes (torch layout, `weight` as (out, in)): "
@@ -295,29 +456,44 @@ def from_torch(state_dict_or_module: Any, *, like: Any = None) -> Params:
     flat = {}
     for name, tensor in state_dict.items():
         array = _tensor_to_numpy(torch, tensor)
-        if _transposes(name, array.ndim):
+        if transposes[name]:
             array = array.T
         # Copy: on CPU, JAX may alias a NumPy buffer, which torch could mutate.
         flat[name] = jnp.asarray(np.array(array, copy=True, order="C"))
     return _unflatten(flat, where=where)
 
 
-def to_torch(params: Params) -> collections.OrderedDict:
+def to_torch(params: Params, *, like: Any = None) -> collections.OrderedDict:
     """Convert a params tree to a PyTorch state_dict; the inverse of `from_torch`.
 
     Args:
       params: nested dicts (str keys without dots) of float arrays, such as
         `net.init(key)`.
+      like: optional torch target: a `torch.nn.Module` or its `state_dict()`
+        (only the shapes are read). Every missing key, extra key and wrong
+        shape is then reported, all in one error. A module decides each
+        tensor's layout by the type of the submodule that owns it, as
+        `from_torch(module)` does; a state_dict decides by shape, as
+        `from_torch(state_dict, like=params)` does. Without `like`, the name
+        rule transposes every 2-D `weight`, so params holding an embedding
+        need `like` to come back in torch's `(num_embeddings, dim)` layout.
 
     Returns:
       An `OrderedDict` from dotted names to CPU tensors, in the tree's
-      insertion order, with each leaf's dtype; 2-D `weight`s are transposed
-      to torch's `(out, in)`. Load it with `module.load_state_dict(...)`.
+      insertion order, with each leaf's dtype; linear `weight`s and recurrent
+      `weight_ih_l{k}` / `weight_hh_l{k}` are transposed to torch's `(out,
+      in)`, everything else is copied as it is. Load it with
+      `module.load_state_dict(...)`.
 
     Raises:
       ImportError: torch is not installed.
       TypeError: `params` is not nested dicts, or a leaf is not a float array
-        of a dtype torch also has (each such key is named).
+        of a dtype torch also has (each such key is named); `like` is neither
+        a module nor a mapping of tensors; or, with `like`, keys are missing
+        or unexpected (every such key is named, with any shape mismatches
+        too).
+      ValueError: with `like`, shapes differ (and nothing else is wrong),
+        each key named with its shape and the expected one.
 
     >>> import pytest; torch = pytest.importorskip("torch")
     >>> import jax
@@ -327,6 +503,18 @@ def to_torch(params: Params) -> collections.OrderedDict:
     >>> {k: tuple(v.shape) for k, v in state_dict.items()}
     {'weight': (2, 3), 'bias': (2,)}
     >>> torch.nn.Linear(3, 2).load_state_dict(state_dict)
+    <All keys matched successfully>
+    >>> model = torch.nn.Module()
+    >>> model.embed = torch.nn.Embedding(10, 3)
+    >>> model.head = torch.nn.Linear(3, 2)
+    >>> params = {
+    ...     "embed": fl.nn.embedding(10, 3).init(jax.random.key(1)),
+    ...     "head": fl.nn.linear(3, 2).init(jax.random.key(2)),
+    ... }
+    >>> state_dict = fl.interop.to_torch(params, like=model)
+    >>> {k: tuple(v.shape) for k, v in state_dict.items()}
+    {'embed.weight': (10, 3), 'head.weight': (2, 3), 'head.bias': (2,)}
+    >>> model.load_state_dict(state_dict)
     <All keys matched successfully>
     """
     where = "to_torch"
@@ -346,11 +534,14 @@ def to_torch(params: Params) -> collections.OrderedDict:
             f"{where}: every leaf of `params` must have a floating dtype that torch "
             f"also has; these do not: {not_float!r}."
         )
+    transposes = {k: _transposes(k, np.ndim(v)) for k, v in flat.items()}
+    if like is not None:
+        transposes = _to_torch_layout(torch, flat, like, where=where)
     state_dict: collections.OrderedDict = collections.OrderedDict()
     for name, leaf in flat.items():
         # A writable copy: torch.from_numpy warns on read-only buffers.
         array = np.array(leaf, copy=True)
-        if _transposes(name, array.ndim):
+        if transposes[name]:
             array = array.T
         # Not np.ascontiguousarray: it turns a 0-d array into shape (1,).
         array = np.array(array, order="C")
@@ -368,6 +559,86 @@ def to_torch(params: Params) -> collections.OrderedDict:
             )
         state_dict[name] = tensor
     return state_dict
+
+
+def _to_torch_layout(
+    torch: Any, flat: Mapping[str, Any], like: Any, *, where: str
+) -> dict[str, bool]:
+    """Check `flat` params against `like`; decide which leaves are transposed.
+
+    Args:
+      torch: the torch module.
+      flat: `{"a.b": leaf}`, our params.
+      like: a `torch.nn.Module` or a state_dict, the torch target.
+      where: the public function, for errors.
+
+    Returns:
+      `{name: transposes}` for every name of `flat`.
+
+    Raises:
+      TypeError: `like` is neither a module nor a mapping of arrays; keys
+        are missing or unexpected.
+      ValueError: only shapes differ.
+    """
+    module = None
+    if isinstance(like, Mapping):
+        target = like
+    elif callable(getattr(like, "state_dict", None)):
+        module = like
+        target = like.state_dict()
+    else:
+        raise TypeError(
+            f"{where}: `like` must be a torch.nn.Module or a state_dict (a mapping "
+            f"from dotted names to tensors); got {type(like).__name__}."
+        )
+    not_array = [k for k, v in target.items() if not hasattr(v, "shape")]
+    if not_array:
+        raise TypeError(
+            f"{where}: every value of `like` must be a tensor; these are not: "
+            f"{not_array!r}."
+        )
+    shapes = {k: tuple(v.shape) for k, v in target.items()}
+    transposes: dict[str, bool] = {}
+    if module is not None:
+        transposes = _module_transposes(
+            torch, module, {k: len(v) for k, v in shapes.items()}
+        )
+    problems = []
+    missing = [k for k in shapes if k not in flat]
+    extra = [k for k in flat if k not in shapes]
+    if missing:
+        problems.append(f"missing keys: {missing!r}")
+    if extra:
+        problems.append(f"unexpected keys: {extra!r}")
+    decisions = {}
+    wrong = []
+    for name, leaf in flat.items():
+        if name not in shapes:
+            continue
+        ours, theirs = tuple(np.shape(leaf)), shapes[name]
+        if module is not None:
+            # The module's types decide; its shapes only check.
+            decisions[name] = transposes[name]
+            want = theirs[::-1] if transposes[name] else theirs
+            if ours != want:
+                wrong.append(f"{name!r} has shape {ours}, expected {want}")
+            continue
+        fit = _fits(name, theirs, ours)
+        if fit is None:
+            wrong.append(f"{name!r} has shape {ours}, expected {_either(name, theirs)}")
+        else:
+            decisions[name] = fit
+    if wrong:
+        problems.append(
+            "wrong shapes (our layout, `weight` as (in, out)): " + ", ".join(wrong)
+        )
+    if problems:
+        # TypeError for the wrong structure, ValueError for shapes only.
+        error = TypeError if missing or extra else ValueError
+        raise error(
+            f"{where}: `params` do not match `like`: " + "; ".join(problems) + "."
+        )
+    return decisions
 
 
 def _torch_dtype_for(torch: Any, leaf: Any) -> Any:

@@ -1,4 +1,8 @@
-"""The reference models `TwoLayerNet` and `DynamicNet`, built from `nn` and `repeat`."""
+"""The models: `TwoLayerNet`, `DynamicNet` and `CharLSTM`, built from `nn` and loops.
+
+`TwoLayerNet` and `DynamicNet` are the two reference programs; `CharLSTM` is a
+character-level language model over variable-length lines.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from functorch_lite.control import (
     repeat,
 )
 
-__all__ = ["DynamicNet", "TwoLayerNet", "check_params", "check_x"]
+__all__ = ["CharLSTM", "DynamicNet", "TwoLayerNet", "check_params", "check_x"]
 
 Params = Any
 
@@ -355,3 +359,110 @@ class DynamicNet:
                 in_range = in_range[:, None]
             out = jnp.where(in_range, out, jnp.nan)
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CharLSTM:
+    """A character-level language model: embedding, LSTM, linear head.
+
+    `apply(params, tokens, lengths)` maps int tokens `(N, T)` to next-token
+    logits `(N, T, vocab_size)`; `loss` is the cross-entropy of predicting
+    `tokens[:, t + 1]` from `tokens[:, :t + 1]`, with the positions past each
+    line masked out. Params: `{"embedding": {"weight"}, "lstm": {...},
+    "head": {"weight", "bias"}}`, PyTorch's layouts and initializations
+    (`nn.Embedding`, `nn.LSTM`, `nn.Linear`).
+
+    >>> import jax, jax.numpy as jnp
+    >>> import functorch_lite as fl
+    >>> model = fl.models.CharLSTM(vocab_size=5, d_embed=4, d_hidden=8)
+    >>> params = model.init(jax.random.key(0))
+    >>> tokens = jnp.array([[1, 2, 3, 0], [4, 1, 0, 0]])
+    >>> model.apply(params, tokens, jnp.array([4, 2])).shape
+    (2, 4, 5)
+    >>> float(model.loss(params, tokens, jnp.array([4, 2]))) > 0
+    True
+    """
+
+    vocab_size: int
+    d_embed: int
+    d_hidden: int
+    num_layers: int = 1
+
+    def __post_init__(self) -> None:
+        _check_sizes(
+            "CharLSTM",
+            vocab_size=self.vocab_size,
+            d_embed=self.d_embed,
+            d_hidden=self.d_hidden,
+            num_layers=self.num_layers,
+        )
+
+    @property
+    def _layers(self) -> dict[str, Any]:
+        return {
+            "embedding": nn.embedding(self.vocab_size, self.d_embed),
+            "lstm": nn.lstm(self.d_embed, self.d_hidden, num_layers=self.num_layers),
+            "head": nn.linear(self.d_hidden, self.vocab_size),
+        }
+
+    def init(self, key: jax.Array) -> Params:
+        """Initialize the embedding, the LSTM and the head, one key each."""
+        layers = self._layers
+        keys = jax.random.split(key, len(layers))
+        return {
+            name: layer.init(k)
+            for (name, layer), k in zip(layers.items(), keys, strict=True)
+        }
+
+    def apply(
+        self,
+        params: Params,
+        tokens: jax.Array,
+        lengths: jax.Array,
+        *,
+        mode: str = "static",
+        initial_state: Any = None,
+        return_state: bool = False,
+    ) -> Any:
+        """Next-token logits `(N, T, vocab_size)` for int `tokens` `(N, T)`.
+
+        Args:
+          params: the tree from `init`.
+          tokens: int token ids, padded to `T`.
+          lengths: `(N,)` ints in `[1, T]`; positions past them give zeros
+            from the LSTM (their logits are the head's bias).
+          mode: `"static"` or `"dynamic"`, as for `fl.nn.lstm`.
+          initial_state: `(h_0, c_0)`, as for `fl.nn.lstm`.
+          return_state: also return the LSTM's final `(h_n, c_n)`.
+
+        Returns:
+          The logits, or `(logits, (h_n, c_n))`.
+        """
+        layers = self._layers
+        x = layers["embedding"].apply(params["embedding"], tokens)
+        out, state = layers["lstm"].apply(
+            params["lstm"], x, lengths, mode=mode, initial_state=initial_state
+        )
+        logits = layers["head"].apply(params["head"], out)
+        return (logits, state) if return_state else logits
+
+    def loss(
+        self,
+        params: Params,
+        tokens: jax.Array,
+        lengths: jax.Array,
+        *,
+        mode: str = "static",
+    ) -> jax.Array:
+        """Mean next-character cross-entropy over the real positions.
+
+        Position `t` predicts `tokens[:, t + 1]`; a line of length `L` has
+        `L - 1` targets, and the positions past them are masked out.
+        """
+        logits = self.apply(params, tokens, lengths, mode=mode)
+        targets = jnp.concatenate(
+            [tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1
+        )
+        steps = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+        mask = steps < (jnp.asarray(lengths, jnp.int32)[:, None] - 1)
+        return nn.cross_entropy(logits, targets, mask=mask)

@@ -13,7 +13,17 @@ from jax.core import Tracer
 
 from functorch_lite._checks import check_int
 
-__all__ = ["Layer", "linear", "mse_loss", "relu"]
+__all__ = [
+    "Layer",
+    "RecurrentLayer",
+    "cross_entropy",
+    "embedding",
+    "linear",
+    "lstm",
+    "mse_loss",
+    "relu",
+    "rnn",
+]
 
 Params = Any
 
@@ -208,3 +218,265 @@ def mse_loss(
         )
     per_row = math.prod(pred_shape[1:])
     return total / (jnp.sum(weights) * per_row)
+
+
+def _check_array(value: Any, *, where: str, name: str) -> None:
+    if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+        raise TypeError(
+            f"{where}: `{name}` must be an array; got {type(value).__name__}."
+        )
+
+
+def _check_int_dtype(value: Any, *, where: str, name: str, what: str) -> None:
+    _check_array(value, where=where, name=name)
+    if not jnp.issubdtype(value.dtype, jnp.integer):
+        raise TypeError(
+            f"{where}: `{name}` must have an integer dtype ({what}); got "
+            f"{value.dtype}. Cast it, for example `.astype(jnp.int32)`."
+        )
+
+
+def _check_concrete_range(
+    value: Any, upper: int, *, where: str, name: str, what: str, keep: Any = None
+) -> None:
+    """Raise `ValueError` if concrete `value` (where `keep`) leaves `[0, upper)`.
+
+    A traced `value` cannot be read: its check is skipped, and the caller's
+    NaN fill reports a bad entry instead.
+    """
+    if isinstance(value, Tracer):
+        return
+    values = np.asarray(value)
+    if keep is not None:
+        values = values[np.asarray(keep) != 0]
+    bad = values[(values < 0) | (values >= upper)]
+    if bad.size:
+        raise ValueError(
+            f"{where}: `{name}` must be {what} in [0, {upper}); got {int(bad.flat[0])}"
+            f"{f' (and {bad.size - 1} more)' if bad.size > 1 else ''}."
+        )
+
+
+def embedding(num_embeddings: int, embedding_dim: int) -> Layer:
+    """Create a lookup table layer, initialized like `torch.nn.Embedding`.
+
+    `weight` has shape `(num_embeddings, embedding_dim)`, one row per token
+    (the same layout as torch, no transpose), drawn from N(0, 1), float32.
+
+    Args:
+      num_embeddings: the number of tokens (rows of the table).
+      embedding_dim: the size of each token's vector.
+
+    Returns:
+      A `Layer` whose `apply(params, ids)` maps integer `ids` of any shape to
+      `params["weight"][ids]`, of shape `ids.shape + (embedding_dim,)`.
+      Concrete `ids` outside `[0, num_embeddings)` raise `ValueError`. Traced
+      ids (inside `jit`, `vmap`, `lax.scan` and the like) cannot be checked; the
+      lookup uses `jnp.take(..., mode="fill", fill_value=nan)`, so an
+      out-of-range id, negative ones included, gives a row of NaN (and no
+      gradient) rather than JAX's default silent clamp or wrap-around.
+
+    >>> import jax, jax.numpy as jnp
+    >>> import functorch_lite as fl
+    >>> layer = fl.nn.embedding(10, 4)
+    >>> params = layer.init(jax.random.key(0))
+    >>> params["weight"].shape, params["weight"].dtype
+    ((10, 4), dtype('float32'))
+    >>> layer.apply(params, jnp.array([[1, 2, 3], [4, 5, 6]])).shape
+    (2, 3, 4)
+    >>> bool(jnp.all(layer.apply(params, jnp.array(7)) == params["weight"][7]))
+    True
+    """
+    for name, value in (
+        ("num_embeddings", num_embeddings),
+        ("embedding_dim", embedding_dim),
+    ):
+        check_int(value, where="embedding", name=name, minimum=1)
+    num_embeddings, embedding_dim = int(num_embeddings), int(embedding_dim)
+
+    def init(key: jax.Array) -> Params:
+        return {
+            "weight": jax.random.normal(
+                key, (num_embeddings, embedding_dim), jnp.float32
+            )
+        }
+
+    def apply(params: Params, ids: jax.Array) -> jax.Array:
+        where = f"embedding({num_embeddings}, {embedding_dim}).apply"
+        _check_embedding_params(params, where, (num_embeddings, embedding_dim))
+        _check_int_dtype(ids, where=where, name="ids", what="token indices")
+        _check_concrete_range(
+            ids, num_embeddings, where=where, name="ids", what="token indices"
+        )
+        rows = jnp.take(params["weight"], ids, axis=0, mode="fill", fill_value=jnp.nan)
+        if jnp.issubdtype(ids.dtype, jnp.unsignedinteger):
+            return rows
+        # `jnp.take` wraps ids in [-num_embeddings, 0) around, as Python does;
+        # an embedding has no such ids, so they become NaN too.
+        negative = jnp.expand_dims(jnp.asarray(ids) < 0, -1)
+        return jnp.where(negative, jnp.nan, rows)
+
+    return Layer(init, apply)
+
+
+def _check_embedding_params(params: Any, where: str, shape: tuple[int, int]) -> None:
+    """Structure, shape and dtype only: free under jit, where they are static."""
+    if not isinstance(params, dict) or set(params) != {"weight"}:
+        got = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise TypeError(
+            f"{where}: `params` must be a dict with keys ['weight']; got {got}. "
+            "Create it with the layer's `init(key)`."
+        )
+    weight = params["weight"]
+    if jnp.shape(weight) != shape:
+        raise ValueError(
+            f"{where}: `params['weight']` must have shape {shape}; got "
+            f"{jnp.shape(weight)}."
+        )
+    if not jnp.issubdtype(jnp.result_type(weight), jnp.floating):
+        raise TypeError(
+            f"{where}: `params['weight']` must have a floating dtype; got "
+            f"{jnp.result_type(weight)}."
+        )
+
+
+def cross_entropy(
+    logits: jax.Array,
+    targets: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    reduction: str = "mean",
+) -> jax.Array:
+    """Compute the softmax cross-entropy of `logits` against class `targets`.
+
+    The semantics of `torch.nn.functional.cross_entropy` with class-index
+    targets, except that the class axis is the LAST axis of `logits`
+    (torch wants it at axis 1): for torch's `(N, C, T)` input, pass
+    `(N, T, C)`, for example `jnp.moveaxis(x, 1, -1)`. The log-softmax is
+    computed stably (shifted by the row maximum).
+
+    Args:
+      logits: unnormalized scores of shape `(..., C)`, floating dtype.
+      targets: class indices of shape `(...)` (the shape of `logits` without
+        its last axis), integer dtype, in `[0, C)`. Concrete targets outside
+        it raise `ValueError` (at real positions only, when `mask` is
+        concrete); traced ones cannot be checked and give a NaN loss.
+      mask: optional array shaped like `targets`, bool or numeric, 1 (or
+        True) for real positions and 0 for padding. Padded positions add
+        exactly nothing, to the loss and to its gradient, whatever their
+        logits and targets hold (even NaN, Inf or an out-of-range class),
+        as with torch's `ignore_index`. Other values weight their position,
+        as in `mse_loss`.
+      reduction: `"mean"` (divided by the number of real positions: all of
+        them without `mask`, `sum(mask)` with it, as torch does with
+        `ignore_index`), `"sum"`, or `"none"` (per-position losses of shape
+        `targets.shape`, 0 at padded positions). With `"mean"`, a mask with
+        no real position raises `ValueError` when concrete, and gives NaN
+        when traced.
+
+    Returns:
+      A scalar, or an array of shape `targets.shape` for `"none"`.
+
+    >>> import jax.numpy as jnp
+    >>> import functorch_lite as fl
+    >>> logits = jnp.array([[2.0, 0.0], [0.0, 2.0]])
+    >>> fl.nn.cross_entropy(logits, jnp.array([0, 1])).round(4)
+    Array(0.1269, dtype=float32)
+    >>> fl.nn.cross_entropy(logits, jnp.array([0, 0]), reduction="none").round(4)
+    Array([0.1269, 2.1269], dtype=float32)
+    >>> mask = jnp.array([1.0, 0.0])  # the second position is padding
+    >>> fl.nn.cross_entropy(logits, jnp.array([0, 0]), mask=mask).round(4)
+    Array(0.1269, dtype=float32)
+    """
+    where = "cross_entropy"
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(
+            f'{where}: `reduction` must be "mean", "sum" or "none"; got {reduction!r}.'
+        )
+    _check_array(logits, where=where, name="logits")
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise TypeError(
+            f"{where}: `logits` must have a floating dtype; got {logits.dtype}. "
+            "Cast it, for example `.astype(jnp.float32)`."
+        )
+    _check_int_dtype(targets, where=where, name="targets", what="class indices")
+    logits_shape, targets_shape = tuple(jnp.shape(logits)), tuple(jnp.shape(targets))
+    if len(logits_shape) == 0 or logits_shape[-1] == 0:
+        raise ValueError(
+            f"{where}: `logits` must have shape (..., C) with C >= 1 classes on "
+            f"the last axis; got {logits_shape}."
+        )
+    num_classes = logits_shape[-1]
+    if logits_shape[:-1] != targets_shape:
+        raise ValueError(
+            f"{where}: `targets` must have shape {logits_shape[:-1]}, the shape of "
+            f"`logits` {logits_shape} without its last (class) axis; got "
+            f"{targets_shape}. The class axis is last, not at axis 1 as in torch: "
+            "move it with `jnp.moveaxis(logits, 1, -1)`."
+        )
+    dtype = jax.dtypes.canonicalize_dtype(logits.dtype)
+    if mask is not None:
+        _check_array(mask, where=where, name="mask")
+        if not (
+            jnp.issubdtype(mask.dtype, jnp.bool_)
+            or jnp.issubdtype(mask.dtype, jnp.integer)
+            or jnp.issubdtype(mask.dtype, jnp.floating)
+        ):
+            raise TypeError(
+                f"{where}: `mask` must have a bool, integer or floating dtype; got "
+                f"{mask.dtype}."
+            )
+        if tuple(jnp.shape(mask)) != targets_shape:
+            raise ValueError(
+                f"{where}: `mask` must have the shape of `targets` {targets_shape}, "
+                f"one weight per position; got {tuple(jnp.shape(mask))}."
+            )
+    concrete_mask = mask is not None and not isinstance(mask, Tracer)
+    if reduction == "mean" and concrete_mask and not np.any(np.asarray(mask)):
+        raise ValueError(
+            f'{where}: with reduction="mean", `mask` must keep at least one '
+            "position; got a mask of zeros, whose mean is undefined."
+        )
+    if mask is None or concrete_mask:
+        _check_concrete_range(
+            targets,
+            num_classes,
+            where=where,
+            name="targets",
+            what="class indices",
+            keep=mask,
+        )
+    targets = jnp.asarray(targets)
+    weights = None if mask is None else jnp.asarray(mask).astype(dtype)
+    safe_logits = logits
+    if weights is not None:
+        # Select, do not multiply: 0 * Inf is NaN. The logits themselves are
+        # selected, so that a padded position's log-softmax, and its gradient,
+        # never see what it holds.
+        safe_logits = jnp.where(jnp.expand_dims(weights != 0, -1), logits, 0)
+    log_probs = jax.nn.log_softmax(safe_logits, axis=-1)
+    in_range = targets >= 0
+    if num_classes <= jnp.iinfo(targets.dtype).max:
+        # Guarded: a weakly typed Python int too large for a narrow dtype
+        # (300 in uint8) would wrap around, not compare.
+        in_range &= targets < num_classes
+    picked = jnp.take_along_axis(
+        log_probs, jnp.expand_dims(jnp.where(in_range, targets, 0), -1), axis=-1
+    )[..., 0]
+    # A traced out-of-range target cannot raise: it shows as NaN.
+    nll = jnp.where(in_range, -picked, jnp.nan)
+    if weights is not None:
+        nll = jnp.where(weights != 0, nll * weights, 0)
+    if reduction == "none":
+        return nll
+    total = jnp.sum(nll)
+    if reduction == "sum":
+        return total
+    if weights is None:
+        return total / math.prod(targets_shape)
+    return total / jnp.sum(weights)
+
+
+# The recurrent layers live in their own module (one screenful of concepts per
+# module); they are part of `fl.nn`. Imported last: they use `Layer`'s module.
+from functorch_lite._recurrent import RecurrentLayer, lstm, rnn  # noqa: E402

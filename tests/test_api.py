@@ -34,5 +34,21 @@ def test_submodule_all():
         "make_step",
         "pad_batch",
     ]
-    assert fl.models.__all__ == ["DynamicNet", "TwoLayerNet", "check_params", "check_x"]
-    assert fl.nn.__all__ == ["Layer", "linear", "mse_loss", "relu"]
+    assert fl.models.__all__ == [
+        "CharLSTM",
+        "DynamicNet",
+        "TwoLayerNet",
+        "check_params",
+        "check_x",
+    ]
+    assert fl.nn.__all__ == [
+        "Layer",
+        "RecurrentLayer",
+        "cross_entropy",
+        "embedding",
+        "linear",
+        "lstm",
+        "mse_loss",
+        "relu",
+        "rnn",
+    ]

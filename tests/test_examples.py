@@ -3,6 +3,7 @@
 import importlib.util
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -109,3 +110,24 @@ def test_per_example_depth_example_runs(capsys):
     np.testing.assert_allclose(out["static_losses"], out["dynamic_losses"], rtol=1e-4)
     assert out["static_losses"][-1] < out["static_losses"][0]
     assert "1 compile(s) for 20 depth patterns" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["static", "bucketed", "dynamic"])
+def test_char_lstm_example_runs(mode, capsys):
+    # optax.adam's bias correction (`decay ** count`, float ** int32) is not
+    # clean under the strict promotion that conftest.py switches on.
+    with jax.numpy_dtype_promotion("standard"):
+        out = load("char_lstm").main(
+            ["--mode", mode, "--lines", "96", "--batch", "32", "--epochs", "2",
+             "--hidden", "16", "--samples", "1", "--max-len", "20"]
+        )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "stdlib modules' docstrings" in printed
+    if mode == "static":
+        assert out["compiles"] == 1
+    elif mode == "bucketed":
+        assert 1 <= out["compiles"] <= 5
+    assert np.all(np.isfinite(out["epoch_losses"]))
+    assert out["epoch_losses"][-1] < out["epoch_losses"][0]
+    assert len(out["samples"]) == 1
+    assert out["lengths"].min() >= 8 and out["lengths"].max() <= 20

@@ -1,0 +1,396 @@
+"""Recurrent layers over padded batches of variable-length sequences.
+
+`lstm` and `rnn` return what PyTorch's `nn.LSTM` / `nn.RNN` return for a packed
+batch (`pack_padded_sequence(..., enforce_sorted=False)` then
+`pad_packed_sequence(..., total_length=T)`): outputs with zeros past each
+sequence's length, and each sequence's final state at its own last step. The
+reverse direction of a bidirectional layer starts at each sequence's own last
+element.
+
+How it runs: the input projection `x @ weight_ih + biases` is one matmul over all
+steps; only `h @ weight_hh` and the gates run per step. The static mode runs the
+steps with the library's bounded loop (`functorch_lite._loop.bounded_scan`): the
+loop and its reverse pass run to the batch's longest sequence, not to `T`, and
+one compiled program serves every length pattern. The dynamic mode is a Python
+loop over the padded length `T` (a static shape), one program per `T`. Rows past
+their own length keep their state and output zeros, in both modes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.core import Tracer
+
+from functorch_lite._checks import check_int
+from functorch_lite._loop import bounded_scan
+
+__all__ = ["RecurrentLayer", "lstm", "rnn"]
+
+Params = Any
+
+
+class RecurrentLayer(NamedTuple):
+    """A recurrent layer: `init(key) -> params`, `apply(params, xs, lengths, ...)`.
+
+    `apply(params, xs, lengths, *, mode="static", initial_state=None)` returns
+    `(out, state)`: `out` of shape `(N, T, D*H)` and the final state (`h_n`,
+    or `(h_n, c_n)` for the LSTM), shaped `(num_layers*D, N, H)`.
+    """
+
+    init: Callable[[jax.Array], Params]
+    apply: Callable[..., tuple[jax.Array, Any]]
+
+
+def _keys(num_layers: int, directions: int) -> list[str]:
+    """PyTorch's state_dict keys, in its order."""
+    keys = []
+    for layer in range(num_layers):
+        for suffix in ("", "_reverse")[:directions]:
+            keys += [
+                f"{name}_l{layer}{suffix}"
+                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+            ]
+    return keys
+
+
+def _make(
+    kind: str,
+    d_in: int,
+    d_hidden: int,
+    num_layers: int,
+    bidirectional: bool,
+    cell: Callable[[jax.Array, tuple], tuple],
+    gates: int,
+) -> RecurrentLayer:
+    where = kind
+    for name, value in (("d_in", d_in), ("d_hidden", d_hidden)):
+        check_int(value, where=where, name=name, minimum=1)
+    check_int(num_layers, where=where, name="num_layers", minimum=1)
+    if not isinstance(bidirectional, bool | np.bool_):
+        raise TypeError(
+            f"{where}: `bidirectional` must be a bool; got "
+            f"{type(bidirectional).__name__} {bidirectional!r}."
+        )
+    directions = 2 if bidirectional else 1
+    hidden, width = d_hidden, gates * d_hidden
+    is_lstm = kind == "lstm"
+
+    def shapes() -> dict[str, tuple[int, ...]]:
+        out = {}
+        for layer in range(num_layers):
+            size_in = d_in if layer == 0 else directions * hidden
+            for suffix in ("", "_reverse")[:directions]:
+                out[f"weight_ih_l{layer}{suffix}"] = (size_in, width)
+                out[f"weight_hh_l{layer}{suffix}"] = (hidden, width)
+                out[f"bias_ih_l{layer}{suffix}"] = (width,)
+                out[f"bias_hh_l{layer}{suffix}"] = (width,)
+        return out
+
+    def init(key: jax.Array) -> Params:
+        bound = 1.0 / math.sqrt(hidden)
+        spec = shapes()
+        keys = jax.random.split(key, len(spec))
+        return {
+            name: jax.random.uniform(k, shape, jnp.float32, -bound, bound)
+            for (name, shape), k in zip(spec.items(), keys, strict=True)
+        }
+
+    def apply(
+        params: Params,
+        xs: jax.Array,
+        lengths: jax.Array,
+        *,
+        mode: str = "static",
+        initial_state: Any = None,
+    ) -> tuple[jax.Array, Any]:
+        name = f"{kind}(...).apply"
+        if mode not in ("static", "dynamic"):
+            raise ValueError(
+                f'{name}: `mode` must be "static" or "dynamic"; got {mode!r}.'
+            )
+        _check_params(params, shapes(), where=name)
+        n, t = _check_xs(xs, d_in, where=name)
+        dtype = jnp.result_type(xs)
+        for key, leaf in params.items():
+            if jnp.result_type(leaf) != dtype:
+                raise TypeError(
+                    f"{name}: `xs` has dtype {dtype} but `params['{key}']` has "
+                    f"{jnp.result_type(leaf)}; they must match."
+                )
+        lengths = _check_lengths(lengths, n, t, where=name)
+        h0, c0 = _initial(
+            initial_state, num_layers * directions, n, hidden, dtype, is_lstm, name
+        )
+        inp = xs
+        h_n, c_n = [], []
+        for layer in range(num_layers):
+            outs = []
+            for d, suffix in enumerate(("", "_reverse")[:directions]):
+                index = layer * directions + d
+                p = {
+                    k: params[f"{k}_l{layer}{suffix}"]
+                    for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+                }
+                seq = inp if d == 0 else _reverse_padded(inp, lengths)
+                proj = seq @ p["weight_ih"] + _row(p["bias_ih"] + p["bias_hh"])
+                state = (h0[index], c0[index]) if is_lstm else (h0[index],)
+                out, state = _direction(
+                    cell, proj, p["weight_hh"], state, lengths, mode, t
+                )
+                if d == 1:
+                    out = _reverse_padded(out, lengths)
+                outs.append(out)
+                h_n.append(state[0])
+                if is_lstm:
+                    c_n.append(state[1])
+            inp = outs[0] if directions == 1 else jnp.concatenate(outs, axis=-1)
+        h_n = jnp.stack(h_n)
+        return inp, ((h_n, jnp.stack(c_n)) if is_lstm else h_n)
+
+    return RecurrentLayer(init, apply)
+
+
+def _row(bias: jax.Array) -> jax.Array:
+    return bias.reshape(1, 1, -1)
+
+
+def _lstm_cell(gates: jax.Array, state: tuple) -> tuple:
+    _, c = state
+    i, f, g, o = jnp.split(gates, 4, axis=-1)
+    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    h = jax.nn.sigmoid(o) * jnp.tanh(c)
+    return h, c
+
+
+def _rnn_cell(nonlinearity: str) -> Callable[[jax.Array, tuple], tuple]:
+    act = jnp.tanh if nonlinearity == "tanh" else jax.nn.relu
+
+    def cell(gates: jax.Array, state: tuple) -> tuple:
+        return (act(gates),)
+
+    return cell
+
+
+def _direction(
+    cell: Callable,
+    proj: jax.Array,
+    w_hh: jax.Array,
+    state: tuple,
+    lengths: jax.Array,
+    mode: str,
+    t_max: int,
+) -> tuple[jax.Array, tuple]:
+    """Run one direction over `proj` (N, T, G*H); rows stop at their length."""
+
+    def step(i: Any, st: tuple, x: jax.Array) -> tuple:
+        new = cell(x + st[0] @ w_hh, st)
+        keep = (i < lengths)[:, None]
+        st = tuple(jnp.where(keep, a, b) for a, b in zip(new, st, strict=True))
+        return st, jnp.where(keep, new[0], jnp.zeros_like(new[0]))
+
+    if mode == "dynamic":
+        outs = []
+        for i in range(t_max):
+            state, y = step(i, state, proj[:, i])
+            outs.append(y)
+        return jnp.stack(outs, axis=1), state
+    longest = jnp.max(lengths)
+    state, ys = bounded_scan(
+        step,
+        state,
+        jnp.swapaxes(proj, 0, 1),
+        length=longest,
+        max_steps=t_max,
+    )
+    return jnp.swapaxes(ys, 0, 1), state
+
+
+def _reverse_padded(a: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Reverse each row's first `lengths[r]` steps; the padding stays put."""
+    t = a.shape[1]
+    pos = jnp.arange(t, dtype=jnp.int32)[None, :]
+    lens = lengths[:, None]
+    index = jnp.where(pos < lens, lens - 1 - pos, pos)
+    return jnp.take_along_axis(a, index[:, :, None], axis=1)
+
+
+def _check_params(params: Any, shapes: dict, *, where: str) -> None:
+    if not isinstance(params, dict) or set(params) != set(shapes):
+        got = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise TypeError(
+            f"{where}: `params` must be the dict from `init` with keys "
+            f"{sorted(shapes)}; got {got}."
+        )
+    for key, shape in shapes.items():
+        got = tuple(jnp.shape(params[key]))
+        if got != shape:
+            raise ValueError(
+                f"{where}: `params['{key}']` must have shape {shape}; got {got}."
+            )
+
+
+def _check_xs(xs: Any, d_in: int, *, where: str) -> tuple[int, int]:
+    if not hasattr(xs, "shape") or not hasattr(xs, "dtype"):
+        raise TypeError(
+            f"{where}: `xs` must be a float array of shape (N, T, {d_in}); got "
+            f"{type(xs).__name__}."
+        )
+    if not jnp.issubdtype(xs.dtype, jnp.floating):
+        raise TypeError(f"{where}: `xs` must have a floating dtype; got {xs.dtype}.")
+    if xs.ndim != 3 or xs.shape[-1] != d_in:
+        raise ValueError(
+            f"{where}: `xs` must have shape (N, T, {d_in}) (batch first); got "
+            f"{tuple(xs.shape)}."
+        )
+    if xs.shape[1] == 0:
+        raise ValueError(f"{where}: `xs` must have at least one step; got T = 0.")
+    return xs.shape[0], xs.shape[1]
+
+
+def _check_lengths(lengths: Any, n: int, t: int, *, where: str) -> jax.Array:
+    shape = jnp.shape(lengths)
+    dtype = jnp.result_type(lengths)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(
+            f"{where}: `lengths` must be an integer array of shape ({n},); got "
+            f"dtype {dtype}."
+        )
+    if shape != (n,):
+        raise ValueError(
+            f"{where}: `lengths` must have shape ({n},), one per sequence; got {shape}."
+        )
+    if not isinstance(lengths, Tracer):
+        values = np.asarray(lengths)
+        bad = np.nonzero((values < 1) | (values > t))[0]
+        if bad.size:
+            row = int(bad[0])
+            raise ValueError(
+                f"{where}: every length must be in [1, {t}] (T, the padded "
+                f"length of `xs`); got {int(values[row])} at row {row}."
+            )
+    return jnp.clip(jnp.asarray(lengths), 1, t).astype(jnp.int32)
+
+
+def _initial(
+    initial_state: Any,
+    count: int,
+    n: int,
+    hidden: int,
+    dtype: Any,
+    is_lstm: bool,
+    where: str,
+) -> tuple[jax.Array, jax.Array | None]:
+    shape = (count, n, hidden)
+    if initial_state is None:
+        zeros = jnp.zeros(shape, dtype)
+        return zeros, (zeros if is_lstm else None)
+    parts = initial_state if is_lstm else (initial_state,)
+    names = ("h_0", "c_0") if is_lstm else ("h_0",)
+    if is_lstm and (not isinstance(initial_state, tuple | list) or len(parts) != 2):
+        raise TypeError(
+            f"{where}: `initial_state` must be a pair (h_0, c_0), each of shape "
+            f"{shape}; got {type(initial_state).__name__}."
+        )
+    for name, part in zip(names, parts, strict=True):
+        got = tuple(jnp.shape(part))
+        if got != shape:
+            raise ValueError(
+                f"{where}: `initial_state` {name} must have shape {shape} "
+                f"(num_layers * directions, N, H); got {got}."
+            )
+        if jnp.result_type(part) != dtype:
+            raise TypeError(
+                f"{where}: `initial_state` {name} must have dtype {dtype}, like "
+                f"`xs`; got {jnp.result_type(part)}."
+            )
+    return (parts[0], parts[1]) if is_lstm else (parts[0], None)
+
+
+def lstm(
+    d_in: int, d_hidden: int, num_layers: int = 1, bidirectional: bool = False
+) -> RecurrentLayer:
+    """Create an LSTM layer over padded batches, like `torch.nn.LSTM`.
+
+    Params: a flat dict with PyTorch's state_dict keys (`weight_ih_l0`,
+    `weight_hh_l0`, `bias_ih_l0`, `bias_hh_l0`, `..._reverse`, `..._l1`),
+    weights stored `(in, out)`: `weight_ih_l0` is `(d_in, 4H)`, `weight_hh_l0`
+    `(H, 4H)`; gates in PyTorch's order (i, f, g, o); every leaf drawn from
+    U(-1/sqrt(H), 1/sqrt(H)), float32, as PyTorch does.
+
+    `apply(params, xs, lengths, *, mode="static", initial_state=None)`:
+    `xs` `(N, T, d_in)` (batch first), `lengths` `(N,)` ints in `[1, T]`, in
+    any order. Returns `(out, (h_n, c_n))`: `out` `(N, T, D*H)` with zeros past
+    each length (what `pad_packed_sequence(..., total_length=T)` gives), and
+    `h_n`, `c_n` `(num_layers*D, N, H)` at each sequence's own last step.
+    `initial_state` is `(h_0, c_0)` shaped like `(h_n, c_n)`. `mode="static"`
+    takes traced lengths: one compiled program for every length pattern, the
+    loop running to the longest sequence. `mode="dynamic"` is a Python loop
+    over `T` steps, one program per padded length `T`.
+
+    Args:
+      d_in: input features.
+      d_hidden: hidden size `H`.
+      num_layers: stacked layers.
+      bidirectional: add a reverse direction (`D = 2`).
+
+    Returns:
+      A `RecurrentLayer`.
+
+    >>> import jax, jax.numpy as jnp
+    >>> import functorch_lite as fl
+    >>> layer = fl.nn.lstm(3, 4)
+    >>> params = layer.init(jax.random.key(0))
+    >>> sorted(params)
+    ['bias_hh_l0', 'bias_ih_l0', 'weight_hh_l0', 'weight_ih_l0']
+    >>> out, (h_n, c_n) = layer.apply(params, jnp.ones((2, 5, 3)), jnp.array([5, 2]))
+    >>> out.shape, h_n.shape, float(jnp.abs(out[1, 2:]).sum())
+    ((2, 5, 4), (1, 2, 4), 0.0)
+    """
+    return _make("lstm", d_in, d_hidden, num_layers, bidirectional, _lstm_cell, 4)
+
+
+def rnn(
+    d_in: int,
+    d_hidden: int,
+    num_layers: int = 1,
+    nonlinearity: str = "tanh",
+    bidirectional: bool = False,
+) -> RecurrentLayer:
+    """Create an Elman RNN layer over padded batches, like `torch.nn.RNN`.
+
+    `h_t = act(x_t @ weight_ih + bias_ih + h_{t-1} @ weight_hh + bias_hh)` with
+    `act` tanh or relu. Params, `apply` and the modes as for `lstm`, with
+    `(H, ...)`-wide gates instead of `4H`; `apply` returns `(out, h_n)` and
+    `initial_state` is `h_0`.
+
+    Args:
+      d_in: input features.
+      d_hidden: hidden size `H`.
+      num_layers: stacked layers.
+      nonlinearity: `"tanh"` or `"relu"`.
+      bidirectional: add a reverse direction.
+
+    Returns:
+      A `RecurrentLayer`.
+
+    >>> import jax, jax.numpy as jnp
+    >>> import functorch_lite as fl
+    >>> layer = fl.nn.rnn(3, 4, num_layers=2, bidirectional=True)
+    >>> params = layer.init(jax.random.key(0))
+    >>> out, h_n = layer.apply(params, jnp.ones((2, 5, 3)), jnp.array([1, 5]))
+    >>> out.shape, h_n.shape
+    ((2, 5, 8), (4, 2, 4))
+    """
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(
+            f'rnn: `nonlinearity` must be "tanh" or "relu"; got {nonlinearity!r}.'
+        )
+    return _make(
+        "rnn", d_in, d_hidden, num_layers, bidirectional, _rnn_cell(nonlinearity), 1
+    )
