@@ -403,3 +403,30 @@ def test_forward_mode_through_while_loop_names_the_fix():
     )
     want = jax.hessian(lambda a: _newton_unrolled(a, steps))(2.0)
     np.testing.assert_allclose(jax.hessian(f)(2.0), want, rtol=1e-5)
+
+
+def test_maml_gradient_through_a_make_step_step():
+    """`jax.grad` through a compiled `make_step` step, bounded equal to scan."""
+    with X64:
+        x = jax.random.normal(jax.random.key(4), (5, 4), jnp.float64)
+        y = jax.random.normal(jax.random.key(5), (5, 2), jnp.float64)
+        opt = optax.sgd(0.1, momentum=0.9)
+        grads = {}
+        for method in ("bounded", "scan"):
+            net = fl.models.DynamicNet(4, 6, 2, max_depth=3, static_method=method)
+            params = jax.tree.map(
+                lambda a: a.astype(jnp.float64), net.init(jax.random.key(1))
+            )
+
+            def loss(p, x, y, depth, net=net):
+                return fl.nn.mse_loss(net.apply(p, x, depth), y)
+
+            step = fl.train.make_step(loss, opt, donate=False)
+
+            def meta(p, step=step, loss=loss):
+                new, _, _ = step(p, opt.init(p), x, y, 2)
+                return loss(new, x, y, 2)
+
+            grads[method] = jax.grad(meta)(params)
+        tree_allclose(grads["bounded"], grads["scan"], rtol=1e-11, atol=1e-13)
+        assert float(jnp.abs(grads["bounded"]["middle_linear"]["weight"]).sum()) > 0
