@@ -127,6 +127,15 @@ def _param_spec(model: Any) -> Any:
     return jax.eval_shape(model.init, jax.random.key(0))
 
 
+def _init_layers(layers: dict[str, Any], key: jax.Array) -> Params:
+    """`{name: layer.init(k)}`, splitting `key` once per layer, in order."""
+    keys = jax.random.split(key, len(layers))
+    return {
+        name: layer.init(k)
+        for (name, layer), k in zip(layers.items(), keys, strict=True)
+    }
+
+
 def _check_sizes(where: str, **sizes: Any) -> None:
     for name, value in sizes.items():
         check_int(value, where=where, name=name, minimum=1)
@@ -228,12 +237,7 @@ class DynamicNet:
 
     def init(self, key: jax.Array) -> Params:
         """Initialize the three linear layers, splitting `key` once per layer."""
-        layers = self._layers
-        keys = jax.random.split(key, len(layers))
-        return {
-            name: layer.init(k)
-            for (name, layer), k in zip(layers.items(), keys, strict=True)
-        }
+        return _init_layers(self._layers, key)
 
     def used_params(self, depth: int | jax.Array) -> dict[str, Any]:
         """Tell which layers a forward pass at `depth` uses: a prefix tree of bools.
@@ -407,12 +411,7 @@ class CharLSTM:
 
     def init(self, key: jax.Array) -> Params:
         """Initialize the embedding, the LSTM and the head, one key each."""
-        layers = self._layers
-        keys = jax.random.split(key, len(layers))
-        return {
-            name: layer.init(k)
-            for (name, layer), k in zip(layers.items(), keys, strict=True)
-        }
+        return _init_layers(self._layers, key)
 
     def apply(
         self,
