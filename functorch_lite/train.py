@@ -20,7 +20,14 @@ from functorch_lite._checks import check_bool, check_int
 from functorch_lite._trees import leaf_pairs, structure_diff
 from functorch_lite.compile import Compiled, argnames, jit
 
-__all__ = ["bucket_size", "fit", "make_fused_step", "make_step", "pad_batch"]
+__all__ = [
+    "bucket_size",
+    "fit",
+    "make_fused_step",
+    "make_step",
+    "make_update",
+    "pad_batch",
+]
 
 
 def _check_loss_fn(
@@ -71,6 +78,7 @@ def make_step(
     max_traces: int | None = None,
     skip_unused: bool | Callable[..., Any] = False,
     guard: bool = False,
+    has_aux: bool = False,
 ) -> Compiled:
     """Build one compiled optimizer step from a loss and an optax optimizer.
 
@@ -113,6 +121,13 @@ def make_step(
         reaches them, even though their buffers are donated) and return the
         loss as NaN. `fit` relies on this to hand back the last finite state.
         Costs one pass over the gradients and the state per step.
+      has_aux: `loss_fn` returns `(loss, aux)` (metrics, say); the step then
+        returns `(params, opt_state, loss, aux)`.
+
+    Optimizers that need extra arguments (`optax.GradientTransformationExtraArgs`:
+    `optax.contrib.reduce_on_plateau`, `optax.lbfgs`) get `value=loss`,
+    `grad=grads` and `value_fn`. `fl.train.make_update` gives the same update
+    uncompiled, to `jit`, `vmap` or `shard_map` yourself.
 
     Returns:
       The compiled step; `step.guarded` tells whether `guard` is on.
@@ -137,6 +152,7 @@ def make_step(
     )
     check_bool(donate, where="make_step", name="donate")
     check_bool(guard, where="make_step", name="guard")
+    check_bool(has_aux, where="make_step", name="has_aux")
     batch_names = {p.name for p in loss_params[1:]}
     takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in loss_params)
     unknown = [n for n in static_argnames if n not in batch_names and not takes_kwargs]
@@ -154,7 +170,12 @@ def make_step(
             f"of bools; got {skip_unused!r}."
         )
     step = _optimizer_update(
-        loss_fn, optimizer, where="make_step", skip_unused=skip_unused, guard=guard
+        loss_fn,
+        optimizer,
+        where="make_step",
+        skip_unused=skip_unused,
+        guard=guard,
+        has_aux=has_aux,
     )
     step.__signature__ = _step_signature(loss_sig, loss_params)  # type: ignore[attr-defined]
     step.__name__ = "step"
@@ -165,6 +186,7 @@ def make_step(
         max_traces=max_traces,
     )
     compiled.guarded = bool(guard)  # type: ignore[attr-defined]
+    compiled.has_aux = bool(has_aux)  # type: ignore[attr-defined]
     return compiled
 
 
@@ -234,18 +256,39 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 def _optimizer_update(
-    loss_fn: Callable[..., jax.Array],
+    loss_fn: Callable[..., Any],
     optimizer: optax.GradientTransformation,
     *,
     where: str,
     skip_unused: bool | Callable[..., Any] = False,
     guard: bool = False,
+    has_aux: bool = False,
 ) -> Callable[..., tuple]:
-    """The body shared by `make_step` and `make_fused_step`: one optimizer step."""
+    """The body shared by `make_step`, `make_fused_step` and `make_update`."""
+    extra_args = isinstance(optimizer, optax.GradientTransformationExtraArgs)
 
     def update(params: Any, opt_state: Any, *batch: Any, **kwargs: Any) -> tuple:
         _check_opt_state(optimizer, params, opt_state, where)
-        loss, pullback = jax.vjp(lambda p: loss_fn(p, *batch, **kwargs), params)
+
+        def value(p: Any) -> Any:
+            out = loss_fn(p, *batch, **kwargs)
+            if has_aux:
+                if not isinstance(out, tuple | list) or len(out) != 2:
+                    raise TypeError(
+                        f"{where}: with has_aux=True, `loss_fn` must return a pair "
+                        f"(loss, aux); got {type(out).__name__}."
+                    )
+                return out[0], out[1]
+            if isinstance(out, tuple | list):
+                raise TypeError(
+                    f"{where}: `loss_fn` returned a {type(out).__name__} of "
+                    f"{len(out)} items; it must return a float scalar. If it "
+                    "returns (loss, metrics), pass has_aux=True: the step then "
+                    "returns the metrics too."
+                )
+            return out, None
+
+        loss, pullback, aux = jax.vjp(value, params, has_aux=True)
         if jnp.shape(loss) != () or not jnp.issubdtype(
             jnp.result_type(loss), jnp.floating
         ):
@@ -255,11 +298,23 @@ def _optimizer_update(
                 "`.sum()` or `.mean()`."
             )
         (grads,) = pullback(jnp.ones_like(loss))
-        updates, new_state = optimizer.update(grads, opt_state, params)
+        if extra_args:
+            # reduce_on_plateau reads `value`; lbfgs reads `value`, `grad` and
+            # `value_fn`; every other transformation ignores them.
+            updates, new_state = optimizer.update(
+                grads,
+                opt_state,
+                params,
+                value=loss,
+                grad=grads,
+                value_fn=lambda p: value(p)[0],
+            )
+        else:
+            updates, new_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         if skip_unused is not False:
             if skip_unused is True:
-                used = _leaves_read(lambda p: loss_fn(p, *batch, **kwargs), params)
+                used = _leaves_read(lambda p: value(p)[0], params)
             else:
                 used = _broadcast_used(skip_unused(params, *batch, **kwargs), params)
             new_params = _keep_unused(used, new_params, params)
@@ -269,9 +324,66 @@ def _optimizer_update(
             new_params = jax.tree.map(partial(jnp.where, finite), new_params, params)
             new_state = jax.tree.map(partial(jnp.where, finite), new_state, opt_state)
             loss = jnp.where(finite, loss, jnp.nan)
+        if has_aux:
+            return new_params, new_state, loss, aux
         return new_params, new_state, loss
 
     return update
+
+
+def make_update(
+    loss_fn: Callable[..., Any],
+    optimizer: optax.GradientTransformation,
+    *,
+    has_aux: bool = False,
+    skip_unused: bool | Callable[..., Any] = False,
+    guard: bool = False,
+) -> Callable[..., tuple]:
+    """The pure optimizer update, not compiled: yours to `jit`, `vmap` or `shard_map`.
+
+    `update(params, opt_state, *batch) -> (params, opt_state, loss[, aux])` is
+    what `make_step` compiles: the loss and its gradient, then `optimizer`.
+    Nothing is donated, nothing is counted, nothing is cached: it is a plain
+    function of arrays, as optax's own `update` is. Optimizers that need extra
+    arguments (`optax.GradientTransformationExtraArgs`, such as
+    `optax.contrib.reduce_on_plateau` or `optax.lbfgs`) get `value=loss`,
+    `grad=grads` and `value_fn`.
+
+    Args:
+      loss_fn: `loss_fn(params, *batch) -> scalar loss`, or `(loss, aux)` with
+        `has_aux=True`.
+      optimizer: any `optax.GradientTransformation`.
+      has_aux: `loss_fn` returns `(loss, aux)`; `update` then returns `aux`
+        last.
+      skip_unused: as for `make_step`.
+      guard: as for `make_step`.
+
+    Returns:
+      The update function.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import functorch_lite as fl
+    >>> def loss_fn(w, x):
+    ...     err = x @ w - 1.0
+    ...     return jnp.sum(err**2), {"max_err": jnp.max(jnp.abs(err))}
+    >>> opt = optax.sgd(0.1)
+    >>> update = jax.jit(fl.train.make_update(loss_fn, opt, has_aux=True))
+    >>> w, state = jnp.zeros(2), opt.init(jnp.zeros(2))
+    >>> w, state, loss, aux = update(w, state, jnp.eye(2))
+    >>> float(loss), float(aux["max_err"])
+    (2.0, 1.0)
+    """
+    _check_loss_fn(loss_fn, optimizer, "make_update")
+    check_bool(has_aux, where="make_update", name="has_aux")
+    check_bool(guard, where="make_update", name="guard")
+    return _optimizer_update(
+        loss_fn,
+        optimizer,
+        where="make_update",
+        skip_unused=skip_unused,
+        guard=guard,
+        has_aux=has_aux,
+    )
 
 
 def make_fused_step(
@@ -388,9 +500,14 @@ def _batch_call(
     step: Callable, params: Any, opt_state: Any, batch: Any, i: int
 ) -> tuple:
     if isinstance(batch, dict):
-        return step(params, opt_state, **batch)
-    if isinstance(batch, tuple | list):
-        return step(params, opt_state, *batch)
+        out = step(params, opt_state, **batch)
+    elif isinstance(batch, tuple | list):
+        out = step(params, opt_state, *batch)
+    else:
+        out = None
+    if out is not None:
+        # A `has_aux` step returns its aux last; `fit` keeps the loss only.
+        return tuple(out[:3])
     raise TypeError(
         "fit: each item of `batches` must be a tuple of step arguments or a dict "
         f"of keyword arguments; item {i} is {type(batch).__name__}."

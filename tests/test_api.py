@@ -32,6 +32,7 @@ def test_submodule_all():
         "fit",
         "make_fused_step",
         "make_step",
+        "make_update",
         "pad_batch",
     ]
     assert fl.models.__all__ == [
