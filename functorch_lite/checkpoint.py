@@ -3,7 +3,8 @@
 `save(path, tree)` writes any pytree of arrays (params, optax state, the step
 number, PRNG keys) to one file; `load(path, like=tree)` reads it back into the
 structure of `like`. `save_numbered`, `latest` and `load_latest` keep a folder
-of periodic checkpoints for training loops.
+of periodic checkpoints for training loops; `save_async` and
+`save_numbered_async` write in the background while training goes on.
 
 Format: a safetensors file, written and parsed by the `safetensors` library.
 Why safetensors and not NumPy `.npz`:
@@ -32,6 +33,21 @@ Layout of a file written by `save`:
   rebuilt with `jax.random.wrap_key_data`. Old-style `uint32` keys are plain
   arrays.
 
+`save` streams: it writes the safetensors header (computed from the leaves'
+shapes and dtypes, its checksums filled in at the end: a sha256 hex digest has
+a fixed length), then each leaf's bytes, one leaf at a time, hashing them on a
+helper thread as they are written. It never builds the file in memory: beyond
+the tree itself it holds at most one leaf's host copy (none for a leaf already
+in host memory, NumPy or a CPU `jax.Array`). The tensors are laid out as the
+`safetensors` writer lays them out (by dtype, widest first, then by name), so
+any safetensors reader reads the file.
+
+`save_async` and `save_numbered_async` copy the tree to host memory on the
+calling thread (once), then write it on a background thread and return an
+`AsyncSave` at once: training goes on while the file is written; `.wait()`
+returns when it is on disk and raises the writer's error, if any. One save at
+a time is in flight per folder: the next one waits for it.
+
 Writes are atomic: the bytes go to a hidden temporary file in the same folder,
 which is flushed and fsync'ed, then renamed over the target with `os.replace`,
 and the folder is fsync'ed. A crash at any point leaves either the previous
@@ -55,15 +71,19 @@ Errors:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
 import socket
+import sys
+import threading
 from typing import Any
 
 import jax
@@ -71,18 +91,20 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import safetensors
-import safetensors.numpy
 
 from functorch_lite._checks import check_int
 
 __all__ = [
     "FORMAT_VERSION",
+    "AsyncSave",
     "CheckpointError",
     "latest",
     "load",
     "load_latest",
     "save",
+    "save_async",
     "save_numbered",
+    "save_numbered_async",
 ]
 
 FORMAT_VERSION = 1
@@ -229,59 +251,226 @@ def _np_dtype(name: str) -> np.dtype:
 # ------------------------------------------------------------------------ save
 
 
-def _encode_leaf(name: str, leaf: Any) -> tuple[np.ndarray, dict[str, Any]]:
-    """Turn one leaf into a little-endian, contiguous array and its manifest entry."""
-    entry: dict[str, Any] = {"name": name}
+# Where each tensor goes in the file: safetensors' own order (by dtype, widest
+# first, then by name), which keeps every tensor aligned to its item size. The
+# ranks are the order of safetensors' `Dtype` enum.
+_DTYPE_RANK = {
+    code: rank
+    for rank, code in enumerate(
+        ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16"]
+        + ["I32", "U32", "F32", "C64", "F64", "I64", "U64"]
+    )
+}
+
+# A leaf's bytes go to the file and to its hash in chunks of this size; the hash
+# of a leaf at least _HASH_ASIDE bytes long runs on a helper thread, beside the
+# write (hashlib and file writes release the GIL).
+_CHUNK = 16 << 20
+_HASH_ASIDE = 1 << 20
+# The header is written first with this in place of each sha256, and rewritten
+# once the leaves are hashed: a hex digest always has 64 characters, so the
+# header keeps its length.
+_NO_HASH = "0" * 64
+# Linux: ask the kernel to start writing each chunk out as soon as it is in
+# the page cache (and to drop it from the cache once it is on disk), so that
+# the final fsync has little left to wait for.
+_KICK_WRITEBACK = sys.platform.startswith("linux") and hasattr(os, "posix_fadvise")
+
+
+class _Leaf:
+    """One leaf to save: its manifest entry, its tensor-table fields, its value."""
+
+    __slots__ = ("code", "entry", "host", "name", "nbytes", "shape", "value")
+
+    def __init__(self, name: str, kind: str, value: Any, extra: dict[str, Any]):
+        dtype = np.dtype(value.dtype)
+        self.name = name
+        self.value = value  # a jax.Array (on any device) or a NumPy array
+        self.host: np.ndarray | None = None  # set by `fetch`
+        self.code = _DTYPE_CODES[dtype.name]
+        self.shape = [int(d) for d in value.shape]
+        self.nbytes = math.prod(self.shape) * dtype.itemsize
+        self.entry: dict[str, Any] = {"name": name, **extra}
+        self.entry.update(kind=kind, dtype=dtype.name, shape=self.shape)
+
+    def fetch(self) -> None:
+        """Copy the value to host memory now, into memory that only this leaf holds."""
+        self.host = _host_array(self.value, private=True)
+        self.value = None
+
+    def array(self) -> np.ndarray:
+        """The bytes to write: a contiguous little-endian host array."""
+        if self.host is not None:
+            return self.host
+        return _host_array(self.value, private=False)
+
+
+def _device_to_host(x: jax.Array) -> tuple[np.ndarray, bool]:
+    """`x` as a NumPy array, and whether that array is a copy of its own."""
+    devices = x.devices()
+    if len(devices) == 1 and next(iter(devices)).platform == "cpu":
+        return np.asarray(x), False  # A view of the CPU buffer: no copy.
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError:  # No CPU backend (JAX_PLATFORMS excludes it).
+        return np.asarray(jax.device_get(x)), False
+    # Through a new CPU array rather than np.asarray(x), which would keep its
+    # host copy cached on `x`: for a save of leaf after leaf, that would hold
+    # every leaf in host memory at once.
+    return np.asarray(jax.device_put(x, cpu)), True
+
+
+def _host_array(value: Any, private: bool) -> np.ndarray:
+    """`value` as a C-contiguous little-endian host array (a copy when `private`)."""
+    if isinstance(value, jax.Array):
+        arr, own = _device_to_host(value)
+    else:
+        arr, own = value, False
+    if arr.dtype.byteorder == ">":
+        arr, own = arr.astype(arr.dtype.newbyteorder("<")), True
+    if not arr.flags.c_contiguous:
+        arr, own = np.ascontiguousarray(arr), True
+    if private and not own:
+        arr = arr.copy()
+    return arr
+
+
+def _plan_leaf(fn: str, name: str, leaf: Any) -> _Leaf:
+    """Check one leaf and describe it, without copying its bytes anywhere."""
+    if name == "__metadata__":
+        raise ValueError(
+            f"{fn}: a leaf of `tree` is named '__metadata__', a name that safetensors "
+            "keeps for its own header. Rename that key."
+        )
+    is_deleted = getattr(leaf, "is_deleted", None)
+    if isinstance(leaf, jax.Array) and callable(is_deleted) and is_deleted():
+        raise ValueError(
+            f"{fn}: leaf {name!r} of `tree` is a deleted jax.Array (its buffer was "
+            "donated to a jitted step, or deleted); save the arrays that the step "
+            "returned instead."
+        )
+    extra: dict[str, Any] = {}
     if _is_key(leaf) and isinstance(leaf, jax.Array):
         kind = "key"
-        entry["key_dtype"] = str(leaf.dtype)
-        entry["key_impl"] = str(jax.random.key_impl(leaf))
-        entry["key_shape"] = list(leaf.shape)
-        arr = np.asarray(jax.device_get(jax.random.key_data(leaf)))
-    elif isinstance(leaf, jax.Array | np.ndarray | np.generic):
+        extra["key_dtype"] = str(leaf.dtype)
+        extra["key_impl"] = str(jax.random.key_impl(leaf))
+        extra["key_shape"] = list(leaf.shape)
+        value = jax.random.key_data(leaf)
+    elif isinstance(leaf, jax.Array):
+        kind, value = "array", leaf
+    elif isinstance(leaf, np.ndarray | np.generic):
         # Before the Python types: np.float64 subclasses float.
-        kind, arr = "array", np.asarray(jax.device_get(leaf))
+        kind, value = "array", np.asarray(leaf)
     elif isinstance(leaf, bool):
-        kind, arr = "bool", np.asarray(leaf, dtype=np.bool_)
+        kind, value = "bool", np.asarray(leaf, dtype=np.bool_)
     elif isinstance(leaf, int):
         try:
-            kind, arr = "int", np.asarray(leaf, dtype=np.int64)
+            kind, value = "int", np.asarray(leaf, dtype=np.int64)
         except OverflowError as err:
             raise ValueError(
-                f"save: leaf {name!r} is the int {leaf!r}, outside the int64 range "
+                f"{fn}: leaf {name!r} is the int {leaf!r}, outside the int64 range "
                 "that a checkpoint stores. Store it as a smaller int or an array."
             ) from err
     elif isinstance(leaf, float):
-        kind, arr = "float", np.asarray(leaf, dtype=np.float64)
+        kind, value = "float", np.asarray(leaf, dtype=np.float64)
     else:
         raise TypeError(
-            f"save: leaf {name!r} is a {type(leaf).__name__} ({leaf!r}); expected a "
+            f"{fn}: leaf {name!r} is a {type(leaf).__name__} ({leaf!r}); expected a "
             "jax.Array, a NumPy array or a Python int, float or bool."
         )
-    if arr.dtype.name not in _DTYPE_CODES:
+    dtype_name = np.dtype(value.dtype).name
+    if dtype_name not in _DTYPE_CODES:
         raise TypeError(
-            f"save: leaf {name!r} has dtype {arr.dtype.name}, which safetensors "
+            f"{fn}: leaf {name!r} has dtype {dtype_name}, which safetensors "
             f"cannot store; expected one of {sorted(_DTYPE_CODES)}. Cast the leaf "
             "first."
         )
-    if arr.dtype.byteorder == ">":
-        arr = arr.astype(arr.dtype.newbyteorder("<"))
-    if not arr.flags.c_contiguous:
-        arr = arr.copy(order="C")
-    entry.update(
-        kind=kind,
-        dtype=arr.dtype.name,
-        shape=list(arr.shape),
-        sha256=_sha256(arr),
+    return _Leaf(name, kind, value, extra)
+
+
+def _plan(fn: str, tree: Any) -> tuple[list[_Leaf], str]:
+    """Check every leaf of `tree` (before any file is touched) and describe them."""
+    named, treedef = _named_leaves(fn, "tree", tree)
+    return [_plan_leaf(fn, name, leaf) for name, leaf in named], str(treedef)
+
+
+def _header(treedef: str, leaves: list[_Leaf], table: dict[str, Any]) -> bytes:
+    """The safetensors header: its 8-byte length and its JSON, padded to 8 bytes.
+
+    The JSON is what the `safetensors` writer makes: compact, UTF-8, the
+    `__metadata__` map (our manifest) first, then the tensor table in data
+    order, padded with spaces so that the tensor bytes start 8-byte aligned.
+    """
+    manifest = json.dumps(
+        {
+            "format": _FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "treedef": treedef,
+            "leaves": [leaf.entry for leaf in leaves],
+        },
+        sort_keys=True,
     )
-    return arr, entry
+    metadata = {
+        _MANIFEST_KEY: manifest,
+        _MANIFEST_SHA_KEY: hashlib.sha256(manifest.encode()).hexdigest(),
+    }
+    text = json.dumps(
+        {"__metadata__": metadata, **table}, separators=(",", ":"), ensure_ascii=False
+    ).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
 
 
-def _sha256(arr: np.ndarray) -> str:
-    # The bytes that safetensors writes: the contiguous little-endian buffer.
-    # `.data` is the array's buffer as a memoryview (typed as one, unlike
-    # `memoryview(arr)`, which NumPy's stubs do not allow before Python 3.12).
-    return hashlib.sha256(arr.reshape(-1).view(np.uint8).data).hexdigest()
+class _Stream:
+    """Write leaves' bytes to an open file, hashing them on the way."""
+
+    def __init__(self, f: Any, fd: int, pos: int):
+        self.f, self.fd, self.pos, self.kicked = f, fd, pos, 0
+        self.kick = _KICK_WRITEBACK
+        self.pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def write(self, arr: np.ndarray) -> str:
+        """Write `arr`'s bytes; return their sha256."""
+        data = arr.reshape(-1).view(np.uint8).data
+        digest = hashlib.sha256()
+        if len(data) < _HASH_ASIDE:
+            digest.update(data)
+            self.f.write(data)
+            self.pos += len(data)
+            return digest.hexdigest()
+        if self.pool is None:
+            self.pool = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="functorch_lite-checkpoint-hash"
+            )
+        pending = []
+        try:
+            for start in range(0, len(data), _CHUNK):
+                chunk = data[start : start + _CHUNK]
+                pending.append(self.pool.submit(digest.update, chunk))
+                self.f.write(chunk)
+                self.pos += len(chunk)
+                self._kick_writeback()
+        finally:  # The hasher reads `arr`: let it finish before `arr` goes.
+            concurrent.futures.wait(pending)
+        for job in pending:
+            job.result()
+        return digest.hexdigest()
+
+    def _kick_writeback(self) -> None:
+        if not self.kick or self.pos - self.kicked < _CHUNK:
+            return
+        self.f.flush()
+        try:
+            os.posix_fadvise(
+                self.fd, self.kicked, self.pos - self.kicked, os.POSIX_FADV_DONTNEED
+            )
+        except OSError:  # Only a hint: a file system may refuse it.
+            self.kick = False
+        self.kicked = self.pos
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
 
 def _fsync_dir(directory: str) -> None:
@@ -322,8 +511,30 @@ def _temp_path(path: str) -> str:
     return os.path.join(directory, f".{base}.{tag}.tmp")
 
 
-def _atomic_write(path: str, data: bytes, what: str) -> None:
-    """Write `data` to `path` atomically; `what` opens the message of an OSError."""
+def _write_file(path: str, treedef: str, leaves: list[_Leaf], what: str) -> None:
+    """Stream `leaves` into a safetensors file at `path`, atomically.
+
+    The header goes first (with placeholder hashes), then each leaf's bytes, one
+    leaf at a time, hashed on the way; then the header is rewritten with the
+    hashes (the same length), and the file is fsync'ed and renamed over `path`.
+    Host memory in use beyond the tree itself: one leaf's host copy (none for a
+    leaf already in host memory). `what` opens the message of an OSError.
+    """
+    order = sorted(leaves, key=lambda leaf: (-_DTYPE_RANK[leaf.code], leaf.name))
+    table: dict[str, Any] = {}
+    offset = 0
+    for leaf in order:
+        end = offset + leaf.nbytes
+        table[leaf.name] = {
+            "dtype": leaf.code,
+            "shape": leaf.shape,
+            "data_offsets": [offset, end],
+        }
+        offset = end
+    for leaf in leaves:
+        leaf.entry["sha256"] = _NO_HASH
+    placeholder = _header(treedef, leaves, table)
+
     directory = os.path.dirname(os.path.abspath(path))
     tmp = _temp_path(path)
     # os.open with mode 0o666 lets the umask decide the final permissions, as
@@ -339,7 +550,19 @@ def _atomic_write(path: str, data: bytes, what: str) -> None:
         raise _os_error(err, f"{what}: {why} ({_reason(err)}).") from err
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.write(placeholder)
+            stream = _Stream(f, fd, len(placeholder))
+            try:
+                for leaf in order:
+                    leaf.entry["sha256"] = stream.write(leaf.array())
+                    leaf.host = None  # An asynchronous save's copy: done with it.
+            finally:
+                stream.close()
+            header = _header(treedef, leaves, table)
+            if len(header) != len(placeholder):  # Cannot happen: hex digests.
+                raise AssertionError("the checkpoint header changed its length")
+            f.seek(0)
+            f.write(header)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -354,6 +577,193 @@ def _atomic_write(path: str, data: bytes, what: str) -> None:
             ) from err
         raise
     _fsync_dir(directory)
+
+
+def _check_target(fn: str, path: str) -> None:
+    """Check that `path` names a file in an existing folder, before any work."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(
+            f"{fn}: `path` {path!r} is a folder; pass a file path inside it."
+        )
+    if path.endswith((os.sep, os.altsep or os.sep)):
+        raise IsADirectoryError(
+            f"{fn}: `path` {path!r} ends with a path separator, so it names a "
+            "folder; pass a file path."
+        )
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(
+            f"{fn}: the folder {directory!r} of `path` {path!r} is a file, not a "
+            "folder."
+        )
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"{fn}: the folder {directory!r} of `path` {path!r} does not exist; "
+            "create it first."
+        )
+
+
+# ------------------------------------------------------------ one save a folder
+
+
+class _Folder:
+    """The saves into one folder: `lock` is held while one is in flight."""
+
+    __slots__ = ("failed", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        # The last asynchronous save here, when it failed and nobody has seen
+        # its error yet.
+        self.failed: AsyncSave | None = None
+
+
+_FOLDERS: dict[str, _Folder] = {}
+_FOLDERS_LOCK = threading.Lock()
+
+
+def _claim(directory: str) -> _Folder:
+    """Wait until no save into `directory` is in flight, then hold the folder.
+
+    Raises the error of the previous asynchronous save into the folder when it
+    failed and its `AsyncSave.wait` was not called: a background failure is
+    never lost. The caller releases `lock` when its save is over.
+    """
+    key = os.path.normcase(os.path.abspath(directory))
+    with _FOLDERS_LOCK:
+        folder = _FOLDERS.setdefault(key, _Folder())
+    folder.lock.acquire()
+    failed, folder.failed = folder.failed, None
+    if failed is not None and not failed._seen and failed._error is not None:
+        failed._seen = True
+        folder.lock.release()
+        raise failed._error
+    return folder
+
+
+def _save(fn: str, path: str, tree: Any, what: str, keep: int | None = None) -> None:
+    """Save `tree` to `path` now; prune the folder to `keep` when not `None`."""
+    leaves, treedef = _plan(fn, tree)
+    directory = os.path.dirname(os.path.abspath(path))
+    folder = _claim(directory)
+    try:
+        _write_file(path, treedef, leaves, what)
+        if keep is not None:
+            _prune(fn, directory, path, keep)
+    finally:
+        folder.lock.release()
+
+
+class AsyncSave:
+    """A checkpoint being written in the background; `save_async` returns one.
+
+    Attributes:
+      path: the file being written (complete and renamed into place once the
+        save is done without error).
+    """
+
+    def __init__(self, fn: str, path: str):
+        self.path = path
+        self._fn = fn
+        self._finished = threading.Event()
+        self._error: BaseException | None = None
+        self._seen = False
+
+    def done(self) -> bool:
+        """Whether the save is over, done or failed (`wait` then does not block)."""
+        return self._finished.is_set()
+
+    def wait(self, timeout: float | None = None) -> str:
+        """Wait until the file is written and return its path.
+
+        Args:
+          timeout: the most seconds to wait; `None` waits as long as it takes.
+
+        Returns:
+          `path`, now complete on disk.
+
+        Raises:
+          TimeoutError: the save is still running after `timeout` seconds.
+          OSError, and any error the writer met: the save failed; the message
+            names the file, as for `save`. The file that was at `path`, if
+            any, is unchanged, and no temporary file is left behind.
+        """
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not timeout >= 0
+        ):
+            raise TypeError(
+                "AsyncSave.wait: `timeout` must be None or a number of seconds "
+                f">= 0; got {type(timeout).__name__} {timeout!r}."
+            )
+        if not self._finished.wait(timeout):
+            raise TimeoutError(
+                f"AsyncSave.wait: the save of {self.path!r} is still running after "
+                f"{timeout} s."
+            )
+        if self._error is not None:
+            self._seen = True
+            raise self._error
+        return self.path
+
+    def __repr__(self) -> str:
+        if not self.done():
+            state = "running"
+        elif self._error is not None:
+            state = f"failed: {type(self._error).__name__}"
+        else:
+            state = "done"
+        return f"<AsyncSave {self.path!r} ({state}), from {self._fn}>"
+
+
+def _start(fn: str, path: str, tree: Any, what: str, keep: int | None) -> AsyncSave:
+    """Copy `tree` to the host now and write it on a background thread."""
+    leaves, treedef = _plan(fn, tree)
+    directory = os.path.dirname(os.path.abspath(path))
+    folder = _claim(directory)
+    try:
+        for leaf in leaves:  # The one host copy, before the caller moves on.
+            leaf.fetch()
+        handle = AsyncSave(fn, path)
+        threading.Thread(
+            target=_background,
+            args=(handle, folder, directory, treedef, leaves, what, keep),
+            name=f"functorch_lite-checkpoint-{os.path.basename(path)}",
+        ).start()
+    except BaseException:
+        folder.lock.release()
+        raise
+    return handle
+
+
+def _background(
+    handle: AsyncSave,
+    folder: _Folder,
+    directory: str,
+    treedef: str,
+    leaves: list[_Leaf],
+    what: str,
+    keep: int | None,
+) -> None:
+    try:
+        _write_file(handle.path, treedef, leaves, what)
+        if keep is not None:
+            _prune(handle._fn, directory, handle.path, keep)
+    except BaseException as err:
+        handle._error = err
+        folder.failed = handle
+        _log.warning(
+            "%s: the background save of %r failed (%s); AsyncSave.wait() raises "
+            "the error.",
+            handle._fn,
+            handle.path,
+            err,
+        )
+    finally:
+        leaves.clear()  # Free the host copy before anyone waits on the next save.
+        handle._finished.set()
+        folder.lock.release()
 
 
 def save(path: str | os.PathLike, tree: Any) -> None:
@@ -396,52 +806,57 @@ def save(path: str | os.PathLike, tree: Any) -> None:
     (7, True)
     """
     path = _check_path("save", path)
-    if os.path.isdir(path):
-        raise IsADirectoryError(
-            f"save: `path` {path!r} is a folder; pass a file path inside it."
-        )
-    if path.endswith((os.sep, os.altsep or os.sep)):
-        raise IsADirectoryError(
-            f"save: `path` {path!r} ends with a path separator, so it names a "
-            "folder; pass a file path."
-        )
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise NotADirectoryError(
-            f"save: the folder {directory!r} of `path` {path!r} is a file, not a "
-            "folder."
-        )
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(
-            f"save: the folder {directory!r} of `path` {path!r} does not exist; "
-            "create it first."
-        )
-    _save(path, tree, f"save: cannot write `path` {path!r}")
+    _check_target("save", path)
+    _save("save", path, tree, f"save: cannot write `path` {path!r}")
 
 
-def _save(path: str, tree: Any, what: str) -> None:
-    """Encode `tree` and write it to `path`; `what` opens an OSError's message."""
-    named, treedef = _named_leaves("save", "tree", tree)
-    tensors: dict[str, np.ndarray] = {}
-    entries = []
-    for name, leaf in named:
-        arr, entry = _encode_leaf(name, leaf)
-        tensors[name] = arr
-        entries.append(entry)
-    manifest = json.dumps(
-        {
-            "format": _FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "treedef": str(treedef),
-            "leaves": entries,
-        },
-        sort_keys=True,
+def save_async(path: str | os.PathLike, tree: Any) -> AsyncSave:
+    """Start writing `tree` to `path` in the background; return at once.
+
+    The tree is copied to host memory on the calling thread (one copy of every
+    leaf: device arrays are transferred, host arrays are copied), so the caller
+    may go on at once, donate or overwrite its arrays; a background thread
+    then writes the file exactly as `save` does: streamed, checksummed and
+    atomic. Call `.wait()` on the result to know that the file is on disk, and
+    to get the writer's error, if any.
+
+    At most one save into a folder is in flight: a save (`save`, `save_async`,
+    `save_numbered`, ...) into a folder with an asynchronous save in flight
+    first waits for it to finish. If that save failed and its `.wait()` has
+    not been called, the new save raises its error instead of starting, so a
+    background failure is never lost. The background thread is not a daemon:
+    a program that exits with a save in flight finishes writing it first.
+
+    Args:
+      path: the file to write. Its folder must exist.
+      tree: the pytree to save, as for `save`.
+
+    Returns:
+      An `AsyncSave`: `.wait()` blocks until the file is complete and returns
+      `path` (or raises the writer's error); `.done()` tells whether it is over.
+
+    Raises:
+      On the calling thread, at once: the argument errors of `save` (bad
+      `path`, a missing folder, a leaf of an unsupported kind or dtype); or the
+      error of the previous asynchronous save into the same folder (see above).
+      From `.wait()`: the write errors of `save` (an `OSError` naming `path`).
+
+    >>> import os, tempfile, jax.numpy as jnp
+    >>> import functorch_lite as fl
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = os.path.join(tmp, "state.safetensors")
+    ...     pending = fl.checkpoint.save_async(path, {"w": jnp.ones(3), "step": 1})
+    ...     # ... training goes on here while the file is written ...
+    ...     written = pending.wait()
+    ...     restored = fl.checkpoint.load(written, like={"w": jnp.zeros(3), "step": 0})
+    >>> pending.done(), restored["step"], restored["w"].tolist()
+    (True, 1, [1.0, 1.0, 1.0])
+    """
+    path = _check_path("save_async", path)
+    _check_target("save_async", path)
+    return _start(
+        "save_async", path, tree, f"save_async: cannot write `path` {path!r}", None
     )
-    metadata = {
-        _MANIFEST_KEY: manifest,
-        _MANIFEST_SHA_KEY: hashlib.sha256(manifest.encode()).hexdigest(),
-    }
-    _atomic_write(path, safetensors.numpy.save(tensors, metadata=metadata), what)
 
 
 # ------------------------------------------------------------------------ load
@@ -870,15 +1285,82 @@ def save_numbered(
     ...     print(sorted(os.listdir(tmp)))
     ['ckpt_00000300.safetensors', 'ckpt_00000400.safetensors']
     """
-    directory = _check_path("save_numbered", directory, "directory")
+    directory, path = _numbered_target("save_numbered", directory, step, keep)
+    _save(
+        "save_numbered",
+        path,
+        tree,
+        f"save_numbered: cannot write checkpoint {os.path.basename(path)!r} in "
+        f"`directory` {directory!r}",
+        keep,
+    )
+    return path
+
+
+def save_numbered_async(
+    directory: str | os.PathLike, step: int, tree: Any, *, keep: int | None = 3
+) -> AsyncSave:
+    """`save_numbered` in the background: copy `tree` to the host, write it later.
+
+    The arguments are checked, `directory` is created and `tree` is copied to
+    host memory on the calling thread; a background thread then writes
+    `directory/ckpt_{step:08d}.safetensors` atomically and prunes the folder to
+    `keep` checkpoints, as `save_numbered` does. A training loop calls it every
+    few steps and goes on training while the file is written; one save at a
+    time is in flight per folder (see `save_async`).
+
+    Args:
+      directory: the folder of checkpoints; created if missing.
+      step: the step number, an int >= 0.
+      tree: the pytree to save, as for `save`.
+      keep: how many checkpoints to keep, >= 1; `None` keeps them all.
+
+    Returns:
+      An `AsyncSave` whose `path` is the new checkpoint; `.wait()` returns it
+      once it is on disk (and the folder pruned) or raises the writer's error.
+
+    Raises:
+      On the calling thread: the argument and folder errors of
+      `save_numbered`, a bad leaf, or the unseen error of the previous
+      asynchronous save into `directory`. From `.wait()`: the write errors of
+      `save_numbered`.
+
+    >>> import os, tempfile, jax.numpy as jnp
+    >>> import functorch_lite as fl
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     w = jnp.zeros(2)
+    ...     for step in range(1, 5):
+    ...         w = w + 1  # a training step
+    ...         pending = fl.checkpoint.save_numbered_async(tmp, step, {"w": w}, keep=2)
+    ...     _ = pending.wait()  # before the process reads or ends
+    ...     print(sorted(os.listdir(tmp)))
+    ...     step, tree = fl.checkpoint.load_latest(tmp, like={"w": w})
+    ['ckpt_00000003.safetensors', 'ckpt_00000004.safetensors']
+    >>> step, tree["w"].tolist()
+    (4, [4.0, 4.0])
+    """
+    directory, path = _numbered_target("save_numbered_async", directory, step, keep)
+    return _start(
+        "save_numbered_async",
+        path,
+        tree,
+        f"save_numbered_async: cannot write checkpoint {os.path.basename(path)!r} "
+        f"in `directory` {directory!r}",
+        keep,
+    )
+
+
+def _numbered_target(fn: str, directory: Any, step: Any, keep: Any) -> tuple[str, str]:
+    """Check the arguments of `fn`, create `directory`; return it and the path."""
+    directory = _check_path(fn, directory, "directory")
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise NotADirectoryError(
-            f"save_numbered: `directory` {directory!r} is a file, not a folder."
+            f"{fn}: `directory` {directory!r} is a file, not a folder."
         )
-    step = check_int(step, where="save_numbered", name="step", minimum=0)
+    step = check_int(step, where=fn, name="step", minimum=0)
     check_int(
         keep,
-        where="save_numbered",
+        where=fn,
         name="keep",
         minimum=1,
         allow_none=True,
@@ -888,8 +1370,7 @@ def save_numbered(
         os.makedirs(directory, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as err:
         raise NotADirectoryError(
-            f"save_numbered: cannot create `directory` {directory!r}: a part of it "
-            "is a file."
+            f"{fn}: cannot create `directory` {directory!r}: a part of it is a file."
         ) from err
     except OSError as err:
         if isinstance(err, PermissionError) or err.errno == errno.EROFS:
@@ -898,32 +1379,22 @@ def save_numbered(
             why = "cannot create it"
         raise _os_error(
             err,
-            f"save_numbered: cannot create `directory` {directory!r}: {why} "
-            f"({_reason(err)}).",
+            f"{fn}: cannot create `directory` {directory!r}: {why} ({_reason(err)}).",
         ) from err
     _remove_stale_temps(directory)
-    path = os.path.join(directory, f"ckpt_{int(step):08d}.safetensors")
-    _save(
-        path,
-        tree,
-        f"save_numbered: cannot write checkpoint {os.path.basename(path)!r} in "
-        f"`directory` {directory!r}",
-    )
-    if keep is not None:
-        _prune(directory, path, keep)
-    return path
+    return directory, os.path.join(directory, f"ckpt_{int(step):08d}.safetensors")
 
 
-def _prune(directory: str, path: str, keep: int) -> None:
+def _prune(fn: str, directory: str, path: str, keep: int) -> None:
     """Delete all but `path` and the `keep - 1` newest other checkpoints.
 
     `path` is saved by now, so a failure here only warns: raising would report
     a finished save as failed.
     """
     try:
-        others = [p for _, p in _numbered("save_numbered", directory) if p != path]
+        others = [p for _, p in _numbered(fn, directory) if p != path]
     except OSError as err:
-        _log.warning("save_numbered: cannot prune old checkpoints: %s", err)
+        _log.warning("%s: cannot prune old checkpoints: %s", fn, err)
         return
     for old in others[keep - 1 :]:
         try:
@@ -932,8 +1403,8 @@ def _prune(directory: str, path: str, keep: int) -> None:
             pass
         except OSError as err:
             _log.warning(
-                "save_numbered: cannot delete old checkpoint %r (%s); it is left "
-                "in place.",
+                "%s: cannot delete old checkpoint %r (%s); it is left in place.",
+                fn,
                 old,
                 _reason(err),
             )
