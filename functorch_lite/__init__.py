@@ -2,7 +2,7 @@
 
 from functorch_lite import (
     checkpoint,
-    compile,
+    compile as compile,  # a public namespace, not in __all__
     control,
     interop,
     models,
@@ -24,7 +24,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CompileStats",
     "checkpoint",
-    "compile",
     "compile_counter",
     "control",
     "enable_persistent_cache",

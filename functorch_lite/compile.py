@@ -1,4 +1,36 @@
-"""Compile accounting: `jit` with stats, `compile_counter`, trace budgets, cache."""
+"""Compile accounting: `jit` with stats, `compile_counter`, trace budgets, cache.
+
+How compiles are counted. JAX reports every trace, lowering and backend
+compile as a `jax.monitoring` duration event that carries the program's
+`fun_name`. `compile_counter` registers a listener when its block starts and
+unregisters it when the block ends; an `fl.jit` function registers one for the
+span of each direct call (`jax.monitoring.register_event_duration_secs_listener`
+/ `unregister_event_duration_listener`, both public). No listener outlives the
+block or call that registered it, even when the call raises, and nothing
+inspects JAX's stack frames or file names. A call's listener takes only events
+of its own thread and of its own program's name, so that concurrent calls of
+other functions are not charged to it. Registering and removing a listener
+costs well under a microsecond, far less than a jitted call's dispatch.
+
+Why listeners, not ahead-of-time `lower(...).compile()` with our own cache: an
+own cache would need a key for every call (shapes, dtypes, weak types,
+shardings, static values, tree structures) that matches `jax.jit`'s cache
+exactly; any difference miscounts or compiles twice, and computing it costs
+tens of microseconds per call. `jax.jit` keeps its own cache and fast path, and
+its events say exactly when it compiles.
+
+Outer transformations. An `fl.jit` function called inside the caller's
+`jax.jit`, `jax.vmap`, `jax.grad` (any argument is a `jax.core.Tracer`)
+behaves as a `jax.jit` function there: it is inlined into the outer program,
+which is what compiles, when and as often as the outer transformation
+decides. Its own stats then cannot be known: such a call counts in
+`CompileStats.transformed_calls`, not `calls`, and sets `compiles` and
+`compile_seconds` to None (unknown) from then on. `traces` stays exact, and the
+trace budget holds, because every trace runs the wrapped Python function.
+Nothing is donated there: `jax.grad` and `jax.vmap` run parts of the function
+eagerly, and a donated argument would be deleted while the transformation, or
+the caller, still needs it.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +39,13 @@ import dataclasses
 import functools
 import inspect
 import os
-import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.extend.core
+import jax.extend.core.primitives
 from jax import monitoring
 from jax.core import Tracer
 
@@ -36,72 +69,60 @@ CACHE_ENV_VAR = "FUNCTORCH_LITE_CACHE_DIR"
 
 
 # --------------------------------------------------------------------------- events
-# One process-wide jax.monitoring listener fans events out to whoever is active.
-# jax.monitoring has no per-scope listeners, and registering one per call would
-# leak listeners when a call raises.
 
-_lock = threading.Lock()
-_sinks: list[Callable[[str, float, dict], None]] = []
-_installed = False
-# The `fl.jit` functions being called on this thread, innermost last. A
-# thread-local stack costs far less per call than registering a sink.
-_calls = threading.local()
-_JAX_DIR = os.path.dirname(jax.__file__)
-_EAGER_DIRS = tuple(
-    os.path.join(_JAX_DIR, "_src", sub) + os.sep for sub in ("numpy", "random")
-)
+Listener = Callable[..., None]  # jax.monitoring.EventDurationListenerWithMetadata
 
 
-def _listener(event: str, duration_secs: float, **kwargs: str | int) -> None:
-    # Matches jax.monitoring.EventDurationListenerWithMetadata.
-    if event not in (_TRACE_EVENT, _LOWER_EVENT, _COMPILE_EVENT):
-        return
-    active = getattr(_calls, "stack", None)
-    if active:
-        active[-1]._sink(event, duration_secs, kwargs)
-    with _lock:
-        sinks = list(_sinks)
-    for sink in sinks:
-        sink(event, duration_secs, kwargs)
+class _listening:  # noqa: N801 (used as a context manager, like a function)
+    """Register a `jax.monitoring` duration listener for a `with` block only.
 
-
-def _install() -> None:
-    global _installed
-    with _lock:
-        if not _installed:
-            monitoring.register_event_duration_secs_listener(_listener)
-            _installed = True
-
-
-@contextlib.contextmanager
-def _sink(fn: Callable[[str, float, dict], None]) -> Iterator[None]:
-    _install()
-    with _lock:
-        _sinks.append(fn)
-    try:
-        yield
-    finally:
-        with _lock:
-            _sinks.remove(fn)
-
-
-def _is_eager_op_compile() -> bool:
-    """Tell whether the compile in progress serves an eager op, not a user's jit.
-
-    Creating or combining arrays outside `jit` (`jnp.ones`, `x + 1`,
-    `jax.random.normal`) compiles one small program per primitive. Those come
-    from `apply_primitive`, or enter JAX through `jax.numpy` or `jax.random`.
+    A class rather than a generator context manager: it is entered on every
+    call of an `fl.jit` function, and this costs a fraction of a microsecond.
     """
-    frame = sys._getframe(2)
-    first_jax_file = None
-    while frame is not None:
-        code = frame.f_code
-        if code.co_name == "apply_primitive":
-            return True
-        if code.co_filename.startswith(_JAX_DIR):
-            first_jax_file = code.co_filename
-        frame = frame.f_back
-    return first_jax_file is not None and first_jax_file.startswith(_EAGER_DIRS)
+
+    __slots__ = ("listener",)
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+
+    def __enter__(self) -> None:
+        monitoring.register_event_duration_secs_listener(self.listener)
+
+    def __exit__(self, *exc: object) -> None:
+        monitoring.unregister_event_duration_listener(self.listener)
+
+
+@functools.cache
+def _primitive_names() -> frozenset[str]:
+    """The names of JAX's primitives (`add`, `broadcast_in_dim`, `stage`, ...).
+
+    Those that JAX exports: `jax.extend.core.primitives` and `jax.lax`'s `*_p`.
+    """
+    return frozenset(
+        value.name
+        for module in (jax.extend.core.primitives, jax.lax)
+        for value in vars(module).values()
+        if isinstance(value, jax.extend.core.Primitive)
+    )
+
+
+def _is_eager_op_compile(fun_name: str) -> bool:
+    """Tell whether a compile is one primitive's program, run op by op.
+
+    Creating or combining arrays outside `jit` (`jnp.ones`, `x + 1`) compiles
+    one small program per primitive, named `jit(<primitive>)`.
+    """
+    return (
+        fun_name.startswith("jit(")
+        and fun_name.endswith(")")
+        and fun_name[4:-1] in _primitive_names()
+    )
+
+
+def _has_tracer(args: tuple, kwargs: dict) -> bool:
+    """Whether any argument leaf is a tracer: the call is under a transformation."""
+    leaves = jax.tree_util.tree_leaves((args, kwargs) if kwargs else args)
+    return any(isinstance(leaf, Tracer) for leaf in leaves)
 
 
 # ----------------------------------------------------------------------- counter
@@ -113,7 +134,9 @@ class CompileCounter:
 
     Attributes:
       compiles: backend compiles of jitted programs in the block, without the
-        small per-primitive compiles of eager array code.
+        small per-primitive programs of eager array code. Programs that JAX
+        itself jits (`jax.random.normal`'s `jit(_normal)`) are jitted
+        programs and count.
       seconds: backend compile seconds of those compiles.
       names: the `fun_name` of each counted compile, in order (`"jit(step)"`).
       eager_compiles: the per-primitive compiles that were left out.
@@ -128,6 +151,9 @@ class CompileCounter:
 @contextlib.contextmanager
 def compile_counter(fun_name: str | None = None) -> Iterator[CompileCounter]:
     """Count the backend compiles that happen inside a `with` block.
+
+    The block's `jax.monitoring` listener is registered on entry and removed
+    on exit. It counts the compiles of every thread.
 
     Args:
       fun_name: if given, count only programs of this name: the jitted
@@ -149,20 +175,20 @@ def compile_counter(fun_name: str | None = None) -> Iterator[CompileCounter]:
     if fun_name is not None:
         want = fun_name if fun_name.startswith("jit(") else f"jit({fun_name})"
 
-    def sink(event: str, duration: float, kwargs: dict) -> None:
+    def listener(event: str, duration: float, **kwargs: str | int) -> None:
         if event != _COMPILE_EVENT:
             return
-        name = kwargs.get("fun_name", "")
+        name = str(kwargs.get("fun_name", ""))
         if want is not None and name != want:
             return
-        if want is None and _is_eager_op_compile():
+        if want is None and _is_eager_op_compile(name):
             counter.eager_compiles += 1
             return
         counter.compiles += 1
         counter.seconds += duration
         counter.names.append(name)
 
-    with _sink(sink):
+    with _listening(listener):
         yield counter
 
 
@@ -174,17 +200,25 @@ class CompileStats:
     """What one `fl.jit` function has cost so far.
 
     Attributes:
-      traces: times the Python function was traced (one per new signature).
+      traces: times the Python function was traced (one per new signature),
+        under an outer transformation too. Always exact.
       compiles: backend compiles of it (a persistent-cache hit still counts as
-        a compile here when JAX reports it as one).
-      compile_seconds: trace, lowering and backend-compile seconds together.
-      calls: calls made through the wrapper.
+        a compile here when JAX reports it as one). None (unknown) once the
+        function was called under an outer transformation: its work then
+        compiles as part of the outer program.
+      compile_seconds: trace, lowering and backend-compile seconds together;
+        None (unknown) when `compiles` is.
+      calls: direct calls, each one run of the compiled program.
+      transformed_calls: calls under an outer `jax.jit`, `jax.vmap`,
+        `jax.grad`, ... (an argument was a tracer). Each is one time the outer
+        function was traced, not one run.
     """
 
     traces: int = 0
-    compiles: int = 0
-    compile_seconds: float = 0.0
+    compiles: int | None = 0
+    compile_seconds: float | None = 0.0
     calls: int = 0
+    transformed_calls: int = 0
 
 
 def argnames(value: Any, *, where: str, name: str) -> tuple[str, ...]:
@@ -262,7 +296,11 @@ def _describe(value: Any) -> Any:
 
 
 class Compiled:
-    """A jitted function that records its own `CompileStats` (see `fl.jit`)."""
+    """A jitted function that records its own `CompileStats` (see `fl.jit`).
+
+    Direct calls are counted exactly; calls under an outer transformation are
+    inlined and make `compiles` and `compile_seconds` unknown (None).
+    """
 
     def __init__(
         self,
@@ -300,7 +338,7 @@ class Compiled:
                     f"take; its arguments are {list(params)}."
                 )
         self._last: dict[str, Any] | None = None
-        _install()
+        self._program = f"jit({self.name})"
 
         @functools.wraps(fun)
         def traced(*args: Any, **kwargs: Any) -> Any:
@@ -312,6 +350,14 @@ class Compiled:
             traced,
             static_argnames=tuple(static_argnames),
             donate_argnames=tuple(donate_argnames),
+        )
+        # Under an outer transformation nothing is donated: `jax.grad` and
+        # `jax.vmap` run parts eagerly, and would delete concrete arguments
+        # that the rest of the transformation (or the caller) still uses.
+        self._inlined = (
+            jax.jit(traced, static_argnames=tuple(static_argnames))
+            if donate_argnames
+            else self._jitted
         )
         functools.update_wrapper(self, fun)
 
@@ -341,15 +387,26 @@ class Compiled:
         self.stats.traces += 1
         self._last = described
 
-    def _sink(self, event: str, duration: float, kwargs: dict) -> None:
-        name = kwargs.get("fun_name")
-        if event == _COMPILE_EVENT and name == f"jit({self.name})":
-            self.stats.compiles += 1
-            self.stats.compile_seconds += duration
-        elif event == _TRACE_EVENT and name == self.name:
-            self.stats.compile_seconds += duration
-        elif event == _LOWER_EVENT and name == f"jit({self.name})":
-            self.stats.compile_seconds += duration
+    def _listener(self) -> Listener:
+        """A listener that charges this thread's events of this program to stats."""
+        stats, name, program = self.stats, self.name, self._program
+        thread = threading.get_ident()
+
+        def listener(event: str, duration: float, **kwargs: str | int) -> None:
+            if stats.compiles is None or threading.get_ident() != thread:
+                return
+            fun_name = kwargs.get("fun_name")
+            if event == _COMPILE_EVENT:
+                if fun_name == program:
+                    stats.compiles += 1
+                    stats.compile_seconds += duration  # type: ignore[operator]
+            elif event == _LOWER_EVENT:
+                if fun_name == program:
+                    stats.compile_seconds += duration  # type: ignore[operator]
+            elif event == _TRACE_EVENT and fun_name == name:
+                stats.compile_seconds += duration  # type: ignore[operator]
+
+        return listener
 
     def _canonical(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         # jax.jit caches `f(x, 3)` and `f(x, n=3)` separately: pass every
@@ -362,17 +419,29 @@ class Compiled:
         return bound.args, bound.kwargs
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Call the compiled function, tracing and compiling on a new signature."""
-        self.stats.calls += 1
+        """Call the compiled function, tracing and compiling on a new signature.
+
+        Under an outer transformation (an argument is a tracer) the call is
+        inlined into the outer program and its stats become unknown (see
+        `CompileStats`).
+        """
         if kwargs:
             args, kwargs = self._canonical(args, kwargs)
+        stats = self.stats
+        if _has_tracer(args, kwargs):
+            stats.transformed_calls += 1
+            stats.compiles = None
+            stats.compile_seconds = None
+            return self._run(args, kwargs, self._inlined)
+        stats.calls += 1
+        if stats.compiles is None:
+            return self._run(args, kwargs, self._jitted)
+        with _listening(self._listener()):
+            return self._run(args, kwargs, self._jitted)
+
+    def _run(self, args: tuple, kwargs: dict, jitted: Callable) -> Any:
         try:
-            stack = _calls.stack
-        except AttributeError:
-            stack = _calls.stack = []
-        stack.append(self)
-        try:
-            return self._jitted(*args, **kwargs)
+            return jitted(*args, **kwargs)
         except (ValueError, RuntimeError) as err:
             # Found only after jax.jit refused, so the hot path pays nothing.
             text = str(err)
@@ -387,8 +456,6 @@ class Compiled:
                 if found is not None:
                     raise found from err
             raise
-        finally:
-            stack.pop()
 
     def _unhashable(self, args: tuple, kwargs: dict) -> TypeError:
         bound = self._signature.bind(*args, **kwargs).arguments
@@ -422,7 +489,11 @@ def jit(
     """Compile `fun` with `jax.jit` and account for what it costs.
 
     The result is called like `fun`. Its `.stats` (`CompileStats`) counts
-    traces, backend compiles, compile seconds and calls.
+    traces, backend compiles, compile seconds and calls. It composes as a
+    `jax.jit` function does: call it inside your own `jax.jit`, `jax.vmap` or
+    `jax.grad`, or pass it to `jax.jit`. There it is inlined into the outer
+    program, donates nothing, and its `compiles` and `compile_seconds` become
+    None (unknown); `traces` and the trace budget still hold.
 
     Args:
       fun: a pure function of arrays.
@@ -446,6 +517,14 @@ def jit(
     >>> _ = f(jnp.ones(3), n=2); _ = f(jnp.ones(3), n=2); _ = f(jnp.ones(3), n=3)
     >>> f.stats.traces, f.stats.compiles, f.stats.calls
     (2, 2, 3)
+    >>> import jax
+    >>> g = fl.jit(lambda x: x * 2)
+    >>> jax.jit(g)(jnp.ones(2)).tolist()
+    [2.0, 2.0]
+    >>> jax.grad(lambda x: g(x).sum())(jnp.ones(2)).tolist()
+    [2.0, 2.0]
+    >>> g.stats.traces, g.stats.compiles, g.stats.calls, g.stats.transformed_calls
+    (1, None, 0, 2)
     """
     return Compiled(
         fun,

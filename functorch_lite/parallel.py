@@ -1,7 +1,8 @@
 """Data parallelism for compiled steps over a `jax.sharding` device mesh.
 
-`data_parallel(step)` runs a step from `fl.train.make_step` (or
-`make_fused_step`) on every device of a mesh: the batch is split along one mesh
+`data_parallel(step)` runs a training step (one from `fl.train.make_step` or
+`make_fused_step`, a `jax.jit` function, or a plain function) on every device
+of a mesh: the batch is split along one mesh
 axis, params and optimizer state are replicated on every device. The program is
 the same global-view program as on one device; JAX's partitioner (GSPMD) splits
 it and inserts the collectives, so the gradient of a summed loss is summed
@@ -51,15 +52,36 @@ def _wait_for_cpu_in_flight() -> None:
                 leaf.block_until_ready()
 
 
-def _jit_option(step: Compiled, name: str) -> tuple[str, ...]:
-    """Read `static_argnames` or `donate_argnames` of an `fl.jit` function."""
+def _jit_option(step: Callable, name: str) -> tuple[str, ...]:
+    """Read `static_argnames` or `donate_argnames` of an `fl.jit` step.
+
+    Any other step has none: nothing static, nothing donated.
+    """
+    if not isinstance(step, Compiled):
+        return ()
     return tuple(getattr(step, name, ()))
 
 
-def _shared_argnames(step: Compiled) -> frozenset[str] | None:
+def _shared_argnames(step: Callable) -> frozenset[str] | None:
     """The arguments without a steps axis of a fused step; None for a plain step."""
     shared = getattr(step, "shared_argnames", None)
     return None if shared is None else frozenset(shared)
+
+
+def _step_fun(step: Callable) -> Callable:
+    """The Python function to compile: an `fl.jit` step's own, else the step.
+
+    A `jax.jit` step is called as it is inside the data-parallel program, where
+    it is inlined.
+    """
+    return step.fun if isinstance(step, Compiled) else step
+
+
+def _step_name(step: Callable) -> str:
+    if isinstance(step, Compiled):
+        return step.name
+    name = getattr(step, "__name__", None)
+    return name if isinstance(name, str) else type(step).__name__
 
 
 def _auto_mesh(mesh: Mesh) -> Mesh:
@@ -120,6 +142,7 @@ class DataParallel:
 
     Attributes:
       step: the wrapped step.
+      name: the step's name (an `fl.jit` step's `name`, else its `__name__`).
       mesh: the device mesh (its axes are `AxisType.Auto`).
       axis: the mesh axis that splits the batch.
       pad: whether a batch that does not divide is padded.
@@ -130,7 +153,7 @@ class DataParallel:
 
     def __init__(
         self,
-        step: Compiled,
+        step: Callable,
         *,
         mesh: Mesh,
         axis: str,
@@ -138,11 +161,18 @@ class DataParallel:
         pad: bool,
     ) -> None:
         self.step = step
+        self.name = _step_name(step)
         self.mesh = mesh
         self.axis = axis
         self.pad = pad
         self.replicated = NamedSharding(mesh, PartitionSpec())
-        self._signature = inspect.signature(step.fun)
+        try:
+            self._signature = inspect.signature(_step_fun(step))
+        except (TypeError, ValueError) as err:
+            raise TypeError(
+                f"data_parallel: `step` must have a Python signature "
+                f"`step(params, opt_state, *batch)`; {self.name!r} has none: {err}."
+            ) from err
         self._static = frozenset(_jit_option(step, "static_argnames"))
         self._shared = _shared_argnames(step)
         self._multiprocess = jax.process_count() > 1
@@ -225,12 +255,12 @@ class DataParallel:
             self.fun,
             static_argnames=(*sorted(self._static), _ROWS_ARG),
             donate_argnames=donate,
-            max_traces=step.max_traces,
-            name=f"dp_{step.name}",
+            max_traces=step.max_traces if isinstance(step, Compiled) else None,
+            name=f"dp_{self.name}",
         )
         self.__signature__ = self._signature
-        self.__doc__ = step.__doc__
-        self.__name__ = f"dp_{step.name}"
+        self.__doc__ = getattr(step, "__doc__", None)
+        self.__name__ = f"dp_{self.name}"
 
     def _default_axis(self, name: str) -> int:
         # A fused step stacks per-step arguments on a leading steps axis; the
@@ -247,7 +277,8 @@ class DataParallel:
         return NamedSharding(self.mesh, PartitionSpec(*(None,) * batch_axis, self.axis))
 
     def _make_fun(self) -> Callable[..., Any]:
-        fun, signature, replicated = self.step.fun, self._signature, self.replicated
+        fun, signature = _step_fun(self.step), self._signature
+        replicated = self.replicated
         batch = self._batch
 
         def data_parallel_step(*args: Any, **kwargs: Any) -> Any:
@@ -280,7 +311,7 @@ class DataParallel:
         data_parallel_step.__signature__ = signature.replace(  # type: ignore[attr-defined]
             parameters=parameters
         )
-        data_parallel_step.__name__ = f"dp_{self.step.name}"
+        data_parallel_step.__name__ = f"dp_{self.name}"
         return data_parallel_step
 
     # ---------------------------------------------------------------- placing
@@ -312,7 +343,7 @@ class DataParallel:
             return self._signature.bind(*args, **kwargs)
         except TypeError as err:
             raise TypeError(
-                f"data_parallel({self.step.name}): the arguments do not match the "
+                f"data_parallel({self.name}): the arguments do not match the "
                 f"step's signature {self._signature}: {err}."
             ) from err
 
@@ -320,7 +351,7 @@ class DataParallel:
         self, bound: inspect.BoundArguments, *, allow_pad: bool
     ) -> tuple | None:
         """Place the bound arguments in place; return the padding record or None."""
-        where = f"data_parallel({self.step.name})"
+        where = f"data_parallel({self.name})"
         # Checked before dispatch: a deleted (donated) buffer on a CPU mesh
         # crashes the process instead of raising.
         donated = self._compiled.donate_argnames
@@ -446,20 +477,20 @@ class DataParallel:
 
     def __repr__(self) -> str:
         return (
-            f"<fl.parallel.data_parallel {self.step.name} axis={self.axis!r} "
+            f"<fl.parallel.data_parallel {self.name} axis={self.axis!r} "
             f"devices={self.mesh.shape[self.axis]} {self.stats}>"
         )
 
 
 def data_parallel(
-    step: Compiled,
+    step: Callable,
     *,
     mesh: Mesh | None = None,
     axis: str = "data",
     batch_argnames: Sequence[str] | Mapping[str, int] | None = None,
     pad: bool = False,
 ) -> DataParallel:
-    """Run a compiled step data parallel: batch split over devices, state replicated.
+    """Run a step data parallel: batch split over devices, state replicated.
 
     The result is called like `step`:
     `dp(params, opt_state, *batch) -> (params, opt_state, loss)`. It places
@@ -497,9 +528,14 @@ def data_parallel(
     does without padding.
 
     Args:
-      step: a step from `fl.train.make_step` or `fl.train.make_fused_step`
-        (an `fl.jit` function called as `step(params, opt_state, *batch)`).
-        Its static arguments, donated arguments and trace budget carry over.
+      step: any jit-compatible step called as `step(params, opt_state,
+        *batch)`. A step from `fl.train.make_step` or `make_fused_step` (an
+        `fl.jit` function) carries over its static arguments, donated
+        arguments, trace budget and `shared_argnames`. Any other callable (a
+        `jax.jit` function, which is inlined, or a plain function) gets the
+        defaults: no static arguments (every argument is traced, so a Python
+        `depth` becomes a traced scalar), nothing donated, no trace budget,
+        and no `shared_argnames` (batch dimension 0).
       mesh: the devices; default all devices, `jax.make_mesh((n,), (axis,))`.
         Its axes are used as `AxisType.Auto`.
       axis: the mesh axis that splits the batch.
@@ -533,11 +569,12 @@ def data_parallel(
     >>> dp.stats.compiles
     1
     """
-    if not isinstance(step, Compiled):
+    if not callable(step):
         raise TypeError(
-            "data_parallel: `step` must be a compiled step from "
-            "`fl.train.make_step` or `fl.train.make_fused_step`; got "
-            f"{type(step).__name__} {step!r}."
+            "data_parallel: `step` must be a callable step "
+            "`step(params, opt_state, *batch) -> (params, opt_state, loss)`, such "
+            "as one from `fl.train.make_step`, a `jax.jit` function or a plain "
+            f"function; got {type(step).__name__} {step!r}."
         )
     if not isinstance(axis, str):
         raise TypeError(f"data_parallel: `axis` must be a str; got {axis!r}.")

@@ -8,7 +8,6 @@ def test_all_is_pinned_and_sorted():
     assert fl.__all__ == [
         "CompileStats",
         "checkpoint",
-        "compile",
         "compile_counter",
         "control",
         "enable_persistent_cache",
