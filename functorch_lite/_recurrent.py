@@ -19,7 +19,7 @@ their own length keep their state and output zeros, in both modes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -47,6 +47,26 @@ class RecurrentLayer(NamedTuple):
     apply: Callable[..., tuple[jax.Array, Any]]
 
 
+def _float_dtype(value: Any, *, where: str, name: str, optional: bool) -> Any:
+    """`value` as a canonical floating `jnp.dtype` (hashable), or None if allowed.
+
+    Shared by the layers and models that take `dtype` / `param_dtype`.
+    """
+    if value is None and optional:
+        return None
+    expected = "a floating dtype" + (" or None" if optional else "")
+    try:
+        dtype = None if value is None else jnp.dtype(value)
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{where}: `{name}` must be {expected}, for example jnp.bfloat16 or "
+            f"jnp.float32; got {value!r}."
+        )
+    return jax.dtypes.canonicalize_dtype(dtype)
+
+
 def _keys(num_layers: int, directions: int) -> list[str]:
     """PyTorch's state_dict keys, in its order."""
     keys = []
@@ -67,8 +87,14 @@ def _make(
     bidirectional: bool,
     cell: Callable[[jax.Array, tuple], tuple],
     gates: int,
+    dtype: Any,
+    param_dtype: Any,
 ) -> RecurrentLayer:
     where = kind
+    compute_dtype = _float_dtype(dtype, where=where, name="dtype", optional=True)
+    param_dtype = _float_dtype(
+        param_dtype, where=where, name="param_dtype", optional=False
+    )
     for name, value in (("d_in", d_in), ("d_hidden", d_hidden)):
         check_int(value, where=where, name=name, minimum=1)
     check_int(num_layers, where=where, name="num_layers", minimum=1)
@@ -97,7 +123,7 @@ def _make(
         spec = shapes()
         keys = jax.random.split(key, len(spec))
         return {
-            name: jax.random.uniform(k, shape, jnp.float32, -bound, bound)
+            name: jax.random.uniform(k, shape, param_dtype, -bound, bound)
             for (name, shape), k in zip(spec.items(), keys, strict=True)
         }
 
@@ -116,16 +142,30 @@ def _make(
             )
         _check_params(params, shapes(), where=name)
         n, t = _check_xs(xs, d_in, where=name)
-        dtype = jnp.result_type(xs)
-        for key, leaf in params.items():
-            if jnp.result_type(leaf) != dtype:
-                raise TypeError(
-                    f"{name}: `xs` has dtype {dtype} but `params['{key}']` has "
-                    f"{jnp.result_type(leaf)}; they must match."
-                )
+        if compute_dtype is None:
+            dtype = jnp.result_type(xs)
+            for key, leaf in params.items():
+                if jnp.result_type(leaf) != dtype:
+                    raise TypeError(
+                        f"{name}: `xs` has dtype {dtype} but `params['{key}']` has "
+                        f"{jnp.result_type(leaf)}; they must match, or give the "
+                        "layer a compute `dtype` to cast both to."
+                    )
+        else:
+            dtype = compute_dtype
+            _check_float_leaves(params, where=name)
+            params = {key: jnp.asarray(leaf, dtype) for key, leaf in params.items()}
+            xs = jnp.asarray(xs, dtype)
         lengths = _check_lengths(lengths, n, t, where=name)
         h0, c0 = _initial(
-            initial_state, num_layers * directions, n, hidden, dtype, is_lstm, name
+            initial_state,
+            num_layers * directions,
+            n,
+            hidden,
+            dtype,
+            is_lstm,
+            name,
+            cast=compute_dtype is not None,
         )
         inp = xs
         h_n, c_n = [], []
@@ -221,17 +261,27 @@ def _reverse_padded(a: jax.Array, lengths: jax.Array) -> jax.Array:
 
 
 def _check_params(params: Any, shapes: dict, *, where: str) -> None:
-    if not isinstance(params, dict) or set(params) != set(shapes):
-        got = sorted(params) if isinstance(params, dict) else type(params).__name__
+    if not isinstance(params, Mapping) or set(params) != set(shapes):
+        got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
         raise TypeError(
-            f"{where}: `params` must be the dict from `init` with keys "
-            f"{sorted(shapes)}; got {got}."
+            f"{where}: `params` must be the dict from `init` (or another Mapping) "
+            f"with keys {sorted(shapes)}; got {got}."
         )
     for key, shape in shapes.items():
         got = tuple(jnp.shape(params[key]))
         if got != shape:
             raise ValueError(
                 f"{where}: `params['{key}']` must have shape {shape}; got {got}."
+            )
+
+
+def _check_float_leaves(params: Mapping, *, where: str) -> None:
+    """Before a cast to the compute dtype: only floating leaves may be cast."""
+    for key, leaf in params.items():
+        got = jnp.result_type(leaf)
+        if not jnp.issubdtype(got, jnp.floating):
+            raise TypeError(
+                f"{where}: `params['{key}']` must have a floating dtype; got {got}."
             )
 
 
@@ -285,7 +335,14 @@ def _initial(
     dtype: Any,
     is_lstm: bool,
     where: str,
+    *,
+    cast: bool,
 ) -> tuple[jax.Array, jax.Array | None]:
+    """The initial `(h_0, c_0)` (`c_0` None for the RNN), checked.
+
+    With `cast` (the layer has a compute dtype), floating parts are cast to
+    `dtype`; otherwise they must already have it.
+    """
     shape = (count, n, hidden)
     if initial_state is None:
         zeros = jnp.zeros(shape, dtype)
@@ -297,6 +354,7 @@ def _initial(
             f"{where}: `initial_state` must be a pair (h_0, c_0), each of shape "
             f"{shape}; got {type(initial_state).__name__}."
         )
+    checked = []
     for name, part in zip(names, parts, strict=True):
         got = tuple(jnp.shape(part))
         if got != shape:
@@ -304,16 +362,25 @@ def _initial(
                 f"{where}: `initial_state` {name} must have shape {shape} "
                 f"(num_layers * directions, N, H); got {got}."
             )
+        if cast and jnp.issubdtype(jnp.result_type(part), jnp.floating):
+            part = jnp.asarray(part, dtype)
+        checked.append(part)
         if jnp.result_type(part) != dtype:
             raise TypeError(
                 f"{where}: `initial_state` {name} must have dtype {dtype}, like "
                 f"`xs`; got {jnp.result_type(part)}."
             )
-    return (parts[0], parts[1]) if is_lstm else (parts[0], None)
+    return (checked[0], checked[1]) if is_lstm else (checked[0], None)
 
 
 def lstm(
-    d_in: int, d_hidden: int, num_layers: int = 1, bidirectional: bool = False
+    d_in: int,
+    d_hidden: int,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    *,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
 ) -> RecurrentLayer:
     """Create an LSTM layer over padded batches, like `torch.nn.LSTM`.
 
@@ -321,7 +388,8 @@ def lstm(
     `weight_hh_l0`, `bias_ih_l0`, `bias_hh_l0`, `..._reverse`, `..._l1`),
     weights stored `(in, out)`: `weight_ih_l0` is `(d_in, 4H)`, `weight_hh_l0`
     `(H, 4H)`; gates in PyTorch's order (i, f, g, o); every leaf drawn from
-    U(-1/sqrt(H), 1/sqrt(H)), float32, as PyTorch does.
+    U(-1/sqrt(H), 1/sqrt(H)), in `param_dtype` (float32 by default), as
+    PyTorch does.
 
     `apply(params, xs, lengths, *, mode="static", initial_state=None)`:
     `xs` `(N, T, d_in)` (batch first), `lengths` `(N,)` ints in `[1, T]`, in
@@ -333,11 +401,23 @@ def lstm(
     loop running to the longest sequence. `mode="dynamic"` is a Python loop
     over `T` steps, one program per padded length `T`.
 
+    Mixed precision (the Flax convention): with a compute `dtype`, `apply`
+    casts the params, `xs` and `initial_state` to it, and the projections, the
+    gates and the state updates all run in it, so `out`, `h_n` and `c_n` come
+    back in `dtype`. The cell state `c` accumulates in `dtype` too (bfloat16
+    keeps 8 bits of mantissa: long sequences drift further from float32 than
+    short ones). Gradients with respect to the params come back in their own
+    dtype (`param_dtype`), as the cast's transpose casts them back.
+
     Args:
       d_in: input features.
       d_hidden: hidden size `H`.
       num_layers: stacked layers.
       bidirectional: add a reverse direction (`D = 2`).
+      dtype: the compute dtype, for example `jnp.bfloat16`; None (the default)
+        casts nothing, and then `xs`, the params and `initial_state` must have
+        one dtype.
+      param_dtype: the dtype `init` creates the params in.
 
     Returns:
       A `RecurrentLayer`.
@@ -351,8 +431,22 @@ def lstm(
     >>> out, (h_n, c_n) = layer.apply(params, jnp.ones((2, 5, 3)), jnp.array([5, 2]))
     >>> out.shape, h_n.shape, float(jnp.abs(out[1, 2:]).sum())
     ((2, 5, 4), (1, 2, 4), 0.0)
+    >>> half = fl.nn.lstm(3, 4, dtype=jnp.bfloat16)  # float32 params
+    >>> out, (h_n, c_n) = half.apply(params, jnp.ones((2, 5, 3)), jnp.array([5, 2]))
+    >>> out.dtype, c_n.dtype
+    (dtype(bfloat16), dtype(bfloat16))
     """
-    return _make("lstm", d_in, d_hidden, num_layers, bidirectional, _lstm_cell, 4)
+    return _make(
+        "lstm",
+        d_in,
+        d_hidden,
+        num_layers,
+        bidirectional,
+        _lstm_cell,
+        4,
+        dtype,
+        param_dtype,
+    )
 
 
 def rnn(
@@ -361,13 +455,16 @@ def rnn(
     num_layers: int = 1,
     nonlinearity: str = "tanh",
     bidirectional: bool = False,
+    *,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
 ) -> RecurrentLayer:
     """Create an Elman RNN layer over padded batches, like `torch.nn.RNN`.
 
     `h_t = act(x_t @ weight_ih + bias_ih + h_{t-1} @ weight_hh + bias_hh)` with
     `act` tanh or relu. Params, `apply` and the modes as for `lstm`, with
     `(H, ...)`-wide gates instead of `4H`; `apply` returns `(out, h_n)` and
-    `initial_state` is `h_0`.
+    `initial_state` is `h_0`. `dtype` and `param_dtype` as for `lstm`.
 
     Args:
       d_in: input features.
@@ -375,6 +472,8 @@ def rnn(
       num_layers: stacked layers.
       nonlinearity: `"tanh"` or `"relu"`.
       bidirectional: add a reverse direction.
+      dtype: the compute dtype, or None (no cast).
+      param_dtype: the dtype `init` creates the params in.
 
     Returns:
       A `RecurrentLayer`.
@@ -392,5 +491,13 @@ def rnn(
             f'rnn: `nonlinearity` must be "tanh" or "relu"; got {nonlinearity!r}.'
         )
     return _make(
-        "rnn", d_in, d_hidden, num_layers, bidirectional, _rnn_cell(nonlinearity), 1
+        "rnn",
+        d_in,
+        d_hidden,
+        num_layers,
+        bidirectional,
+        _rnn_cell(nonlinearity),
+        1,
+        dtype,
+        param_dtype,
     )

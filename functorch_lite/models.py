@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.core import Tracer
 
 from functorch_lite import nn
 from functorch_lite._checks import check_int
+from functorch_lite._recurrent import _float_dtype
 from functorch_lite._trees import leaf_pairs, structure_diff
 from functorch_lite.control import (
     STATIC_METHODS,
@@ -31,7 +34,7 @@ __all__ = ["CharLSTM", "DynamicNet", "TwoLayerNet", "check_params", "check_x"]
 Params = Any
 
 
-def check_x(x: Any, d_in: int, *, where: str) -> None:
+def check_x(x: Any, d_in: int, *, where: str, leading_axes: bool = False) -> None:
     """Raise a clear error unless `x` is float with shape `(d_in,)` or `(N, d_in)`.
 
     The input check of the models' `apply`, public for models of your own.
@@ -40,6 +43,8 @@ def check_x(x: Any, d_in: int, *, where: str) -> None:
       x: the input to check.
       d_in: the expected number of features.
       where: the function to name in the error.
+      leading_axes: accept any number of leading batch axes, `(..., d_in)`,
+        as `fl.nn.linear` does.
 
     >>> import jax.numpy as jnp
     >>> import functorch_lite as fl
@@ -48,6 +53,7 @@ def check_x(x: Any, d_in: int, *, where: str) -> None:
     Traceback (most recent call last):
     ...
     ValueError: MyNet.apply: `x` must have shape (N, 3) or (3,); got (2, 4).
+    >>> fl.models.check_x(jnp.ones((2, 5, 3)), 3, where="MyNet", leading_axes=True)
     """
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(
@@ -59,6 +65,13 @@ def check_x(x: Any, d_in: int, *, where: str) -> None:
             f"{where}: `x` must have a floating dtype; got {x.dtype}. Cast it, for "
             "example `x.astype(jnp.float32)`."
         )
+    if leading_axes:
+        if x.ndim < 1 or x.shape[-1] != d_in:
+            raise ValueError(
+                f"{where}: `x` must have shape (N, {d_in}) or ({d_in},), or more "
+                f"leading batch axes (..., {d_in}); got {tuple(x.shape)}."
+            )
+        return
     if x.ndim not in (1, 2) or x.shape[-1] != d_in:
         raise ValueError(
             f"{where}: `x` must have shape (N, {d_in}) or ({d_in},); got "
@@ -117,8 +130,37 @@ def check_dtypes(params: Any, x: Any, *, where: str) -> None:
             raise TypeError(
                 f"{where}: `x` has dtype {want} but `params"
                 f"{jax.tree_util.keystr(path)}` has {got}; they must match. Cast "
-                f"one of them, for example `x.astype(jnp.{got})`."
+                f"one of them, for example `x.astype(jnp.{got})`, or give the "
+                "model a compute `dtype` (for example `dtype=jnp.bfloat16`) to "
+                "cast both to."
             )
+
+
+def _check_model_dtypes(model: Any, where: str) -> None:
+    """Normalize a frozen model's `dtype` / `param_dtype` fields (hashable dtypes)."""
+    object.__setattr__(
+        model,
+        "dtype",
+        _float_dtype(model.dtype, where=where, name="dtype", optional=True),
+    )
+    object.__setattr__(
+        model,
+        "param_dtype",
+        _float_dtype(
+            model.param_dtype, where=where, name="param_dtype", optional=False
+        ),
+    )
+
+
+def _cast_inputs(
+    model: Any, params: Params, x: jax.Array, *, where: str
+) -> tuple[Params, jax.Array]:
+    """Cast `params` and `x` to the model's compute dtype; check them without one."""
+    if model.dtype is None:
+        check_dtypes(params, x, where=where)
+        return params, x
+    cast = lambda a: jnp.asarray(a, model.dtype)
+    return jax.tree.map(cast, params), cast(x)
 
 
 @functools.lru_cache(maxsize=64)
@@ -147,6 +189,14 @@ class TwoLayerNet:
 
     Weights are drawn from N(0, 1), as in the reference program.
 
+    Mixed precision (the Flax convention): `param_dtype` (float32 by default)
+    is the dtype `init` creates the params in; `dtype` is the compute dtype.
+    With `dtype` given, `apply` casts the params and `x` to it and returns
+    it; gradients with respect to the params come back in `param_dtype` (the
+    cast's transpose casts them back), so an optimizer updates float32 master
+    weights. With `dtype=None` (the default) nothing is cast, and `x` must
+    have the params' dtype.
+
     >>> import jax, jax.numpy as jnp
     >>> import functorch_lite as fl
     >>> net = fl.models.TwoLayerNet(4, 3, 2)
@@ -155,23 +205,30 @@ class TwoLayerNet:
     {'w1': (4, 3), 'w2': (3, 2)}
     >>> net.apply(params, jnp.ones((5, 4))).shape
     (5, 2)
+    >>> half = fl.models.TwoLayerNet(4, 3, 2, dtype=jnp.bfloat16)
+    >>> half.apply(params, jnp.ones((5, 4))).dtype
+    dtype(bfloat16)
     """
 
     d_in: int
     d_hidden: int
     d_out: int
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     def __post_init__(self) -> None:
         _check_sizes(
             "TwoLayerNet", d_in=self.d_in, d_hidden=self.d_hidden, d_out=self.d_out
         )
+        _check_model_dtypes(self, "TwoLayerNet")
 
     def init(self, key: jax.Array) -> Params:
         """Draw `w1` `(d_in, d_hidden)` and `w2` `(d_hidden, d_out)` from N(0, 1)."""
         k1, k2 = jax.random.split(key)
+        dtype = self.param_dtype
         return {
-            "w1": jax.random.normal(k1, (self.d_in, self.d_hidden), jnp.float32),
-            "w2": jax.random.normal(k2, (self.d_hidden, self.d_out), jnp.float32),
+            "w1": jax.random.normal(k1, (self.d_in, self.d_hidden), dtype),
+            "w2": jax.random.normal(k2, (self.d_hidden, self.d_out), dtype),
         }
 
     def apply(self, params: Params, x: jax.Array) -> jax.Array:
@@ -179,7 +236,7 @@ class TwoLayerNet:
         where = "TwoLayerNet.apply"
         check_params(params, _param_spec(self), where=where)
         check_x(x, self.d_in, where=where)
-        check_dtypes(params, x, where=where)
+        params, x = _cast_inputs(self, params, x, where=where)
         return jax.nn.relu(x @ params["w1"]) @ params["w2"]
 
 
@@ -196,6 +253,13 @@ class DynamicNet:
       static_method: the loop mechanism of the static path (see `fl.repeat`):
         `"bounded"` (default, fastest), `"scan"` (also forward-mode
         differentiable) or `"masked"`.
+      dtype: the compute dtype, for example `jnp.bfloat16`, or None (the
+        default): no cast, and `x` must have the params' dtype. With a
+        `dtype`, `apply` casts the params and `x` to it and returns it;
+        gradients with respect to the params come back in `param_dtype` (the
+        cast's transpose casts them back), so an optimizer updates float32
+        master weights (the Flax convention).
+      param_dtype: the dtype `init` creates the params in (float32).
 
     >>> import jax, jax.numpy as jnp
     >>> import functorch_lite as fl
@@ -208,6 +272,11 @@ class DynamicNet:
     >>> y_dynamic = net.apply(params, x, 2, mode="dynamic")
     >>> bool(jnp.allclose(y_static, y_dynamic, rtol=1e-6))
     True
+    >>> net.apply(params, jnp.ones((2, 5, 4)), 2).shape  # any leading batch axes
+    (2, 5, 2)
+    >>> half = fl.models.DynamicNet(4, 8, 2, max_depth=3, dtype=jnp.bfloat16)
+    >>> half.apply(params, x, 2).dtype
+    dtype(bfloat16)
     """
 
     d_in: int
@@ -215,6 +284,8 @@ class DynamicNet:
     d_out: int
     max_depth: int = 3
     static_method: str = "bounded"
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     def __post_init__(self) -> None:
         _check_sizes(
@@ -226,13 +297,15 @@ class DynamicNet:
                 f"DynamicNet: `static_method` must be one of {STATIC_METHODS}; got "
                 f"{self.static_method!r}."
             )
+        _check_model_dtypes(self, "DynamicNet")
 
     @property
     def _layers(self) -> dict[str, nn.Layer]:
+        dtypes = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         return {
-            "input_linear": nn.linear(self.d_in, self.d_hidden),
-            "middle_linear": nn.linear(self.d_hidden, self.d_hidden),
-            "output_linear": nn.linear(self.d_hidden, self.d_out),
+            "input_linear": nn.linear(self.d_in, self.d_hidden, **dtypes),
+            "middle_linear": nn.linear(self.d_hidden, self.d_hidden, **dtypes),
+            "output_linear": nn.linear(self.d_hidden, self.d_out, **dtypes),
         }
 
     def init(self, key: jax.Array) -> Params:
@@ -293,17 +366,20 @@ class DynamicNet:
         *,
         mode: str = "static",
     ) -> jax.Array:
-        """Run the net for `x` of shape `(N, d_in)` or `(d_in,)`, float.
+        """Run the net for `x` of shape `(..., d_in)`, float.
 
         Args:
           params: the tree from `init`.
-          x: the input batch.
+          x: the input batch, with any leading batch axes: `(N, d_in)`,
+            `(B, T, d_in)`, or one example `(d_in,)`.
           depth: how many times the shared middle layer runs. With
             `mode="dynamic"`, a concrete int in `[0, max_depth]` (under `jit`,
             make it a static argument). With `mode="static"`, an int or an
             integer scalar that may be traced: one compiled graph serves every
             depth. In either mode it may also be an int array of shape `(N,)`
-            for `x` of shape `(N, d_in)`: each row runs at its own depth (the
+            for `x` of shape `(N, d_in)` (2-D `x` only: flatten more leading
+            axes first, `x.reshape(-1, d_in)` with `depth.reshape(-1)`):
+            each row runs at its own depth (the
             static mode in one compiled program for every depth pattern; the
             dynamic mode needs it concrete and runs each distinct depth's rows
             as a group). A concrete depth outside `[0, max_depth]` raises
@@ -315,7 +391,7 @@ class DynamicNet:
           mode: `"static"` or `"dynamic"`.
 
         Returns:
-          The output, shape `(N, d_out)` (or `(d_out,)`).
+          The output, shape `(..., d_out)`: `x`'s leading axes, `d_out`.
         """
         where = "DynamicNet.apply"
         if mode not in ("static", "dynamic"):
@@ -323,19 +399,39 @@ class DynamicNet:
                 f'{where}: `mode` must be "static" or "dynamic"; got {mode!r}.'
             )
         check_params(params, _param_spec(self), where=where)
-        check_x(x, self.d_in, where=where)
-        check_dtypes(params, x, where=where)
+        check_x(x, self.d_in, where=where, leading_axes=True)
+        # Cast once here, not in each pass of the loop (the layers' own casts
+        # are then no-ops).
+        params, x = _cast_inputs(self, params, x, where=where)
+        lead = tuple(jnp.shape(x)[:-1])
+        depth_array = isinstance(depth, Tracer | np.ndarray | jax.Array)
+        if len(lead) != 1 and (
+            is_per_example(depth)
+            or (len(lead) > 1 and depth_array and jnp.ndim(depth) > 0)
+        ):
+            raise ValueError(
+                f"{where}: a per-example `depth` of shape {jnp.shape(depth)} "
+                f"needs `x` of shape (N, {self.d_in}); got {jnp.shape(x)}. For "
+                f"more leading axes, flatten them: `x.reshape(-1, {self.d_in})` and "
+                "`depth.reshape(-1)`."
+            )
+        if len(lead) > 1:
+            # Any leading batch axes: run the flattened batch, then restore them.
+            flat = jnp.reshape(x, (math.prod(lead), self.d_in))
+            out = self._apply(params, flat, depth, mode=mode, where=where)
+            return jnp.reshape(out, (*lead, self.d_out))
+        return self._apply(params, x, depth, mode=mode, where=where)
+
+    def _apply(
+        self, params: Params, x: jax.Array, depth: Any, *, mode: str, where: str
+    ) -> jax.Array:
+        """`apply` for checked, cast `x` of shape `(N, d_in)` or `(d_in,)`."""
         layers = self._layers
         middle = layers["middle_linear"]
         h = jax.nn.relu(layers["input_linear"].apply(params["input_linear"], x))
         given = depth
         if is_per_example(depth):
             # `repeat` checks it against `h` (one row per example).
-            if jnp.ndim(x) != 2:
-                raise ValueError(
-                    f"{where}: a per-example `depth` of shape {jnp.shape(depth)} "
-                    f"needs `x` of shape (N, {self.d_in}); got {jnp.shape(x)}."
-                )
             check_per_example_counts(
                 depth,
                 self.max_depth,
@@ -376,6 +472,12 @@ class CharLSTM:
     "head": {"weight", "bias"}}`, PyTorch's layouts and initializations
     (`nn.Embedding`, `nn.LSTM`, `nn.Linear`).
 
+    Mixed precision (the Flax convention): `param_dtype` (float32 by default)
+    is the dtype `init` creates the params in; `dtype` is the compute dtype of
+    the embedding's rows, the LSTM and the head (None, the default: no cast).
+    `loss` computes the cross-entropy in float32 whatever the logits' dtype,
+    and its gradients come back in `param_dtype`.
+
     >>> import jax, jax.numpy as jnp
     >>> import functorch_lite as fl
     >>> model = fl.models.CharLSTM(vocab_size=5, d_embed=4, d_hidden=8)
@@ -385,12 +487,18 @@ class CharLSTM:
     (2, 4, 5)
     >>> float(model.loss(params, tokens, jnp.array([4, 2]))) > 0
     True
+    >>> half = fl.models.CharLSTM(vocab_size=5, d_embed=4, d_hidden=8,
+    ...                           dtype=jnp.bfloat16)
+    >>> half.apply(params, tokens, jnp.array([4, 2])).dtype
+    dtype(bfloat16)
     """
 
     vocab_size: int
     d_embed: int
     d_hidden: int
     num_layers: int = 1
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     def __post_init__(self) -> None:
         _check_sizes(
@@ -400,13 +508,17 @@ class CharLSTM:
             d_hidden=self.d_hidden,
             num_layers=self.num_layers,
         )
+        _check_model_dtypes(self, "CharLSTM")
 
     @property
     def _layers(self) -> dict[str, Any]:
+        dtypes = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         return {
-            "embedding": nn.embedding(self.vocab_size, self.d_embed),
-            "lstm": nn.lstm(self.d_embed, self.d_hidden, num_layers=self.num_layers),
-            "head": nn.linear(self.d_hidden, self.vocab_size),
+            "embedding": nn.embedding(self.vocab_size, self.d_embed, **dtypes),
+            "lstm": nn.lstm(
+                self.d_embed, self.d_hidden, num_layers=self.num_layers, **dtypes
+            ),
+            "head": nn.linear(self.d_hidden, self.vocab_size, **dtypes),
         }
 
     def init(self, key: jax.Array) -> Params:

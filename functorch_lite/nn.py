@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -12,6 +12,10 @@ import numpy as np
 from jax.core import Tracer
 
 from functorch_lite._checks import check_int
+
+# Imported here too (the layers themselves are re-exported at the bottom): the
+# dtype argument check shared by every layer. `_recurrent` does not import `nn`.
+from functorch_lite._recurrent import _float_dtype
 
 __all__ = [
     "Layer",
@@ -44,21 +48,42 @@ def _add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
     return y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
 
 
-def linear(d_in: int, d_out: int, *, bias: bool = True) -> Layer:
+def _cast(value: Any, dtype: Any) -> Any:
+    """`value` as an array of `dtype`; unchanged when `dtype` is None."""
+    return value if dtype is None else jnp.asarray(value, dtype)
+
+
+def linear(
+    d_in: int,
+    d_out: int,
+    *,
+    bias: bool = True,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+) -> Layer:
     """Create a fully connected layer, initialized like `torch.nn.Linear`.
 
     `weight` has shape `(d_in, d_out)` so that `x @ weight + bias` needs no
     transpose; `weight` and `bias` are drawn from U(-1/sqrt(d_in), 1/sqrt(d_in)),
-    float32.
+    in `param_dtype` (float32 by default).
+
+    Mixed precision (the Flax convention): with a compute `dtype`, `apply`
+    casts `x` and the params to it and returns `dtype`; gradients with respect
+    to the params still come back in their own dtype (the cast's transpose
+    casts them back), so an optimizer updates float32 master weights.
 
     Args:
       d_in: input features.
       d_out: output features.
       bias: whether the layer has a `bias` leaf of shape `(d_out,)`.
+      dtype: the compute dtype, for example `jnp.bfloat16`; None (the default)
+        casts nothing.
+      param_dtype: the dtype `init` creates the params in.
 
     Returns:
-      A `Layer` whose `apply(params, x)` maps `x` of shape `(..., d_in)` to
-      `(..., d_out)`.
+      A `Layer` whose `apply(params, x)` maps `x` of shape `(..., d_in)` (any
+      leading batch axes) to `(..., d_out)`. `params` may be any `Mapping`
+      with the keys of `init`'s dict.
 
     >>> import jax, jax.numpy as jnp
     >>> import functorch_lite as fl
@@ -68,47 +93,63 @@ def linear(d_in: int, d_out: int, *, bias: bool = True) -> Layer:
     {'weight': (3, 2), 'bias': (2,)}
     >>> layer.apply(params, jnp.ones((5, 3))).shape
     (5, 2)
+    >>> half = fl.nn.linear(3, 2, dtype=jnp.bfloat16)  # float32 params
+    >>> half.apply(params, jnp.ones((4, 5, 3))).dtype
+    dtype(bfloat16)
     """
     for name, value in (("d_in", d_in), ("d_out", d_out)):
         check_int(value, where="linear", name=name, minimum=1)
+    dtype = _float_dtype(dtype, where="linear", name="dtype", optional=True)
+    param_dtype = _float_dtype(
+        param_dtype, where="linear", name="param_dtype", optional=False
+    )
     bound = 1.0 / math.sqrt(d_in)
 
     def init(key: jax.Array) -> Params:
         w_key, b_key = jax.random.split(key)
         params = {
             "weight": jax.random.uniform(
-                w_key, (d_in, d_out), jnp.float32, -bound, bound
+                w_key, (d_in, d_out), param_dtype, -bound, bound
             )
         }
         if bias:
             params["bias"] = jax.random.uniform(
-                b_key, (d_out,), jnp.float32, -bound, bound
+                b_key, (d_out,), param_dtype, -bound, bound
             )
         return params
 
     def apply(params: Params, x: jax.Array) -> jax.Array:
-        _check_linear_apply(params, x, d_in, d_out, bias)
-        y = x @ params["weight"]
-        return _add_bias(y, params["bias"]) if bias else y
+        _check_linear_apply(params, x, d_in, d_out, bias, dtype)
+        y = _cast(x, dtype) @ _cast(params["weight"], dtype)
+        return _add_bias(y, _cast(params["bias"], dtype)) if bias else y
 
     return Layer(init, apply)
 
 
-def _check_linear_apply(params: Any, x: Any, d_in: int, d_out: int, bias: bool) -> None:
+def _check_linear_apply(
+    params: Any, x: Any, d_in: int, d_out: int, bias: bool, dtype: Any
+) -> None:
     """Shapes and dtypes only: free under jit, where they are static."""
     where = f"linear({d_in}, {d_out}).apply"
     want = {"weight": (d_in, d_out)} | ({"bias": (d_out,)} if bias else {})
-    if not isinstance(params, dict) or set(params) != set(want):
-        got = sorted(params) if isinstance(params, dict) else type(params).__name__
+    if not isinstance(params, Mapping) or set(params) != set(want):
+        got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
         raise TypeError(
-            f"{where}: `params` must be a dict with keys {sorted(want)}; got {got}. "
-            "Create it with the layer's `init(key)`."
+            f"{where}: `params` must be a dict with keys {sorted(want)} (or another "
+            f"Mapping); got {got}. Create it with the layer's `init(key)`."
         )
     for key, shape in want.items():
         if jnp.shape(params[key]) != shape:
             raise ValueError(
                 f"{where}: `params['{key}']` must have shape {shape}; got "
                 f"{jnp.shape(params[key])}."
+            )
+        if dtype is not None and not jnp.issubdtype(
+            jnp.result_type(params[key]), jnp.floating
+        ):
+            raise TypeError(
+                f"{where}: `params['{key}']` must have a floating dtype to be cast "
+                f"to the compute dtype {dtype}; got {jnp.result_type(params[key])}."
             )
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"{where}: `x` must be an array; got {type(x).__name__}.")
@@ -145,7 +186,9 @@ def mse_loss(
 
     Args:
       pred: predictions, any shape, floating dtype.
-      target: targets, the same shape as `pred`.
+      target: targets, the same shape and dtype as `pred`. Half-precision
+        inputs (bfloat16, float16) are upcast to float32 inside: the loss is
+        summed, and returned, in float32.
       reduction: `"sum"` (the reference programs' loss) or `"mean"` over every
         element, as in `torch.nn.functional.mse_loss`.
       mask: optional `(N,)` row weights, 1 for real rows and 0 for padding
@@ -164,6 +207,9 @@ def mse_loss(
     Array(5., dtype=float32)
     >>> fl.nn.mse_loss(jnp.array([1.0, 2.0]), jnp.zeros(2), reduction="mean")
     Array(2.5, dtype=float32)
+    >>> half = jnp.array([1.0, 2.0], jnp.bfloat16)
+    >>> fl.nn.mse_loss(half, jnp.zeros(2, jnp.bfloat16))
+    Array(5., dtype=float32)
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(
@@ -193,6 +239,11 @@ def mse_loss(
             f"{pred_shape} and {target_shape}. Reshape one of them; the loss does "
             "not broadcast, so that a (N,) vs (N, 1) mix-up cannot pass silently."
         )
+    if jnp.dtype(pred_dtype).itemsize < 4:
+        # Half precision: square and sum in float32 (8 bits of mantissa would
+        # lose the small terms of a long sum).
+        pred_dtype = jnp.dtype(jnp.float32)
+        pred, target = jnp.asarray(pred, pred_dtype), jnp.asarray(target, pred_dtype)
     if mask is None:
         sq = jnp.square(pred - target)
         return jnp.sum(sq) if reduction == "sum" else jnp.mean(sq)
@@ -257,15 +308,26 @@ def _check_concrete_range(
         )
 
 
-def embedding(num_embeddings: int, embedding_dim: int) -> Layer:
+def embedding(
+    num_embeddings: int,
+    embedding_dim: int,
+    *,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+) -> Layer:
     """Create a lookup table layer, initialized like `torch.nn.Embedding`.
 
     `weight` has shape `(num_embeddings, embedding_dim)`, one row per token
-    (the same layout as torch, no transpose), drawn from N(0, 1), float32.
+    (the same layout as torch, no transpose), drawn from N(0, 1), in
+    `param_dtype` (float32 by default).
 
     Args:
       num_embeddings: the number of tokens (rows of the table).
       embedding_dim: the size of each token's vector.
+      dtype: the compute dtype: the looked-up rows are cast to it (their
+        gradient comes back in the table's dtype). None (the default) casts
+        nothing.
+      param_dtype: the dtype `init` creates the table in.
 
     Returns:
       A `Layer` whose `apply(params, ids)` maps integer `ids` of any shape to
@@ -286,6 +348,8 @@ def embedding(num_embeddings: int, embedding_dim: int) -> Layer:
     (2, 3, 4)
     >>> bool(jnp.all(layer.apply(params, jnp.array(7)) == params["weight"][7]))
     True
+    >>> fl.nn.embedding(10, 4, dtype=jnp.bfloat16).apply(params, jnp.array(7)).dtype
+    dtype(bfloat16)
     """
     for name, value in (
         ("num_embeddings", num_embeddings),
@@ -293,11 +357,15 @@ def embedding(num_embeddings: int, embedding_dim: int) -> Layer:
     ):
         check_int(value, where="embedding", name=name, minimum=1)
     num_embeddings, embedding_dim = int(num_embeddings), int(embedding_dim)
+    dtype = _float_dtype(dtype, where="embedding", name="dtype", optional=True)
+    param_dtype = _float_dtype(
+        param_dtype, where="embedding", name="param_dtype", optional=False
+    )
 
     def init(key: jax.Array) -> Params:
         return {
             "weight": jax.random.normal(
-                key, (num_embeddings, embedding_dim), jnp.float32
+                key, (num_embeddings, embedding_dim), param_dtype
             )
         }
 
@@ -309,6 +377,8 @@ def embedding(num_embeddings: int, embedding_dim: int) -> Layer:
             ids, num_embeddings, where=where, name="ids", what="token indices"
         )
         rows = jnp.take(params["weight"], ids, axis=0, mode="fill", fill_value=jnp.nan)
+        # Cast the rows, not the table: only what is looked up is converted.
+        rows = _cast(rows, dtype)
         if jnp.issubdtype(ids.dtype, jnp.unsignedinteger):
             return rows
         # `jnp.take` wraps ids in [-num_embeddings, 0) around, as Python does;
@@ -321,11 +391,11 @@ def embedding(num_embeddings: int, embedding_dim: int) -> Layer:
 
 def _check_embedding_params(params: Any, where: str, shape: tuple[int, int]) -> None:
     """Structure, shape and dtype only: free under jit, where they are static."""
-    if not isinstance(params, dict) or set(params) != {"weight"}:
-        got = sorted(params) if isinstance(params, dict) else type(params).__name__
+    if not isinstance(params, Mapping) or set(params) != {"weight"}:
+        got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
         raise TypeError(
-            f"{where}: `params` must be a dict with keys ['weight']; got {got}. "
-            "Create it with the layer's `init(key)`."
+            f"{where}: `params` must be a dict with keys ['weight'] (or another "
+            f"Mapping); got {got}. Create it with the layer's `init(key)`."
         )
     weight = params["weight"]
     if jnp.shape(weight) != shape:
@@ -357,6 +427,9 @@ def cross_entropy(
 
     Args:
       logits: unnormalized scores of shape `(..., C)`, floating dtype.
+        Half-precision logits (bfloat16, float16) are upcast to float32
+        inside: the log-softmax and the loss are computed, and returned, in
+        float32.
       targets: class indices of shape `(...)` (the shape of `logits` without
         its last axis), integer dtype, in `[0, C)`. Concrete targets outside
         it raise `ValueError` (at real positions only, when `mask` is
@@ -387,6 +460,8 @@ def cross_entropy(
     >>> mask = jnp.array([1.0, 0.0])  # the second position is padding
     >>> fl.nn.cross_entropy(logits, jnp.array([0, 0]), mask=mask).round(4)
     Array(0.1269, dtype=float32)
+    >>> fl.nn.cross_entropy(logits.astype(jnp.bfloat16), jnp.array([0, 1])).dtype
+    dtype('float32')
     """
     where = "cross_entropy"
     if reduction not in ("mean", "sum", "none"):
@@ -415,6 +490,10 @@ def cross_entropy(
             "move it with `jnp.moveaxis(logits, 1, -1)`."
         )
     dtype = jax.dtypes.canonicalize_dtype(logits.dtype)
+    if jnp.dtype(dtype).itemsize < 4:
+        # Half precision: the log-softmax's sum of exponentials in float32.
+        dtype = jnp.dtype(jnp.float32)
+        logits = jnp.asarray(logits, dtype)
     if mask is not None:
         _check_array(mask, where=where, name="mask")
         if not (

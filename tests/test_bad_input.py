@@ -367,7 +367,10 @@ def _apply(net: Any, params: Any, x: Any, depth: Any, mode: str) -> Any:
 def test_model_apply_random_x(model: str, x: ArraySpec, mode: str, depth: int) -> None:
     net, params = MODELS[model], params_of(model)
     value = x.build()
-    shape_ok = len(x.shape) in (1, 2) and x.shape[-1] == D_IN
+    # DynamicNet takes any leading batch axes; TwoLayerNet (N, d_in) or (d_in,).
+    shape_ok = x.shape[-1:] == (D_IN,) and (
+        len(x.shape) in (1, 2) or (model != "two_layer" and len(x.shape) >= 1)
+    )
     bad = () if shape_ok and x.floating else ("x",)
     lenient = ("x",) if x.kind == "python" or x.dtype in HALF else ()
     raised, y = run_case(

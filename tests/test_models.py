@@ -251,9 +251,9 @@ def test_single_example_input(key):
             r"DynamicNet.apply: `x` must have shape \(N, 6\)",
         ),
         (
-            {"x": np.ones((2, 4, 6), np.float32)},
+            {"x": np.ones((2, 4, 7), np.float32)},
             ValueError,
-            r"`x` must have shape .*got \(2, 4, 6\)",
+            r"`x` must have shape .*got \(2, 4, 7\)",
         ),
         ({"x": np.float32(1.0)}, ValueError, r"`x` must have shape"),
         (
