@@ -120,6 +120,38 @@ def _read(bufs: list, index: jax.Array) -> list:
 # --- a while loop that every mode of autodiff can go through -----------------
 
 
+def _varying(x: Any) -> frozenset:
+    """The `shard_map` mesh axes `x` (a value or an aval) varies over."""
+    aval = x if isinstance(x, jax.core.ShapedArray) else jax.typeof(x)
+    vma = getattr(aval, "vma", None)
+    if vma is None:  # jax 0.10 keeps it in the aval's manual axis type
+        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", ())
+    return frozenset(vma or ())
+
+
+def _align_carry(body: Callable, init: Any) -> Any:
+    """Cast `init` to vary over every mesh axis `body(init)` varies over.
+
+    Inside `shard_map` a loop's carry must keep its type, and a buffer made
+    with `jnp.zeros` does not vary over the mesh while what the body writes
+    into it may (the batch rows of each device). Outside `shard_map` this is
+    one check of the context mesh.
+    """
+    if not jax.sharding.get_abstract_mesh().manual_axes:
+        return init
+    leaves, tree = jax.tree.flatten(init)
+    for _ in range(len(leaves) + 1):
+        outs = jax.make_jaxpr(body)(jax.tree.unflatten(tree, leaves)).out_avals
+        missing = [_varying(a) - _varying(x) for x, a in zip(leaves, outs, strict=True)]
+        if not any(missing):
+            break
+        leaves = [
+            lax.pcast(x, tuple(sorted(m)), to="varying") if m else x
+            for x, m in zip(leaves, missing, strict=True)
+        ]
+    return jax.tree.unflatten(tree, leaves)
+
+
 def _while_any_mode(cond: Callable, body: Callable, init: Any, bound: int) -> Any:
     """`lax.while_loop(cond, body, init)` that runs at most `bound` iterations.
 
@@ -128,6 +160,7 @@ def _while_any_mode(cond: Callable, body: Callable, init: Any, bound: int) -> An
     Used for the loops inside the custom rules, so that those rules can be
     differentiated again.
     """
+    init = _align_carry(body, init)
     body_c, body_k = _hoist(body, init)
     cond_c, cond_k = _hoist(cond, init)
     return _while_jvp(body_c, cond_c, bound, init, tuple(body_k), tuple(cond_k))
@@ -422,7 +455,7 @@ def _forward(
     if any_mode:
         t, fl, nl, bufs, ys = _while_any_mode(c, b, init, bound)
     else:
-        t, fl, nl, bufs, ys = lax.while_loop(c, b, init)
+        t, fl, nl, bufs, ys = lax.while_loop(c, b, _align_carry(b, init))
     return fl, nl, t, ys, bufs
 
 
