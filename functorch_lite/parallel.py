@@ -25,7 +25,13 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from functorch_lite._checks import check_bool, check_int
-from functorch_lite.compile import Compiled, CompileStats, donation_error, jit
+from functorch_lite.compile import (
+    Compiled,
+    CompileStats,
+    argnames,
+    donation_error,
+    jit,
+)
 
 __all__ = ["DataParallel", "data_parallel", "initialize"]
 
@@ -60,6 +66,34 @@ def _jit_option(step: Callable, name: str) -> tuple[str, ...]:
     if not isinstance(step, Compiled):
         return ()
     return tuple(getattr(step, name, ()))
+
+
+def _is_jax_jit(step: Callable) -> bool:
+    """Whether `step` looks like a `jax.jit` function (its AOT methods)."""
+    return not isinstance(step, Compiled) and all(
+        callable(getattr(step, name, None)) for name in ("lower", "trace", "eval_shape")
+    )
+
+
+def _named_options(
+    step: Callable,
+    option: str,
+    given: Sequence[str] | None,
+    params: list[inspect.Parameter],
+) -> tuple[str, ...]:
+    """`static_argnames` or `donate_argnames`: given, else the step's own."""
+    if given is None:
+        return _jit_option(step, option)
+    names = argnames(given, where="data_parallel", name=option)
+    known = {p.name for p in params}
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params)
+    unknown = [n for n in names if n not in known and not takes_kwargs]
+    if unknown:
+        raise ValueError(
+            f"data_parallel: `{option}` names {unknown}, which the step does not "
+            f"take; its arguments are {[p.name for p in params]}."
+        )
+    return tuple(names)
 
 
 def _shared_argnames(step: Callable) -> frozenset[str] | None:
@@ -159,6 +193,8 @@ class DataParallel:
         axis: str,
         batch_argnames: Sequence[str] | Mapping[str, int] | None,
         pad: bool,
+        static_argnames: Sequence[str] | None = None,
+        donate_argnames: Sequence[str] | None = None,
     ) -> None:
         self.step = step
         self.name = _step_name(step)
@@ -173,7 +209,6 @@ class DataParallel:
                 f"data_parallel: `step` must have a Python signature "
                 f"`step(params, opt_state, *batch)`; {self.name!r} has none: {err}."
             ) from err
-        self._static = frozenset(_jit_option(step, "static_argnames"))
         self._shared = _shared_argnames(step)
         self._multiprocess = jax.process_count() > 1
 
@@ -188,6 +223,11 @@ class DataParallel:
                 f"*batch)`, like the result of `fl.train.make_step`; its signature "
                 f"is {self._signature}."
             )
+        self._declared_static = static_argnames is not None
+        self._static = frozenset(
+            _named_options(step, "static_argnames", static_argnames, params)
+        )
+        self._donate = _named_options(step, "donate_argnames", donate_argnames, params)
         candidates = [p.name for p in params[2:] if p.name not in self._static]
         # Each batch argument: (axis of the batch dimension, strict). Inferred
         # arguments shard only if every leaf has that axis; named ones must.
@@ -250,11 +290,10 @@ class DataParallel:
             device.platform == "cpu" for device in mesh.devices.flat
         )
         self.fun = self._make_fun()
-        donate = _jit_option(step, "donate_argnames")
         self._compiled = jit(
             self.fun,
             static_argnames=(*sorted(self._static), _ROWS_ARG),
-            donate_argnames=donate,
+            donate_argnames=self._donate,
             max_traces=step.max_traces if isinstance(step, Compiled) else None,
             name=f"dp_{self.name}",
         )
@@ -280,6 +319,14 @@ class DataParallel:
         fun, signature = _step_fun(self.step), self._signature
         replicated = self.replicated
         batch = self._batch
+        hint = None
+        if _is_jax_jit(self.step) and not self._declared_static:
+            hint = (
+                f"data_parallel({self.name}): `step` is a `jax.jit` function, and "
+                "data_parallel cannot read its static arguments, so it traced "
+                "every argument. If it has static arguments, name them: "
+                "`data_parallel(step, static_argnames=(...))`."
+            )
 
         def data_parallel_step(*args: Any, **kwargs: Any) -> Any:
             rows = kwargs.pop(_ROWS_ARG, None)
@@ -292,7 +339,15 @@ class DataParallel:
                         lambda x, a=batch_axis: _unpad(x, a, groups, local_rows),
                         bound.arguments[name],
                     )
-            out = fun(*bound.args, **bound.kwargs)
+            try:
+                out = fun(*bound.args, **bound.kwargs)
+            except (TypeError, ValueError) as err:
+                text = str(err)
+                if hint is not None and (
+                    "hashable" in text or "Tracer" in type(err).__name__
+                ):
+                    raise TypeError(f"{hint} The step raised: {text}") from err
+                raise
             params, opt_state, *rest = out
             # Pin the new state to the replicated layout it came in with, so
             # that the next call takes it as is (and can donate it).
@@ -489,6 +544,8 @@ def data_parallel(
     axis: str = "data",
     batch_argnames: Sequence[str] | Mapping[str, int] | None = None,
     pad: bool = False,
+    static_argnames: Sequence[str] | None = None,
+    donate_argnames: Sequence[str] | None = None,
 ) -> DataParallel:
     """Run a step data parallel: batch split over devices, state replicated.
 
@@ -535,7 +592,8 @@ def data_parallel(
         `jax.jit` function, which is inlined, or a plain function) gets the
         defaults: no static arguments (every argument is traced, so a Python
         `depth` becomes a traced scalar), nothing donated, no trace budget,
-        and no `shared_argnames` (batch dimension 0).
+        and no `shared_argnames` (batch dimension 0). Name a `jax.jit` step's
+        static arguments with `static_argnames`: JAX does not expose them.
       mesh: the devices; default all devices, `jax.make_mesh((n,), (axis,))`.
         Its axes are used as `AxisType.Auto`.
       axis: the mesh axis that splits the batch.
@@ -544,6 +602,12 @@ def data_parallel(
         others are replicated.
       pad: pad a batch that does not divide (see above), instead of raising
         `ValueError`.
+      static_argnames: the step's arguments that are Python values, compiled
+        once per distinct value. Default: those of an `fl.jit` step, none for
+        any other.
+      donate_argnames: the arguments whose buffers the data-parallel program
+        may reuse (`("params", "opt_state")` to update in place). Default:
+        those of an `fl.jit` step, none for any other.
 
     Returns:
       A `DataParallel` callable with the step's signature and `.stats`.
@@ -599,6 +663,8 @@ def data_parallel(
         axis=axis,
         batch_argnames=batch_argnames,
         pad=pad,
+        static_argnames=static_argnames,
+        donate_argnames=donate_argnames,
     )
 
 

@@ -271,11 +271,11 @@ def test_star_import_does_not_shadow_compile():
 # ----------------------------------------------------------------- data_parallel
 
 
-def _plain_update(prob):
-    """An unjitted step with the make_step signature (depth traced)."""
+def _plain_update(prob, mode="static"):
+    """An unjitted step with the make_step signature."""
     update = fl.train.make_update(
         lambda params, x, y, depth: fl.nn.mse_loss(
-            prob["net"].apply(params, x, depth), y
+            prob["net"].apply(params, x, depth, mode=mode), y
         ),
         prob["optimizer"],
     )
@@ -322,9 +322,66 @@ _EIGHT_DEVICES = textwrap.dedent(
             np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose([float(v) for v in losses], want_losses, rtol=1e-5)
         assert dp.stats.compiles == 1, dp.stats
+    # A jax.jit step with a static depth (the dynamic path): named here, since
+    # JAX does not expose them; donated as the step would be.
+    prob = worker.problem("dynamic", 16, steps=5, depths=(1, 3))
+    want_params, want_losses = _direct(prob, 5)
+    step = jax.jit(_plain_update(prob, "dynamic"), static_argnames="depth")
+    dp = fl.parallel.data_parallel(
+        step, static_argnames=("depth",), donate_argnames=("params", "opt_state")
+    )
+    params, losses = worker.train(dp, prob, prob["x"], prob["y"], 5)
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(want_params)):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([float(v) for v in losses], want_losses, rtol=1e-5)
+    assert dp.stats.compiles == len(set(prob["depths"])) == 2, dp.stats
+    p0 = prob["net"].init(jax.random.key(0))
+    dp(p0, prob["optimizer"].init(p0), prob["x"], prob["y"], 1)
+    assert p0["input_linear"]["weight"].is_deleted()  # donated
+    # make_update under the user's own shard_map: each device takes 2 rows,
+    # the loss is averaged over devices, and the update equals the whole-batch one.
+    from jax.sharding import PartitionSpec as P
+    net, opt = prob["net"], prob["optimizer"]
+    def local_loss(params, x, y):
+        mean = fl.nn.mse_loss(net.apply(params, x, 2), y, reduction="mean")
+        return jax.lax.pmean(mean, "data")
+    update = fl.train.make_update(local_loss, opt)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = jax.jit(jax.shard_map(
+        update, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
+        out_specs=(P(), P(), P())))
+    whole = fl.train.make_update(
+        lambda p, x, y: fl.nn.mse_loss(net.apply(p, x, 2), y, reduction="mean"), opt)
+    p0 = net.init(jax.random.key(0))
+    got = sharded(p0, opt.init(p0), prob["x"], prob["y"])
+    want = whole(p0, opt.init(p0), prob["x"], prob["y"])
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7)
+    assert not np.allclose(got[0]["input_linear"]["weight"], p0["input_linear"]["weight"])
     print("OK")
     """
 )
+
+
+def test_data_parallel_needs_a_jax_jit_steps_static_argnames():
+    prob = worker.problem("dynamic", 6, steps=2, depths=(1, 3))
+    step = jax.jit(_plain_update(prob, "dynamic"), static_argnames="depth")
+    params = prob["net"].init(jax.random.key(0))
+    state = prob["optimizer"].init(params)
+    dp = fl.parallel.data_parallel(step)
+    with pytest.raises(
+        TypeError,
+        match=r"data_parallel\(plain_step\): `step` is a `jax.jit` function.*"
+        r"static_argnames=",
+    ):
+        dp(params, state, prob["x"], prob["y"], 1)
+    with pytest.raises(ValueError, match=r"`static_argnames` names \['dpeth'\]"):
+        fl.parallel.data_parallel(step, static_argnames=("dpeth",))
+    with pytest.raises(TypeError, match=r"`donate_argnames` must be"):
+        fl.parallel.data_parallel(step, donate_argnames=3)
+    dp = fl.parallel.data_parallel(step, static_argnames=["depth"])
+    _, _, loss = dp(params, state, prob["x"], prob["y"], 1)
+    assert np.isfinite(float(loss)) and dp.stats.compiles == 1
 
 
 def test_data_parallel_plain_steps_on_eight_devices():
