@@ -81,6 +81,129 @@ def test_nonfinite_loss_stops_fit_with_last_finite_state(key, tmp_path):
     assert saved_step == 7 and _bytes(saved["params"]) == _bytes(ref_p)
 
 
+@pytest.mark.parametrize("log_every, bad_at", [(3, 7), (3, 6), (4, 0), (50, 19)])
+def test_bad_step_in_any_window_gives_the_state_before_it(key, log_every, bad_at):
+    # The bad step may open a window (bad_at 6 with windows of 3), close one,
+    # or come first; fit finds it at the window's read-back and replays.
+    step, params, state, x, y = _setup(key, guard=True)
+    batches = _batches(x, y, bad_at=bad_at)
+    ref_p, ref_s, _ = fl.train.fit(
+        step, _copy(params), _copy(state), batches[:bad_at], progress=False
+    )
+    with pytest.raises(FloatingPointError, match=rf"step {bad_at + 1} is nan") as info:
+        fl.train.fit(
+            step,
+            _copy(params),
+            _copy(state),
+            batches,
+            progress=False,
+            log_every=log_every,
+        )
+    assert info.value.step == bad_at
+    assert _bytes(info.value.params) == _bytes(ref_p)
+    assert _bytes(info.value.opt_state) == _bytes(ref_s)
+
+
+class _Loss:
+    """A host loss that records how many steps had run when it was read."""
+
+    shape = ()
+
+    def __init__(self, value, clock, reads):
+        self.value, self.clock, self.reads = value, clock, reads
+
+    def _read(self):
+        self.reads.append(self.clock[0])
+        return float(self.value)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self._read(), dtype=dtype)
+
+    def __float__(self):
+        return self._read()
+
+    def __bool__(self):
+        return bool(self._read())
+
+
+@pytest.mark.parametrize("guard", [False, True])
+@pytest.mark.parametrize("progress", [False, True])
+def test_fit_reads_losses_back_once_per_log_window(key, guard, progress, capsys):
+    # Reading a loss waits for its step; fit must do it only every
+    # `log_every` steps, so the host can queue steps ahead of the device.
+    step, params, state, x, y = _setup(key, guard=guard)
+    clock, reads = [0], []
+
+    def counted(params, opt_state, x, y, depth):
+        params, opt_state, loss = step(params, opt_state, x, y, depth)
+        clock[0] += 1
+        return params, opt_state, _Loss(loss, clock, reads)
+
+    counted.guarded = guard
+    _, _, losses = fl.train.fit(
+        counted, params, state, _batches(x, y, n=20), progress=progress, log_every=6
+    )
+    assert clock[0] == 20 and np.isfinite(losses).all()
+    assert set(reads) == {6, 12, 18, 20}, reads
+
+
+def test_fit_finishes_a_checkpoint_in_flight_when_stopped(key, tmp_path):
+    step, params, state, x, y = _setup(key)
+    batches = _batches(x, y, n=6)
+
+    def stop_after_four():
+        yield from batches[:4]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        fl.train.fit(
+            step,
+            _copy(params),
+            _copy(state),
+            stop_after_four(),
+            progress=False,
+            checkpoint_every=4,
+            checkpoint_dir=tmp_path,
+        )
+    assert info.value.step == 4
+    like = {"params": params, "opt_state": state, "step": 0}
+    saved_step, saved = fl.checkpoint.load_latest(tmp_path, like=like)
+    assert saved_step == 4
+    assert _bytes(saved["params"]) == _bytes(info.value.params)
+    assert not [f for f in os.listdir(tmp_path) if not f.endswith(".safetensors")]
+
+
+def test_a_failed_background_save_stops_fit_with_the_state(key, tmp_path, monkeypatch):
+    step, params, state, x, y = _setup(key)
+
+    class Failed:  # a background save that failed after it started
+        def __init__(self, at):
+            self.at = at
+
+        def done(self):
+            return True
+
+        def wait(self, timeout=None):
+            raise OSError(f"disk full at step {self.at}")
+
+    def failing(directory, at, tree, *, keep):
+        return Failed(at)
+
+    monkeypatch.setattr(fl.checkpoint, "save_numbered_async", failing)
+    with pytest.raises(OSError, match="disk full at step 2") as info:
+        fl.train.fit(
+            step,
+            _copy(params),
+            _copy(state),
+            _batches(x, y, n=6),
+            progress=False,
+            checkpoint_every=2,
+            checkpoint_dir=tmp_path,
+        )
+    # Found when fit waits for it, before the next save at step 4.
+    assert info.value.step == 4
+
+
 def test_unguarded_step_says_how_to_keep_the_state(key):
     step, params, state, x, y = _setup(key)
     with pytest.raises(
