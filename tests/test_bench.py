@@ -330,3 +330,40 @@ def test_peak_gap_measures_the_reference_step(tmp_path):
     core = best("input fwd x@W1") + best("input wgrad x.T@g") + depth * middle
     assert core <= seconds <= 1.05 * core
     assert data["bound"]["gflops"] == pytest.approx(flops / seconds / 1e9)
+
+
+def test_fit_overhead_trains_the_same_params_both_ways(tmp_path):
+    """bench/fit_overhead.py: fit and the bare loop run the same steps (same
+    final params), and the report has every variant with a sane ratio."""
+    spec = importlib.util.spec_from_file_location(
+        "fit_overhead", BENCH / "fit_overhead.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    step, params, opt_state, x, y = module._setup("tiny", guard=False)
+    batches = [(x, y, jnp.int32(d)) for d in (0, 3, 1, 2, 3)]
+    bare = module._bare(step, module.copy(params), module.copy(opt_state), batches)
+    fitted = module._fit(step, module.copy(params), module.copy(opt_state), batches)
+    for a, b in zip(jax.tree.leaves(bare), jax.tree.leaves(fitted), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = module.main(
+            [
+                "--steps",
+                "12",
+                "--repeats",
+                "1",
+                "--sizes",
+                "tiny",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+    names = [r["variant"] for r in result["rows"]]
+    assert names == ["bare", "fit", "fit-ckpt", "bare-guarded", "fit-guarded"]
+    for r in result["rows"]:
+        assert 0 < r["min_us"] <= r["median_us"] <= r["max_us"]
+        assert r["ratio_to_bare"] > 0
+    saved = json.loads((tmp_path / "fit-overhead.json").read_text())
+    assert saved["rows"] == result["rows"] and saved["cores"] >= 1
