@@ -15,8 +15,55 @@ COLORS = {
     "static": "#2ca02c",
     "fused": "#17becf",
     "torch-eager": "#ff7f0e",
+    "torch-eager-inprocess": "#ffbb78",
+    "torch-compile": "#8c564b",
+    "torch-compile-dynamic": "#c49c94",
+    "tf-function-int": "#9467bd",
+    "tf-function-tensor": "#e377c2",
+    "tf-function-int-xla": "#c5b0d5",
+    "tf-function-tensor-xla": "#f7b6d2",
     "plain-jax": "#7f7f7f",
 }
+OWN_PROCESS = "*"  # marks a peer measured alone in its own fresh process
+
+
+def _label(results: dict, name: str) -> str:
+    return name + OWN_PROCESS if name in results["config"].get("peers", ()) else name
+
+
+def _framework_versions(env: dict) -> str:
+    versions = dict(env.get("peer_versions") or {})
+    if env.get("torch") and "torch" not in versions:
+        versions["torch"] = env["torch"]
+    return "  ".join(f"{k} {v}" for k, v in sorted(versions.items())) or "no peers"
+
+
+def loss_agreement(results: dict, reference: str = "static") -> dict:
+    """Per max_depth, each run's largest relative loss deviation from `reference`.
+
+    Every strategy and peer trains the same model from the same weights on the
+    same data and depths, so the recorded losses must agree (float32 rounding
+    apart): a peer doing less work would show here.
+    """
+    out: dict = {}
+    for d in results["config"]["depths"]:
+        runs = {
+            r["strategy"]: r["losses"]
+            for r in results["runs"]
+            if r["max_depth"] == d and r["status"] == "ok" and r["losses"]
+        }
+        ref = runs.get(reference)
+        if not ref:
+            continue
+        out[d] = {}
+        for name, losses in runs.items():
+            n = min(len(ref), len(losses))
+            dev = max(
+                abs(a - b) / max(abs(b), 1e-12)
+                for a, b in zip(losses[:n], ref[:n], strict=True)
+            )
+            out[d][name] = {"steps": n, "max_rel_dev": dev}
+    return out
 
 
 # ------------------------------------------------------------------- lookups
@@ -95,14 +142,17 @@ def _rows(results: dict, max_depth: int) -> tuple[list[str], list[list[str]]]:
         if last is None:
             continue
         if last["status"] != "ok":
-            rows.append([name, last["status"]] + [""] * (len(header) - 2))
+            rows.append(
+                [_label(results, name), last["status"]] + [""] * (len(header) - 2)
+            )
             continue
         st = last["steady_seconds"]
         approx = "~" if last["total_kind"] == "extrapolated" else ""
+        compiles = last["compiles"]
         row = [
-            name,
-            f"{approx}{last['compiles']}",
-            f"{approx}{_s(last['compile_seconds'])}",
+            _label(results, name),
+            f"{approx}{compiles if compiles is not None else '-'}",
+            f"{approx}{_s(last['compile_seconds'])}" if compiles is not None else "-",
             _s(last["first_call_seconds"]),
             f"{_ms(st['median'])} [{_ms(st['min'])}-{_ms(st['max'])}]",
         ]
@@ -126,13 +176,14 @@ def table(results: dict) -> str:
     """A plain-text table per max_depth, for stdout."""
     env, peak = results["env"], results["peak"]
     lines = [
-        f"retrace_vs_scan  jax {env['jax']}  optax {env['optax']}  torch "
-        f"{env['torch'] or '-'}  {env['backend']}: {env['device_kind']} "
+        f"retrace_vs_scan  jax {env['jax']}  optax {env['optax']}  "
+        f"{_framework_versions(env)}  {env['backend']}: {env['device_kind']} "
         f"({env['cpu_count']} cores)",
         f"matmul peak ({peak['size']}^2 float32): {peak['gflops']:.1f} GFLOP/s.  "
         "'~' = extrapolated.  'ahead of dynamic/torch': the steps at which a "
         "one-compile strategy's total time (compile included) is below that "
-        "strategy's (analytic).",
+        "strategy's (analytic).  '*' = a peer run alone in its own fresh process "
+        "with its framework's defaults (the others share this process).",
     ]
     for max_depth in results["config"]["depths"]:
         header, rows = _rows(results, max_depth)
@@ -260,6 +311,14 @@ def findings(results: dict) -> list[str]:
                 f"best throughput {best['gflops']:.3g} GFLOP/s (`{best['strategy']}`), "
                 f"{100 * best['peak_fraction']:.2g}% of the measured matmul peak"
             )
+        agree = loss_agreement(results).get(d)
+        if agree and len(agree) > 1:
+            worst = max(agree.items(), key=lambda kv: kv[1]["max_rel_dev"])
+            parts.append(
+                f"the first {worst[1]['steps']} losses of all {len(agree)} runs "
+                f"agree with `static`'s within {worst[1]['max_rel_dev']:.1e} "
+                f"relative (largest: `{worst[0]}`)"
+            )
         if parts:
             out.append(f"max_depth={d}: " + "; ".join(parts) + ".")
     return out
@@ -291,9 +350,9 @@ def markdown(results: dict) -> str:
         f"{env['platform']}; load average at start "
         f"{', '.join(f'{v:.2f}' for v in env['load_average_at_start'] or [])}.",
         f"Versions: python {env['python']}, jax {env['jax']}, jaxlib {env['jaxlib']}, "
-        f"optax {env['optax']}, numpy {env['numpy']}, torch {env['torch'] or '-'} "
-        f"({env['torch_threads'] or '-'} threads), functorch_lite "
-        f"{env['functorch_lite']}.",
+        f"optax {env['optax']}, numpy {env['numpy']}, {_framework_versions(env)}, "
+        f"functorch_lite {env['functorch_lite']}. Peers marked * ran alone, each in "
+        "its own fresh process, with their frameworks' default threads.",
         "",
         f"Workload: DynamicNet N={cfg['n']}, D_in={cfg['d_in']}, H={cfg['d_hidden']}, "
         f"D_out={cfg['d_out']}, {cfg['loss']}, {cfg['optimizer']}; depth uniform in "

@@ -73,8 +73,10 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -91,6 +93,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _plain_jax  # noqa: E402
 import _report  # noqa: E402
+from peers import protocol  # noqa: E402
 
 SCHEMA = "functorch_lite/bench/retrace_vs_scan/1"
 STRATEGIES = (
@@ -100,16 +103,37 @@ STRATEGIES = (
     "static-masked",
     "static",
     "fused",
-    "torch-eager",
     "plain-jax",
+    "torch-eager-inprocess",
 )
+# Not run unless asked for: the torch reference program inside this process,
+# which has already run JAX (slower than torch alone; labelled as such).
+OPTIONAL_STRATEGIES = ("torch-eager-inprocess",)
 STATIC_STRATEGIES = ("static", "static-scan", "static-masked", "fused", "plain-jax")
-QUICK = {"depths": (3, 8, 16), "steps": (10, 100, 500), "repeats": 5, "block": 50}
+# Peers, each in its own fresh process (bench/peers/), with its own defaults.
+PEERS = {
+    "torch-eager": "torch_peer.py",
+    "torch-compile": "torch_peer.py",
+    "torch-compile-dynamic": "torch_peer.py",
+    "tf-function-int": "tf_peer.py",
+    "tf-function-tensor": "tf_peer.py",
+    "tf-function-int-xla": "tf_peer.py",
+    "tf-function-tensor-xla": "tf_peer.py",
+}
+PEERS_DIR = Path(__file__).resolve().parent / "peers"
+QUICK = {
+    "depths": (3, 16),
+    "steps": (10, 100, 500),
+    "repeats": 5,
+    "block": 50,
+    "peers": ("torch-eager", "torch-compile", "tf-function-tensor"),
+}
 FULL = {
     "depths": (3, 8, 16, 32, 64),
     "steps": (10, 100, 500, 2000),
     "repeats": 7,
     "block": 100,
+    "peers": tuple(PEERS),
 }
 HORIZON = 100_000  # steps of the depth sequence used to price the crossover
 LR, MOMENTUM = 1e-4, 0.9
@@ -169,8 +193,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--strategies",
-        default=",".join(STRATEGIES),
+        default=",".join(s for s in STRATEGIES if s not in OPTIONAL_STRATEGIES),
         help="comma-separated subset of: " + ", ".join(STRATEGIES),
+    )
+    p.add_argument(
+        "--peers",
+        default=None,
+        help="comma-separated peers, each run in its own process, or 'none' "
+        f"(quick: {','.join(QUICK['peers'])}; full: all of {', '.join(PEERS)})",
     )
     p.add_argument(
         "--repeats",
@@ -245,6 +275,15 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"--strategies: unknown {unknown}; choose from {STRATEGIES}.")
     strategies = tuple(s for s in STRATEGIES if s in strategies)
+    if args.peers is None:
+        peers = preset["peers"]
+    elif args.peers.strip() == "none":
+        peers = ()
+    else:
+        peers = tuple(p.strip() for p in args.peers.split(",") if p.strip())
+        unknown = [p for p in peers if p not in PEERS]
+        if unknown:
+            raise SystemExit(f"--peers: unknown {unknown}; choose from {list(PEERS)}.")
     if min(steps) < 1:
         raise SystemExit("--steps: every step count must be >= 1.")
     if args.repeats is None:
@@ -281,6 +320,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
         "depths": list(depths),
         "steps": list(steps),
         "strategies": list(strategies),
+        "peers": list(peers),
         "repeats": args.repeats,
         "block_steps": block,
         "nocache_steps": min(args.nocache_steps, max_steps),
@@ -1030,7 +1070,7 @@ def _make_runners(
             runners[name] = _StepRunner(
                 name, make_plain, *common, events=_EventSeconds("plain_jax_step")
             )
-        elif name == "torch-eager":
+        elif name == "torch-eager-inprocess":
             if torch_status["status"] != "ok":
                 runners[name] = torch_status["status"]
             else:
@@ -1038,6 +1078,86 @@ def _make_runners(
                     name, master_np, x_np, y_np, record, torch_status["device"]
                 )
     return runners
+
+
+def _peer_inputs(
+    cfg: dict[str, Any], max_depth: int, master_np: Any, x_np, y_np, seq, folder: Path
+) -> Path:
+    """Write what every peer process of this max_depth reads."""
+    arrays = {"x": x_np, "y": y_np, "depths": np.asarray(seq, np.int32)}
+    for layer, leaves in master_np.items():
+        for leaf, value in leaves.items():
+            arrays[f"{layer}.{leaf}"] = np.asarray(value, np.float32)
+    config = {
+        "workload": "dynamicnet",
+        "max_depth": max_depth,
+        "lr": LR,
+        "momentum": MOMENTUM,
+        "marks": _checkpoints(cfg["steps"], 1),
+        "record": cfg["record_losses"],
+        "block": cfg["block_steps"],
+        "repeats": cfg["repeats"],
+    }
+    return protocol.save_inputs(folder / f"dynamicnet-{max_depth}.npz", config, arrays)
+
+
+def _peer_result(res: dict[str, Any], seq: list[int], cfg: dict[str, Any]) -> dict:
+    """A peer's JSON in the shape of an in-process strategy's measurement."""
+    totals = {int(k): v for k, v in res["totals"].items()}
+    compile_seconds = res.get("compile_seconds")
+    marks = {
+        s: {
+            "total_seconds": totals[s],
+            "compiles": res.get("compiles"),
+            "compile_seconds": compile_seconds or 0.0,
+            "total_kind": "measured",
+        }
+        for s in cfg["steps"]
+    }
+    steady = dict(res["steady"])
+    return {
+        "first_call_seconds": res["first_call_s"],
+        "first_call_steps": 1,
+        "marks": marks,
+        "curve": sorted([s, t] for s, t in totals.items()),
+        "compile_trace": [],
+        "losses": res["losses"][: cfg["record_losses"]],
+        "window": seq[: steady["block_steps"]],
+        "steady": steady,
+        "peer": {
+            k: res.get(k)
+            for k in (
+                "versions",
+                "threads",
+                "notes",
+                "environment",
+                "process_wall_s",
+                "recompile_limit_hit",
+                "compile_per_depth",
+            )
+            if res.get(k) is not None
+        },
+    }
+
+
+def _run_peers(
+    cfg: dict[str, Any], inputs: Path, folder: Path, progress: Any, max_depth: int
+) -> dict[str, dict[str, Any] | str]:
+    """Run each peer in its own fresh process; a result, or why there is none."""
+    out: dict[str, dict[str, Any] | str] = {}
+    for peer in cfg["peers"]:
+        res = protocol.run_peer(PEERS_DIR / PEERS[peer], peer, inputs, folder)
+        out[peer] = res if res.get("status") == "ok" else str(res.get("status"))
+        if isinstance(out[peer], str):
+            progress.line(f"max_depth={max_depth:<3} {peer:<16} {out[peer]}")
+        else:
+            progress.line(
+                f"max_depth={max_depth:<3} {peer:<16} (own process) "
+                f"compiles={res.get('compiles')} first call="
+                f"{res['first_call_s']:.3f}s steady="
+                f"{res['steady']['median'] * 1e3:.3g} ms/step"
+            )
+    return out
 
 
 def _crossovers(
@@ -1173,8 +1293,12 @@ def run_benchmark(
     """Measure every strategy at every max_depth; return the JSON-ready results."""
     wall_start = time.perf_counter()
     cores = _cores()
-    torch_status = _torch_setup(device, torch_threads or cores)
+    if "torch-eager-inprocess" in cfg["strategies"]:
+        torch_status = _torch_setup(device, torch_threads or cores)
+    else:
+        torch_status = {"status": "not run", "version": None}
     env = _environment(device, torch_status)
+    peer_dir = Path(tempfile.mkdtemp(prefix="retrace_vs_scan-peers-"))
     n, d_in, d_out = cfg["n"], cfg["d_in"], cfg["d_out"]
     data_rng = np.random.default_rng(cfg["seed"])
     x_np = data_rng.standard_normal((n, d_in)).astype(np.float32)
@@ -1183,7 +1307,7 @@ def run_benchmark(
     y = jax.device_put(y_np, device)
     max_steps = max(cfg["steps"])
 
-    n_cells = len(cfg["depths"]) * (len(cfg["strategies"]) + 1) + 2
+    n_cells = len(cfg["depths"]) * (len(cfg["strategies"]) + len(cfg["peers"]) + 1) + 2
     progress = _Progress(n_cells, quiet)
     peak = _matmul_peak(peak_size, repeats=5)
     progress.line(
@@ -1260,6 +1384,23 @@ def run_benchmark(
                 for name, res in results.items()
             )
         )
+        if cfg["peers"]:
+            inputs = _peer_inputs(cfg, max_depth, master_np, x_np, y_np, seq, peer_dir)
+            for peer, res in _run_peers(
+                cfg, inputs, peer_dir, progress, max_depth
+            ).items():
+                if isinstance(res, str):
+                    cells.extend(_skipped_cells(peer, max_depth, res, cfg["steps"]))
+                    runs.append(
+                        {
+                            "strategy": peer,
+                            "max_depth": max_depth,
+                            "status": res,
+                            "losses": [],
+                        }
+                    )
+                else:
+                    results[peer] = _peer_result(res, seq, cfg)
         for name, result in results.items():
             cells.extend(_cells_for(name, max_depth, result, cfg, peak["gflops"]))
             runs.append(
@@ -1272,6 +1413,8 @@ def run_benchmark(
                     "compiles_total": result["marks"][max_steps]["compiles"],
                     # [steps, measured total seconds] along the fresh run.
                     "total_curve": result["curve"],
+                    "process": "own" if "peer" in result else "this",
+                    **({"peer": result["peer"]} if "peer" in result else {}),
                 }
             )
             if name == "dynamic":
@@ -1290,6 +1433,10 @@ def run_benchmark(
     for cell in cells:
         if cell.get("gflops") is not None:
             cell["peak_fraction"] = cell["gflops"] / peak["gflops"]
+    shutil.rmtree(peer_dir, ignore_errors=True)
+    for run in runs:  # the peers' framework versions, for the report
+        for name, version in run.get("peer", {}).get("versions", {}).items():
+            env.setdefault("peer_versions", {})[name] = version
     return {
         "schema": SCHEMA,
         "env": env,
@@ -1357,9 +1504,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": command,
         "config": cfg,
-        "strategies": cfg["strategies"],
+        "strategies": cfg["strategies"] + cfg["peers"],
         **results,
     }
+    results["loss_agreement"] = _report.loss_agreement(results)
     results = _jsonable(results)
     json_path = out / f"{name}.json"
     png_path = out / f"{name}.png"
