@@ -216,6 +216,8 @@ def test_no_plot_flag(bench, tmp_path):
                 "--quiet",
                 "--strategies",
                 "static",
+                "--peers",
+                "none",
                 "--depths",
                 "1",
             ]  # fmt: skip
