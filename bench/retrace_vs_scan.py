@@ -94,6 +94,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _plain_jax  # noqa: E402
 import _report  # noqa: E402
 from peers import protocol  # noqa: E402
+from workloads import sequence  # noqa: E402
 
 SCHEMA = "functorch_lite/bench/retrace_vs_scan/1"
 STRATEGIES = (
@@ -263,6 +264,19 @@ def _parser() -> argparse.ArgumentParser:
         help="write the PNG (needs matplotlib, the `bench` extra)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument(
+        "--workload",
+        choices=("all", "dynamicnet", "sequence"),
+        default="all",
+        help="dynamicnet: the reference DynamicNet over depths; sequence: a "
+        "character LSTM over lines of varied length (bench/workloads/sequence.py)",
+    )
+    p.add_argument(
+        "--sequence-config",
+        type=json.loads,
+        default=None,
+        help="JSON overrides of the sequence workload's config, e.g. '{\"batch\": 8}'",
+    )
     return p
 
 
@@ -1466,6 +1480,32 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _say(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def _write_sequence_only(
+    results: dict[str, Any], out: Path, name: str, plot: bool
+) -> dict[str, Any]:
+    json_path, md_path = out / f"{name}.json", out / f"{name}.md"
+    png_path = out / f"{name}-sequence.png"
+    note = sequence.plot(results["sequence"], png_path) if plot else "--no-plot"
+    results["outputs"] = {
+        "json": json_path.name,
+        "markdown": md_path.name,
+        "sequence_png": png_path.name if note is None else None,
+    }
+    with open(json_path, "w") as f:
+        json.dump(results, f, indent=1, allow_nan=False)
+    text = sequence.markdown(results["sequence"])
+    md_path.write_text(f"# retrace_vs_scan: {name}\n\n" + text)
+    print(text)
+    print(f"wrote {json_path}")
+    print(f"wrote {md_path}")
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; print the table; write JSON, markdown and (maybe) PNG.
 
@@ -1494,21 +1534,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"retrace_vs_scan: {cfg['preset']} sweep, max_depth {cfg['depths']}, "
             f"steps {cfg['steps']}, on {device}\n"
         )
-    with jax.default_device(device):
-        results = run_benchmark(
-            cfg, device, args.quiet, peak_size, torch_threads=args.torch_threads
-        )
-    results = {
-        "schema": results.pop("schema"),
+    head = {
+        "schema": SCHEMA,
         "name": name,
         "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": command,
-        "config": cfg,
-        "strategies": cfg["strategies"] + cfg["peers"],
-        **results,
+        "workload": args.workload,
     }
-    results["loss_agreement"] = _report.loss_agreement(results)
+    results: dict[str, Any] = dict(head)
+    if args.workload in ("all", "dynamicnet"):
+        with jax.default_device(device):
+            measured = run_benchmark(
+                cfg, device, args.quiet, peak_size, torch_threads=args.torch_threads
+            )
+        measured.pop("schema")
+        results.update(
+            config=cfg, strategies=cfg["strategies"] + cfg["peers"], **measured
+        )
+        results["loss_agreement"] = _report.loss_agreement(results)
+    sequence_result = None
+    if args.workload in ("all", "sequence"):
+        seq_cfg = sequence.config(args.full, **(args.sequence_config or {}))
+        if args.sequence_config and "peers" in args.sequence_config:
+            seq_cfg["peers"] = tuple(args.sequence_config["peers"])
+        say = (lambda text: None) if args.quiet else _say
+        with jax.default_device(device):
+            sequence_result = sequence.run(seq_cfg, progress=say)
+        results["sequence"] = sequence_result
     results = _jsonable(results)
+    if args.workload == "sequence":
+        return _write_sequence_only(results, out, name, args.plot)
     json_path = out / f"{name}.json"
     png_path = out / f"{name}.png"
     md_path = out / f"{name}.md"
@@ -1523,14 +1578,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "markdown": md_path.name,
         "png": png_path.name if plot_note is None else None,
     }
+    seq_png = out / f"{name}-sequence.png"
+    if "sequence" in results:
+        note = sequence.plot(results["sequence"], seq_png) if args.plot else "no"
+        results["outputs"]["sequence_png"] = seq_png.name if note is None else None
     with open(json_path, "w") as f:
         json.dump(results, f, indent=1, allow_nan=False)
-    md_path.write_text(_report.markdown(results))
+    text = _report.markdown(results)
+    if "sequence" in results:
+        text += "\n" + sequence.markdown(results["sequence"])
+        if results["outputs"].get("sequence_png"):
+            text += f"\n![sequence workload]({seq_png.name})\n"
+    md_path.write_text(text)
     print(_report.table(results))
     print()
     for line in _report.findings(results):
         print("- " + line)
     print()
+    if "sequence" in results:
+        print(sequence.markdown(results["sequence"]))
     print(f"wrote {json_path}")
     print(f"wrote {md_path}")
     if plot_note is None:

@@ -1,0 +1,132 @@
+"""bench/workloads/sequence.py through the main benchmark, at a tiny size."""
+
+import contextlib
+import importlib.util
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import functorch_lite as fl
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+TINY = {
+    "batch": 4,
+    "steps_data": 3,
+    "max_len": 12,
+    "d_embed": 4,
+    "d_hidden": 8,
+    "marks": [1, 3, 6],
+    "record": 6,
+    "block": 2,
+    "repeats": 1,
+    "sweep": [8, 12],
+    "peers": ["torch-padded"],
+}
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("seq")
+    bench = _load("retrace_vs_scan", BENCH / "retrace_vs_scan.py")
+    argv = ["--workload", "sequence", "--sequence-config", json.dumps(TINY)]
+    argv += ["--out", str(out), "--name", "seq", "--quiet"]
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        returned = bench.main(argv)
+    return returned, json.loads((out / "seq.json").read_text()), stdout.getvalue(), out
+
+
+def test_every_strategy_and_peer_ran(run):
+    _, results, stdout, out = run
+    seq = results["sequence"]
+    runs = seq["runs"]
+    ours = ["dynamic", "bucketed", "static-padded", "static", "fused", "plain-jax"]
+    assert list(runs) == [*ours, "torch-padded"]
+    for name in ours:
+        r = runs[name]
+        assert r["process"] == "this"
+        st = r["steady"]
+        assert 0 < st["min"] <= st["median"] <= st["max"]
+        assert r["first_call_s"] > 0 and r["compile_seconds"] > 0
+        assert r["us_per_real_token"] >= r["us_per_padded_token"] > 0
+        assert r["real_tokens_per_step"] <= r["padded_tokens_per_step"]
+    peer = runs["torch-padded"]
+    if importlib.util.find_spec("torch") is None:
+        assert peer["status"] == "skipped: torch not installed"
+    else:
+        assert peer["status"] == "ok" and peer["process"] == "own"
+    for name in [*ours, "torch-padded"]:
+        assert f"| {name}" in (out / "seq.md").read_text(), name
+        assert f"| {name}" in stdout
+
+
+def test_compile_counts_follow_the_distinct_lengths(run):
+    _, results, *_ = run
+    seq = results["sequence"]
+    sys.path.insert(0, str(BENCH))
+    from workloads import sequence
+
+    config, arrays = sequence.build(sequence.config(False, **TINY))
+    longest = arrays["lengths"].max(axis=1)  # every batch is used (6 steps, 3 batches)
+    runs = seq["runs"]
+    assert runs["dynamic"]["compiles"] == len(set(longest.tolist()))
+    buckets = {
+        min(fl.train.bucket_size(int(n)), arrays["tokens"].shape[2]) for n in longest
+    }
+    assert runs["bucketed"]["compiles"] == len(buckets)
+    for name in ("static", "static-padded", "fused", "plain-jax"):
+        assert runs[name]["compiles"] == 1, name
+
+
+def test_losses_agree_across_strategies_and_peers(run):
+    _, results, *_ = run
+    seq = results["sequence"]
+    agree = seq["agreement"]
+    ok = [n for n, r in seq["runs"].items() if r.get("status", "ok") == "ok"]
+    assert set(agree) == set(ok)
+    for name, a in agree.items():
+        assert a["steps"] == 6 and a["max_rel_dev"] < 1e-4, name
+    losses = seq["runs"]["static"]["losses"]
+    assert losses[-1] < losses[0]
+
+
+def test_inputs_file_round_trips(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    from peers import protocol
+    from workloads import sequence
+
+    config, arrays = sequence.build(sequence.config(False, **TINY))
+    path = protocol.save_inputs(tmp_path / "in.npz", config, arrays)
+    config2, arrays2 = protocol.load_inputs(path)
+    assert config2 == json.loads(json.dumps(config))
+    s, b, t = arrays2["tokens"].shape
+    assert (s, b) == (3, 4) == arrays2["lengths"].shape and t == 12
+    assert arrays2["tokens"].dtype == np.int32
+    rows = arrays2["tokens"].reshape(-1, t)
+    for row, n in zip(rows, arrays2["lengths"].ravel(), strict=True):
+        assert (row[:n] > 0).all() and (row[n:] == 0).all()
+    assert arrays2["lstm.weight_ih_l0"].shape == (4, 32)
+    assert arrays2["head.weight"].shape == (8, config["vocab"])
+
+
+def test_sweep_and_plot(run):
+    _, results, _, out = run
+    sweep = results["sequence"]["sweep"]
+    assert [r["max_len"] for r in sweep] == [8, 12]
+    for row in sweep:
+        assert row["distinct_lengths"] >= 1
+        for v in row["strategies"].values():
+            assert v["us_per_real_token"] > 0 and v["compiles"] >= 1
+    if importlib.util.find_spec("matplotlib") is not None:
+        png = out / "seq-sequence.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
