@@ -10,12 +10,23 @@ lr 1e-4 momentum 0.9) with a depth drawn uniformly from [0, max_depth] each step
   static-masked    all max_depth layers computed, the ones past depth masked
   static           the library default: a bounded `while_loop` with a custom VJP
   fused            K optimizer steps in one compiled `lax.scan`, depths fed as an array
-  torch-eager      the PyTorch reference program (peer)
   plain-jax        hand-written `jax.jit` + optax, no functorch_lite (peer)
 
+and the peers, each run alone in its own fresh process with its framework's
+defaults (bench/peers/; quick: torch-eager, torch-compile, tf-function-tensor):
+
+  torch-eager                 the PyTorch reference program
+  torch-compile[-dynamic]     `torch.compile(model)`, defaults / `dynamic=True`
+  tf-function-int[-xla]       `tf.function`, Python int depth: one trace per depth
+  tf-function-tensor[-xla]    `tf.function`, tensor depth, `tf.range` loop: one graph
+
+`--workload sequence` (also part of the default `all`) runs the variable-length
+workload of bench/workloads/sequence.py: a character LSTM over lines of real text.
+
 Usage:
-  python bench/retrace_vs_scan.py              # quick default, < 2 min on 2 cores
+  python bench/retrace_vs_scan.py              # both workloads, quick: about 3 min
   python bench/retrace_vs_scan.py --full       # the whole sweep
+  python bench/retrace_vs_scan.py --workload dynamicnet --peers none
   python bench/retrace_vs_scan.py --out DIR --name NAME --backend cpu|gpu
   python bench/retrace_vs_scan.py --depths 3,8 --steps 10,100 --no-plot
   (tiny sizes for tests: --n 4 --d-in 8 --hidden 6 --d-out 3; see --help)
@@ -57,9 +68,13 @@ How each figure is measured (all clocks are read after `block_until_ready`, or
   timed block. XLA's `cost_analysis` is recorded once as a check: it prices a
   loop body once, whatever the trip count, so it cannot price the static graphs.
 * matmul peak: a square float32 matmul timed the same way, in the same run.
-* torch-eager: `torch.set_num_threads(cores)` (`--torch-threads`) and torch's own
-  OpenMP defaults (`OMP_WAIT_POLICY` as the caller sets it; recorded in the
-  JSON). Same initial weights (transposed), same data.
+* peers: each in a new Python process that imports only its framework
+  (bench/peers/protocol.py), with that framework's defaults (threads included),
+  from the same initial weights, data and depth sequence (written once to an
+  `.npz`). The same plan: one run with the clock read at each mark, then timed
+  blocks; their figures are not round-robin with ours, so the load average at
+  each peer's start is recorded. `torch-eager-inprocess` (opt-in) is the
+  reference program inside this process, labelled as such.
 """
 
 from __future__ import annotations
