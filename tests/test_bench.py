@@ -38,7 +38,7 @@ TINY = [
     "--depths", ",".join(map(str, DEPTHS)), "--steps", ",".join(map(str, STEPS)),
     "--repeats", "5", "--block", "4", "--nocache-steps", str(NOCACHE_STEPS),
     "--fuse-k", "4", "--record", "8", "--peak-size", "64", "--name", "tiny",
-    "--peers", ",".join(PEERS),
+    "--peers", ",".join(PEERS), "--workload", "dynamicnet",
 ]  # fmt: skip
 
 

@@ -24,6 +24,7 @@ TINY = {
     "block": 2,
     "repeats": 1,
     "sweep": [8, 12],
+    "sweep_strategies": ["static"],
     "peers": ["torch-padded"],
 }
 
@@ -123,6 +124,7 @@ def test_sweep_and_plot(run):
     _, results, _, out = run
     sweep = results["sequence"]["sweep"]
     assert [r["max_len"] for r in sweep] == [8, 12]
+    assert all(list(r["strategies"]) == ["static"] for r in sweep)
     for row in sweep:
         assert row["distinct_lengths"] >= 1
         for v in row["strategies"].values():

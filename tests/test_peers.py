@@ -1,13 +1,17 @@
 """The benchmark's peers (bench/peers/): each trains the same model as the library.
 
 The PyTorch and TensorFlow peers run in their own processes in the benchmark;
-here most are called in-process (to keep the suite short) and one per
-framework through `protocol.run_peer`, a real fresh process. Their recorded
+here each framework's peers share one fresh process (tests/_peer_driver.py), so
+that neither framework is imported into the pytest process. The benchmark's own
+path, one peer per process through `protocol.run_peer`, is exercised by
+tests/test_bench.py and tests/test_bench_sequence.py. Their recorded
 losses are checked against the library training the same model from the same
 inputs. Skipped when the framework is not installed.
 """
 
-import importlib.util
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,19 +24,13 @@ import pytest
 import functorch_lite as fl
 
 PEERS_DIR = Path(__file__).resolve().parent.parent / "bench" / "peers"
+DRIVER = Path(__file__).resolve().parent / "_peer_driver.py"
 sys.path.insert(0, str(PEERS_DIR))
 
 import protocol  # noqa: E402
 
 PLAN = {"marks": [1, 3, 6], "record": 6, "block": 2, "repeats": 1}
 FIELDS = ("first_call_s", "totals", "steady", "losses", "compiles", "versions")
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, PEERS_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _dynamicnet_inputs(tmp_path, depths=(0, 1, 2, 3, 3, 1, 0, 2), **extra):
@@ -145,44 +143,54 @@ def _check(result, config, arrays, rtol=1e-4):
     assert want[-1] < want[0]  # it trains
 
 
+def _run_in_one_process(tmp_path, jobs):
+    """Run (script, peer, inputs) jobs in one fresh process; their results."""
+    out = tmp_path / "results.json"
+    args = [f"{script}:{peer}:{inputs}" for script, peer, inputs in jobs]
+    proc = subprocess.run(
+        [sys.executable, str(DRIVER), str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 # ------------------------------------------------------------------- PyTorch
 
 
-# torch.compile imports torch.jit, which warns of its own deprecation.
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_torch_peers_train_the_same_model(tmp_path):
     pytest.importorskip("torch")
-    torch_peer = _load("torch_peer")
-    path, config, arrays = _dynamicnet_inputs(tmp_path)
-    # One peer as the benchmark runs it: alone in a fresh process.
-    result = protocol.run_peer(
-        PEERS_DIR / "torch_peer.py", "torch-eager", path, tmp_path
-    )
-    _check(result, config, arrays)
-    assert result["compiles"] is None and result["threads"] >= 1
-    assert result["environment"]["cores"] >= 1 and result["process_wall_s"] > 0
-    result = torch_peer.run("torch-compile", config, arrays)
-    _check(result, config, arrays)
-    assert result["compiles"] == 4 and not result["recompile_limit_hit"]
-    assert set(result["compile_per_depth"]) == {"0", "1", "2", "3"}
-
-    path, config, arrays = _sequence_inputs(tmp_path)
-    for peer in ("torch-packed", "torch-padded"):
-        _check(torch_peer.run(peer, config, arrays), config, arrays)
-
-
-def test_torch_compile_reports_its_recompile_limit(tmp_path):
-    pytest.importorskip("torch")
+    dyn, dyn_config, dyn_arrays = _dynamicnet_inputs(tmp_path)
+    seq, seq_config, seq_arrays = _sequence_inputs(tmp_path)
     # Six distinct depths against a limit of 3: dynamo falls back to eager.
-    path, config, arrays = _dynamicnet_inputs(
-        tmp_path, depths=list(range(6)) * 2, torch_recompile_limit=3
+    (tmp_path / "limit").mkdir()
+    lim, *_ = _dynamicnet_inputs(
+        tmp_path / "limit", depths=list(range(6)) * 2, torch_recompile_limit=3
     )
-    result = protocol.run_peer(
-        PEERS_DIR / "torch_peer.py", "torch-compile", path, tmp_path
+    script = "torch_peer.py"
+    eager, compiled, packed, padded, limited = _run_in_one_process(
+        tmp_path,
+        [
+            (script, "torch-eager", dyn),
+            (script, "torch-compile", dyn),
+            (script, "torch-packed", seq),
+            (script, "torch-padded", seq),
+            (script, "torch-compile", lim),
+        ],
     )
-    assert result["status"] == "ok"
-    assert result["recompile_limit_hit"] and result["compiles"] == 3
-    assert any("recompile limit (3)" in n for n in result["notes"])
+    _check(eager, dyn_config, dyn_arrays)
+    assert eager["compiles"] is None and eager["threads"] >= 1
+    _check(compiled, dyn_config, dyn_arrays)
+    assert compiled["compiles"] == 4 and not compiled["recompile_limit_hit"]
+    assert set(compiled["compile_per_depth"]) == {"0", "1", "2", "3"}
+    _check(packed, seq_config, seq_arrays)
+    _check(padded, seq_config, seq_arrays)
+    assert limited["status"] == "ok"
+    assert limited["recompile_limit_hit"] and limited["compiles"] == 3
+    assert any("recompile limit (3)" in n for n in limited["notes"])
 
 
 # ---------------------------------------------------------------- TensorFlow
@@ -190,24 +198,27 @@ def test_torch_compile_reports_its_recompile_limit(tmp_path):
 
 def test_tf_peers_train_the_same_model(tmp_path):
     pytest.importorskip("tensorflow")
-    path, config, arrays = _dynamicnet_inputs(tmp_path)
-    result = protocol.run_peer(
-        PEERS_DIR / "tf_peer.py", "tf-function-tensor", path, tmp_path
+    dyn, config, arrays = _dynamicnet_inputs(tmp_path)
+    seq, seq_config, seq_arrays = _sequence_inputs(tmp_path)
+    script = "tf_peer.py"
+    tensor, by_int, tensor_xla, keras = _run_in_one_process(
+        tmp_path,
+        [
+            (script, "tf-function-tensor", dyn),
+            (script, "tf-function-int", dyn),
+            (script, "tf-function-tensor-xla", dyn),
+            (script, "tf-keras-lstm", seq),
+        ],
     )
-    _check(result, config, arrays)
+    _check(tensor, config, arrays)
     # One graph for every depth (plus Keras's first-call retrace).
-    assert result["compiles"] <= 2
-    tf_peer = _load("tf_peer")
-    result = tf_peer.run("tf-function-int", config, arrays)
-    _check(result, config, arrays)
-    assert result["compiles"] >= 4  # one trace per distinct depth
-    assert set(result["compile_per_depth"]) == {"0", "1", "2", "3"}
+    assert tensor["compiles"] <= 2
+    _check(by_int, config, arrays)
+    assert by_int["compiles"] >= 4  # one trace per distinct depth
+    assert set(by_int["compile_per_depth"]) == {"0", "1", "2", "3"}
     # XLA cannot differentiate the zero-trip loop of depth 0: a clean skip.
-    result = tf_peer.run("tf-function-tensor-xla", config, arrays)
-    assert result["status"].startswith("skipped: XLA refused the step at depth 0")
-
-    path, config, arrays = _sequence_inputs(tmp_path)
-    _check(tf_peer.run("tf-keras-lstm", config, arrays), config, arrays)
+    assert tensor_xla["status"].startswith("skipped: XLA refused the step at depth 0")
+    _check(keras, seq_config, seq_arrays)
 
 
 def test_a_missing_framework_is_a_one_line_skip(tmp_path, monkeypatch):
