@@ -51,6 +51,7 @@ __all__ = [
     "environment",
     "load_inputs",
     "measure",
+    "measure_plan",
     "peer_main",
     "run_peer",
     "save_inputs",
@@ -160,6 +161,17 @@ def measure(
             "all": per_step,
         },
     }
+
+
+def measure_plan(
+    step: Callable[[int], Any],
+    sync: Callable[[Any], None],
+    loss_value: Callable[[Any], float],
+    config: dict,
+) -> dict[str, Any]:
+    """`measure` with the plan (`marks`, `record`, `block`, `repeats`) of `config`."""
+    plan = {k: config[k] for k in ("marks", "record", "block", "repeats")}
+    return measure(step, sync, loss_value, **plan)
 
 
 def peer_main(

@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from protocol import measure, peer_main  # noqa: E402
+from protocol import measure_plan, peer_main  # noqa: E402
 
 PEERS = (
     "tf-function-int",
@@ -54,6 +54,14 @@ WORKLOAD_PEERS = {
     "dynamicnet": PEERS[:4],
     "sequence": PEERS[4:],
 }
+
+
+def _sync(loss: Any) -> None:
+    loss.numpy()  # waits for the step
+
+
+def _value(loss: Any) -> float:
+    return float(loss.numpy())
 
 
 def _framework(tf: Any) -> dict[str, Any]:
@@ -138,15 +146,7 @@ def _dynamicnet(peer: str, config: dict, arrays: dict) -> dict:
         return loss
 
     try:
-        result = measure(
-            step,
-            lambda h: h.numpy(),
-            lambda h: float(h.numpy()),
-            marks=config["marks"],
-            record=config["record"],
-            block=config["block"],
-            repeats=config["repeats"],
-        )
+        result = measure_plan(step, _sync, _value, config)
     except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as err:
         if not xla:
             raise
@@ -236,15 +236,7 @@ def _sequence(peer: str, config: dict, arrays: dict) -> dict:
     def step(i: int) -> Any:
         return train_step(*batches[i % len(batches)])
 
-    result = measure(
-        step,
-        lambda h: h.numpy(),
-        lambda h: float(h.numpy()),
-        marks=config["marks"],
-        record=config["record"],
-        block=config["block"],
-        repeats=config["repeats"],
-    )
+    result = measure_plan(step, _sync, _value, config)
     result.update(_framework(tf))
     result["compiles"] = int(train_step.experimental_get_tracing_count())
     result["compile_seconds"] = max(

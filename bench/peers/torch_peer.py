@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from protocol import measure, peer_main  # noqa: E402
+from protocol import measure_plan, peer_main  # noqa: E402
 
 PEERS = (
     "torch-eager",
@@ -157,15 +157,7 @@ def _dynamicnet(peer: str, config: dict, arrays: dict) -> dict:
             first_at[depth] = time.perf_counter() - start
         return loss.detach()
 
-    result = measure(
-        step,
-        lambda h: None,
-        float,
-        marks=config["marks"],
-        record=config["record"],
-        block=config["block"],
-        repeats=config["repeats"],
-    )
+    result = measure_plan(step, lambda h: None, float, config)
     result.update(_framework(torch))
     notes = []
     if peer == "torch-eager":
@@ -260,15 +252,7 @@ def _sequence(peer: str, config: dict, arrays: dict) -> dict:
         optimizer.step()
         return loss.detach()
 
-    result = measure(
-        step,
-        lambda h: None,
-        float,
-        marks=config["marks"],
-        record=config["record"],
-        block=config["block"],
-        repeats=config["repeats"],
-    )
+    result = measure_plan(step, lambda h: None, float, config)
     result.update(_framework(torch))
     if peer == "torch-compile":
         counts = _dynamo_counts(torch)
