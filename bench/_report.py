@@ -1,10 +1,22 @@
-"""Reporting for retrace_vs_scan.py: stdout table, findings in words, markdown, PNG."""
+"""The one report module of the benchmark: tables, findings in words, markdown, PNGs.
+
+For both workloads: `table`, `findings`, `markdown`, `plot` (DynamicNet) and
+`sequence_markdown`, `sequence_findings`, `sequence_plot` (the sequence workload).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["findings", "markdown", "plot", "table"]
+__all__ = [
+    "findings",
+    "markdown",
+    "plot",
+    "sequence_findings",
+    "sequence_markdown",
+    "sequence_plot",
+    "table",
+]
 
 STATIC_NAMES = ("static", "static-scan", "static-masked", "fused", "plain-jax")
 COLORS = {
@@ -616,6 +628,177 @@ def plot(results: dict, path: Path) -> str | None:
         fontsize=10,
     )
     fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+# ------------------------------------------------------- the sequence workload
+
+
+def sequence_markdown(result: dict) -> str:
+    """The sequence workload's table, sweep and findings."""
+    cfg, runs = result["config"], result["runs"]
+    ok = {n: r for n, r in runs.items() if r.get("status", "ok") == "ok"}
+    static = ok.get("static")
+    marks = sorted({int(m) for r in ok.values() for m in r["totals"]})
+    lines = [
+        "## Sequence workload: a character LSTM over lines of varied length",
+        "",
+        f"{result['text']['lines']} docstring lines (median length "
+        f"{result['text']['length_median']:.0f}), cut at {cfg['max_len']} "
+        f"characters; batches of {cfg['batch']} lines, {cfg['steps_data']} "
+        f"distinct batches ({result['text']['distinct_batch_lengths']} distinct "
+        f"longest lines); CharLSTM vocab {cfg['vocab']}, embedding "
+        f"{cfg['d_embed']}, hidden {cfg['d_hidden']}; SGD lr {cfg['lr']} momentum "
+        f"{cfg['momentum']}. `*`: a peer run alone in its own fresh process.",
+        "",
+        "| strategy | compiles | compile s | first call s | steady ms/step "
+        "[min-max] | us / real token | us / padded token | "
+        + " | ".join(f"total s @{m}" for m in marks)
+        + " | steady vs `static` |",
+        "|" + "---|" * (8 + len(marks)),
+    ]
+    for name, res in runs.items():
+        label = name + ("*" if res.get("process") == "own" else "")
+        if res.get("status", "ok") != "ok":
+            lines.append(f"| {label} | {res['status']} |" + " |" * (7 + len(marks)))
+            continue
+        st = res["steady"]
+        ratio = f"{st['median'] / static['steady']['median']:.2f}x" if static else "-"
+        compiles = res.get("compiles")
+        cs = res.get("compile_seconds")
+        lines.append(
+            f"| {label} | {compiles if compiles is not None else '-'} | "
+            f"{f'{cs:.2f}' if cs is not None else '-'} | {res['first_call_s']:.2f} | "
+            f"{st['median'] * 1e3:.3g} [{st['min'] * 1e3:.3g}-{st['max'] * 1e3:.3g}] | "
+            f"{res['us_per_real_token']:.3g} | {res['us_per_padded_token']:.3g} | "
+            + " | ".join(
+                f"{res['totals'][str(m)]:.2f}" if str(m) in res["totals"] else "-"
+                for m in marks
+            )
+            + f" | {ratio} |"
+        )
+    if result.get("sweep"):
+        names = list(result["sweep"][0]["strategies"])
+        lines += [
+            "",
+            "Steady time per real token (us) as lines are cut shorter (fewer "
+            "distinct lengths):",
+            "",
+            "| cut at | distinct lengths | "
+            + " | ".join(f"{n} (compiles)" for n in names)
+            + " |",
+            "|" + "---|" * (2 + len(names)),
+        ]
+        for row in result["sweep"]:
+            lines.append(
+                f"| {row['max_len']} | {row['distinct_lengths']} | "
+                + " | ".join(
+                    f"{v['us_per_real_token']:.3g} ({v['compiles']})"
+                    for v in row["strategies"].values()
+                )
+                + " |"
+            )
+    lines += ["", *("- " + f for f in sequence_findings(result))]
+    return "\n".join(lines) + "\n"
+
+
+def sequence_findings(result: dict) -> list[str]:
+    """What the figures show, in words."""
+    out = []
+    ok = {n: r for n, r in result["runs"].items() if r.get("status", "ok") == "ok"}
+    if ok:
+        fastest = min(ok, key=lambda n: ok[n]["us_per_real_token"])
+        out.append(
+            f"fastest steady step per real token: `{fastest}` "
+            f"({ok[fastest]['us_per_real_token']:.3g} us)"
+        )
+    for name in ("dynamic", "bucketed", "static-padded", "plain-jax"):
+        if name in ok and "static" in ok:
+            a, b = ok[name], ok["static"]
+            out.append(
+                f"`{name}`: {a.get('compiles')} compiles against `static`'s "
+                f"{b.get('compiles')}; steady step `{name}`/`static` = "
+                f"{a['steady']['median'] / b['steady']['median']:.2f}x"
+            )
+    for peer in ("torch-padded", "torch-packed", "tf-keras-lstm"):
+        if peer in ok and "static" in ok:
+            t_peer = ok[peer]["steady"]["median"]
+            t_static = ok["static"]["steady"]["median"]
+            out.append(
+                f"`{peer}` (own process) {t_peer * 1e3:.3g} ms/step: `static` is "
+                f"{t_peer / t_static:.2f}x its speed"
+            )
+    for x in result.get("crossovers", []):
+        if x["versus"] in ("dynamic", "torch-padded") or x["strategy"] == "static":
+            out.append(
+                f"`{x['strategy']}` overtakes `{x['versus']}` in total time from "
+                f"step {x['from_step']} (analytic)"
+            )
+    agree = result.get("agreement", {})
+    if agree:
+        worst = max(agree.items(), key=lambda kv: kv[1]["max_rel_dev"])
+        out.append(
+            f"the first {worst[1]['steps']} losses of all {len(agree)} runs agree "
+            f"with `static`'s within {worst[1]['max_rel_dev']:.1e} relative "
+            f"(largest: `{worst[0]}`)"
+        )
+    return out
+
+
+def sequence_plot(result: dict, path: Path) -> str | None:
+    """Total time vs steps (crossovers visible) and us/token vs distinct lengths."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "skipped: matplotlib not installed"
+    ok = {n: r for n, r in result["runs"].items() if r.get("status", "ok") == "ok"}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, res in ok.items():
+        pts = sorted((int(m), t) for m, t in res["totals"].items())
+        ax1.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            marker="o",
+            ls="--" if res.get("process") == "own" else "-",
+            label=name + ("*" if res.get("process") == "own" else ""),
+        )
+    for x in result.get("crossovers", []):
+        if x["strategy"] == "static" and x["versus"] == "dynamic":
+            ax1.axvline(x["from_step"], color="k", ls=":", lw=1)
+            ax1.annotate(
+                f"static ahead of dynamic\nfrom step {x['from_step']}",
+                (x["from_step"], ax1.get_ylim()[0]),
+                fontsize=8,
+            )
+    ax1.set(
+        xscale="log",
+        yscale="log",
+        xlabel="steps",
+        ylabel="total seconds (compiles included)",
+        title="Total time vs steps (* own process)",
+    )
+    ax1.legend(fontsize=7)
+    sweep = result.get("sweep") or []
+    if sweep:
+        for name in sweep[0]["strategies"]:
+            ax2.plot(
+                [r["distinct_lengths"] for r in sweep],
+                [r["strategies"][name]["us_per_real_token"] for r in sweep],
+                marker="o",
+                label=name,
+            )
+        ax2.set(
+            xlabel="distinct padded lengths in the timed block",
+            ylabel="steady us per real token",
+            title="Steady time per token vs distinct lengths",
+        )
+        ax2.legend(fontsize=7)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None

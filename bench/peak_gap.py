@@ -52,7 +52,7 @@ import functorch_lite as fl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from retrace_vs_scan import (  # noqa: E402
+from workloads.dynamicnet import (  # noqa: E402
     DEFAULT_OUT,
     LR,
     MOMENTUM,

@@ -232,7 +232,7 @@ def test_crossover_is_where_static_total_drops_below_dynamic(bench):
     # dynamic: 0.5 s compile at step 1, another 0.5 s when a new depth shows up
     # at step 3; 2 ms per step. static: 1 s compile, 1 ms per step.
     curve = [0.5, 0.5] + [1.0] * 98
-    x = bench.crossover(1.0, 0.001, curve, 0.002)
+    x = bench.dynamicnet.crossover(1.0, 0.001, curve, 0.002)
     assert x["static_wins_from"] == 3  # 1.003 < 1.006, and 1.002 > 0.504 before
     assert x["dynamic_wins_again_from"] is None and x["static_ahead_at_end"]
     # static slower per step: dynamic's cheaper steps repay its compiles, at
@@ -240,15 +240,15 @@ def test_crossover_is_where_static_total_drops_below_dynamic(bench):
     # reaches that far.
     for length in (10, 1000):
         curve = [0.5, 0.5] + [1.5005] * (length - 2)
-        x = bench.crossover(1.0, 0.002, curve, 0.001)
+        x = bench.dynamicnet.crossover(1.0, 0.002, curve, 0.001)
         assert x["static_wins_from"] == 3
         assert x["dynamic_wins_again_from"] == 501
         assert not x["static_ahead_at_end"]
     # static faster per step but behind within the curve: solved past its end.
-    x = bench.crossover(3.0, 0.001, [1.0] * 10, 0.002)
+    x = bench.dynamicnet.crossover(3.0, 0.001, [1.0] * 10, 0.002)
     assert x["static_wins_from"] == 2001  # 3 + s*0.001 < 1 + s*0.002 from s=2001
     # never
-    x = bench.crossover(3.0, 0.002, [1.0] * 10, 0.001)
+    x = bench.dynamicnet.crossover(3.0, 0.002, [1.0] * 10, 0.001)
     assert x["static_wins_from"] is None and x["dynamic_wins_again_from"] is None
 
 
@@ -258,12 +258,14 @@ def test_counted_flops_agree_with_xla(bench):
     net = fl.models.DynamicNet(1000, 100, 10, max_depth=3)
     params = net.init(jax.random.key(0))
     x, y = jnp.ones((64, 1000), jnp.float32), jnp.zeros((64, 10), jnp.float32)
-    check = bench._xla_flops_check(net, params, x, y, 3)
-    assert check["counted_matmul_flops"] == bench.count_flops(64, 1000, 100, 10, 3)
+    check = bench.dynamicnet._xla_flops_check(net, params, x, y, 3)
+    assert check["counted_matmul_flops"] == bench.dynamicnet.count_flops(
+        64, 1000, 100, 10, 3
+    )
     assert 1.0 <= check["ratio_xla_to_counted"] < 1.05, check
     assert math.isclose(
-        bench.count_flops(64, 1000, 100, 10, 0) + 3 * 2 * 64 * 100 * 100 * 3,
-        bench.count_flops(64, 1000, 100, 10, 3),
+        bench.dynamicnet.count_flops(64, 1000, 100, 10, 0) + 3 * 2 * 64 * 100 * 100 * 3,
+        bench.dynamicnet.count_flops(64, 1000, 100, 10, 3),
     )
 
 
