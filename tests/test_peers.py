@@ -171,23 +171,31 @@ def test_torch_peers_train_the_same_model(tmp_path):
         tmp_path / "limit", depths=list(range(6)) * 2, torch_recompile_limit=3
     )
     script = "torch_peer.py"
-    eager, compiled, packed, padded, limited = _run_in_one_process(
-        tmp_path,
-        [
-            (script, "torch-eager", dyn),
-            (script, "torch-compile", dyn),
-            (script, "torch-packed", seq),
-            (script, "torch-padded", seq),
-            (script, "torch-compile", lim),
-        ],
+    eager, compiled, dynamic, packed, padded, seq_compiled, limited = (
+        _run_in_one_process(
+            tmp_path,
+            [
+                (script, "torch-eager", dyn),
+                (script, "torch-compile", dyn),
+                (script, "torch-compile-dynamic", dyn),
+                (script, "torch-packed", seq),
+                (script, "torch-padded", seq),
+                (script, "torch-compile", seq),
+                (script, "torch-compile", lim),
+            ],
+        )
     )
     _check(eager, dyn_config, dyn_arrays)
     assert eager["compiles"] is None and eager["threads"] >= 1
     _check(compiled, dyn_config, dyn_arrays)
     assert compiled["compiles"] == 4 and not compiled["recompile_limit_hit"]
     assert set(compiled["compile_per_depth"]) == {"0", "1", "2", "3"}
+    _check(dynamic, dyn_config, dyn_arrays)
+    assert dynamic["compiles"] >= 1 and not dynamic["recompile_limit_hit"]
+    assert set(dynamic["compile_per_depth"]) == {"0", "1", "2", "3"}
     _check(packed, seq_config, seq_arrays)
     _check(padded, seq_config, seq_arrays)
+    _check(seq_compiled, seq_config, seq_arrays)
     assert limited["status"] == "ok"
     assert limited["recompile_limit_hit"] and limited["compiles"] == 3
     assert any("recompile limit (3)" in n for n in limited["notes"])
@@ -201,13 +209,15 @@ def test_tf_peers_train_the_same_model(tmp_path):
     dyn, config, arrays = _dynamicnet_inputs(tmp_path)
     seq, seq_config, seq_arrays = _sequence_inputs(tmp_path)
     script = "tf_peer.py"
-    tensor, by_int, tensor_xla, keras = _run_in_one_process(
+    tensor, by_int, tensor_xla, int_xla, keras, keras_xla = _run_in_one_process(
         tmp_path,
         [
             (script, "tf-function-tensor", dyn),
             (script, "tf-function-int", dyn),
             (script, "tf-function-tensor-xla", dyn),
+            (script, "tf-function-int-xla", dyn),
             (script, "tf-keras-lstm", seq),
+            (script, "tf-keras-lstm-xla", seq),
         ],
     )
     _check(tensor, config, arrays)
@@ -218,7 +228,10 @@ def test_tf_peers_train_the_same_model(tmp_path):
     assert set(by_int["compile_per_depth"]) == {"0", "1", "2", "3"}
     # XLA cannot differentiate the zero-trip loop of depth 0: a clean skip.
     assert tensor_xla["status"].startswith("skipped: XLA refused the step at depth 0")
+    _check(int_xla, config, arrays)
+    assert set(int_xla["compile_per_depth"]) == {"0", "1", "2", "3"}
     _check(keras, seq_config, seq_arrays)
+    _check(keras_xla, seq_config, seq_arrays)
 
 
 def test_a_missing_framework_is_a_one_line_skip(tmp_path, monkeypatch):
