@@ -11,7 +11,14 @@ How it runs: the input projection `x @ weight_ih + biases` is one matmul over al
 steps; only `h @ weight_hh` and the gates run per step. The static mode runs the
 steps with the library's bounded loop (`functorch_lite._loop.bounded_scan`): the
 loop and its reverse pass run to the batch's longest sequence, not to `T`, and
-one compiled program serves every length pattern. The dynamic mode is a Python
+one compiled program serves every length pattern. The LSTM's static mode has
+its own core (`_lstm_core`, at the end of this module) instead of the generic
+loop, because it measures faster: 1.31x on the sequence workload's training
+step (bench/lstm_core.py, bench/RESULTS.md). The generic loop recomputes each
+step's forward in its reverse pass and sums `weight_hh`'s gradient one small
+matmul per step; the core stores the activated gates, its reverse loop does
+only the gate gradients and one matmul per step, and `weight_hh`'s gradient is
+one matmul over all steps. The dynamic mode is a Python
 loop over the padded length `T` (a static shape), one program per `T`. Rows past
 their own length keep their state and output zeros, in both modes.
 """
@@ -25,14 +32,18 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.core import Tracer
 
 from functorch_lite._checks import check_int
-from functorch_lite._loop import bounded_scan
+from functorch_lite._loop import _while_any_mode, bounded_scan
 
 __all__ = ["RecurrentLayer", "lstm", "rnn"]
 
 Params = Any
+# The static mode's LSTM runs on its own core (below); False runs it on the
+# generic bounded loop instead, for bench/lstm_core.py's comparison.
+_FUSED_LSTM = True
 
 
 class RecurrentLayer(NamedTuple):
@@ -240,6 +251,8 @@ def _direction(
             state, y = step(i, state, proj[:, i])
             outs.append(y)
         return jnp.stack(outs, axis=1), state
+    if cell is _lstm_cell and _FUSED_LSTM:
+        return _lstm_static(proj, w_hh, state, lengths)
     longest = jnp.max(lengths)
     state, ys = bounded_scan(
         step,
@@ -501,3 +514,131 @@ def rnn(
         dtype,
         param_dtype,
     )
+
+
+# ------------------------------------------------------------------ LSTM core
+#
+# The static mode's LSTM runs on its own core rather than the generic bounded
+# loop, because it measures faster (bench/RESULTS.md, "Performance, round
+# two"). It is built the way fused RNN kernels are: the forward loop stores only
+# the activated gates and the cell state of each step; the reverse loop computes
+# the gate gradients and carries the state gradient through `weight_hh` and
+# nothing else; the gradient of `weight_hh` is one matmul over all steps after
+# the loop, and the gradient of the input projection (which the caller computed
+# as one matmul over all steps) is the stacked gate gradients. The generic loop
+# instead recomputes each step's forward in the reverse pass and sums `weight_hh`'s
+# gradient one small matmul per step. Both loops run to the batch's longest
+# sequence, and run as `_while_any_mode`, so the core can be differentiated again.
+
+
+def _lstm_static(
+    proj: jax.Array,
+    w_hh: jax.Array,
+    state: tuple,
+    lengths: jax.Array,
+) -> tuple[jax.Array, tuple]:
+    """The LSTM over `proj` (N, T, 4H) in the static mode; as `_direction`."""
+    h0, c0 = state
+    ys, h_n, c_n = _lstm_core(jnp.swapaxes(proj, 0, 1), w_hh, h0, c0, lengths)
+    return jnp.swapaxes(ys, 0, 1), (h_n, c_n)
+
+
+def _lstm_gates(pre: jax.Array) -> jax.Array:
+    """Activated gates (i, f, g, o): sigmoid, sigmoid, tanh, sigmoid."""
+    i, f, g, o = jnp.split(pre, 4, axis=-1)
+    return jnp.concatenate(
+        [jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)],
+        axis=-1,
+    )
+
+
+def _lstm_forward(proj, w_hh, h0, c0, lengths, store: bool):
+    """Time-major forward: `proj` (T, N, 4H). Returns ys, h_n, c_n[, stores]."""
+    t = proj.shape[0]
+    longest = jnp.max(lengths)
+    ys = jnp.zeros((t, *h0.shape), h0.dtype)
+    stores = (jnp.zeros_like(proj), jnp.zeros((t, *c0.shape), c0.dtype))
+
+    def body(carry: tuple) -> tuple:
+        i, h, c, ys, stores = carry
+        act = _lstm_gates(lax.dynamic_index_in_dim(proj, i, keepdims=False) + h @ w_hh)
+        gi, gf, gg, go = jnp.split(act, 4, axis=-1)
+        c_new = gf * c + gi * gg
+        h_new = go * jnp.tanh(c_new)
+        keep = (i < lengths)[:, None]
+        h = jnp.where(keep, h_new, h)
+        c = jnp.where(keep, c_new, c)
+        ys = lax.dynamic_update_index_in_dim(
+            ys, jnp.where(keep, h_new, jnp.zeros_like(h_new)), i, 0
+        )
+        if store:
+            stores = (
+                lax.dynamic_update_index_in_dim(stores[0], act, i, 0),
+                lax.dynamic_update_index_in_dim(stores[1], c_new, i, 0),
+            )
+        return i + 1, h, c, ys, stores
+
+    init = (jnp.int32(0), h0, c0, ys, stores if store else ())
+    _, h, c, ys, stores = _while_any_mode(lambda s: s[0] < longest, body, init, t)
+    return (ys, h, c, stores) if store else (ys, h, c)
+
+
+@jax.custom_vjp
+def _lstm_core(proj, w_hh, h0, c0, lengths):
+    return _lstm_forward(proj, w_hh, h0, c0, lengths, store=False)
+
+
+def _lstm_core_fwd(proj, w_hh, h0, c0, lengths):
+    ys, h, c, (acts, cs) = _lstm_forward(proj, w_hh, h0, c0, lengths, store=True)
+    return (ys, h, c), (ys, acts, cs, w_hh, h0, c0, lengths)
+
+
+def _lstm_core_bwd(residuals, cts):
+    ys, acts, cs, w_hh, h0, c0, lengths = residuals
+    d_ys, d_hn, d_cn = cts
+    t = ys.shape[0]
+    longest = jnp.max(lengths)
+    w_t = w_hh.T
+
+    def body(carry: tuple) -> tuple:
+        i, dh, dc, d_proj = carry
+        i = i - 1
+        act = lax.dynamic_index_in_dim(acts, i, keepdims=False)
+        gi, gf, gg, go = jnp.split(act, 4, axis=-1)
+        c_new = lax.dynamic_index_in_dim(cs, i, keepdims=False)
+        c_prev = jnp.where(
+            i > 0,
+            lax.dynamic_index_in_dim(cs, jnp.maximum(i - 1, 0), keepdims=False),
+            c0,
+        )
+        tanh_c = jnp.tanh(c_new)
+        dh_all = dh + lax.dynamic_index_in_dim(d_ys, i, keepdims=False)
+        d_o = dh_all * tanh_c
+        dc_all = dc + dh_all * go * (1 - tanh_c * tanh_c)
+        d_gates = jnp.concatenate(
+            [
+                dc_all * gg * gi * (1 - gi),
+                dc_all * c_prev * gf * (1 - gf),
+                dc_all * gi * (1 - gg * gg),
+                d_o * go * (1 - go),
+            ],
+            axis=-1,
+        )
+        keep = (i < lengths)[:, None]
+        d_gates = jnp.where(keep, d_gates, jnp.zeros_like(d_gates))
+        dh = jnp.where(keep, d_gates @ w_t, dh)
+        dc = jnp.where(keep, dc_all * gf, dc)
+        d_proj = lax.dynamic_update_index_in_dim(d_proj, d_gates, i, 0)
+        return i, dh, dc, d_proj
+
+    init = (longest, d_hn, d_cn, jnp.zeros_like(acts))
+    _, dh0, dc0, d_proj = _while_any_mode(lambda s: s[0] > 0, body, init, t)
+    # h_{i-1} for every step: h0, then the outputs (equal to h wherever a row
+    # is still running, and d_proj is zero wherever it is not).
+    h_prev = jnp.concatenate([h0[None], ys[:-1]], axis=0)
+    # One (H, T*N) @ (T*N, 4H) matmul (measured faster than the einsum form).
+    d_w = h_prev.reshape(-1, h0.shape[-1]).T @ d_proj.reshape(-1, d_proj.shape[-1])
+    return d_proj, d_w, dh0, dc0, None
+
+
+_lstm_core.defvjp(_lstm_core_fwd, _lstm_core_bwd)

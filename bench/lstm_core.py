@@ -1,0 +1,215 @@
+"""The static LSTM's core against the generic bounded loop and plain `lax.scan`.
+
+One training step of the sequence workload's CharLSTM (bench/workloads/
+sequence.py, its full size by default: batch 32, lines of real text cut at 80
+characters, embedding 32, LSTM 128, masked cross-entropy, SGD momentum), run as:
+
+  core        `fl.models.CharLSTM.loss(..., mode="static")`: the LSTM's own core
+              (stored gates, gate-gradient-only reverse loop, one matmul for
+              `weight_hh`'s gradient), the loop running to each batch's longest
+              line; one program for every batch
+  generic     the same step with the LSTM on the generic bounded loop
+              (`functorch_lite._loop`), which recomputes each step in reverse
+  per-length  `core` on each batch cut to its own longest line: one program
+              per distinct length (the specialized programs)
+  plain-scan  hand-written `lax.scan` over the padded length with masks
+
+Every variant compiles first, then `--repeats` rounds each time `--block`
+steps per variant, interleaved (rotating the order), and reports the median
+ms/step, the spread (min-max over rounds) and the ratio to `core`. Also the
+real (not padded) share of the positions and the matmul GFLOP/s that `core`
+reaches. Prints a table and writes `<out>/lstm_core.json`.
+
+    python bench/lstm_core.py [--batch 32] [--max-len 80] [--hidden 128]
+                              [--repeats 7] [--block 20] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import functorch_lite as fl
+from functorch_lite import _recurrent
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from peers import protocol  # noqa: E402
+from workloads import sequence  # noqa: E402
+
+VARIANTS = ("core", "generic", "per-length", "plain-scan")
+
+
+def _matmul_flops(lengths: np.ndarray, width: int, e: int, h: int, v: int) -> float:
+    """Matmul FLOPs of one step of `core` (forward and backward).
+
+    Input projection, head: over all padded positions (forward, and both
+    gradients for the head; only the weight gradient for the input
+    projection, whose input is an embedding lookup). Recurrent matmuls: per
+    step up to the longest line, on every row (the rows past their length
+    are masked, not skipped); the `weight_hh` gradient: one matmul over all
+    padded positions.
+    """
+    n = lengths.shape[0]
+    positions = n * width
+    proj = 2 * positions * e * 4 * h * 2
+    head = 2 * positions * h * v * 3
+    steps = int(lengths.max())
+    recurrent = 2 * steps * n * h * 4 * h * 2 + 2 * positions * h * 4 * h
+    return float(proj + head + recurrent)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="lstm_core.py", description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--max-len", type=int, default=80)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--steps-data", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--block", type=int, default=20)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--out", default=str(BENCH / "results"))
+    args = p.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"--variants: unknown {v!r}; choose from {VARIANTS}")
+    cfg = sequence.config(
+        True,
+        batch=args.batch,
+        max_len=args.max_len,
+        d_hidden=args.hidden,
+        steps_data=args.steps_data,
+    )
+    config, arrays = sequence.build(cfg)
+    model, master = sequence._params(config, arrays)
+    opt = optax.sgd(config["lr"], momentum=config["momentum"])
+    full = [
+        (jnp.asarray(t), jnp.asarray(n))
+        for t, n in zip(arrays["tokens"], arrays["lengths"], strict=True)
+    ]
+    cut = [(t[:, : int(n.max())], n) for t, n in full]
+
+    def make(name: str) -> tuple[Any, list]:
+        if name == "plain-scan":
+            return sequence._plain_jax_step(config, opt), full
+        step = fl.train.make_step(
+            lambda p_, t, n: model.loss(p_, t, n, mode="static"), opt
+        )
+        return step, (cut if name == "per-length" else full)
+
+    runs: dict[str, dict[str, Any]] = {}
+    for name in variants:
+        step, batches = make(name)
+        _recurrent._FUSED_LSTM = name != "generic"
+        params = jax.tree.map(jnp.copy, master)
+        state = [params, opt.init(params)]
+        start = time.perf_counter()
+        for tok, n in batches:  # compiles every program the variant needs
+            state[0], state[1], loss = step(state[0], state[1], tok, n)
+        jax.block_until_ready(loss)
+        runs[name] = {
+            "step": step,
+            "batches": batches,
+            "state": state,
+            "warm_s": time.perf_counter() - start,
+            "times": [],
+            "first_losses": [],
+        }
+    _recurrent._FUSED_LSTM = True
+    order = list(variants)
+    for r in range(args.repeats):
+        for name in order[r % len(order) :] + order[: r % len(order)]:
+            run = runs[name]
+            _recurrent._FUSED_LSTM = name != "generic"
+            state, batches = run["state"], run["batches"]
+            start = time.perf_counter()
+            for i in range(args.block):
+                tok, n = batches[i % len(batches)]
+                state[0], state[1], loss = run["step"](state[0], state[1], tok, n)
+            jax.block_until_ready(loss)
+            run["times"].append((time.perf_counter() - start) / args.block)
+    _recurrent._FUSED_LSTM = True
+    # Agreement: one step from the same state on the first batch.
+    check = {}
+    for name in variants:
+        step, batches = make(name)
+        _recurrent._FUSED_LSTM = name != "generic"
+        params = jax.tree.map(jnp.copy, master)
+        _, _, loss = step(params, opt.init(params), *batches[0])
+        check[name] = float(loss)
+    _recurrent._FUSED_LSTM = True
+    lengths = arrays["lengths"][: args.block]
+    width = arrays["tokens"].shape[2]
+    real = float(np.sum(lengths)) / (lengths.size * width)
+    flops = np.mean(
+        [
+            _matmul_flops(n, width, config["d_embed"], args.hidden, config["vocab"])
+            for n in lengths
+        ]
+    )
+    rows = {}
+    for name, run in runs.items():
+        t = run["times"]
+        rows[name] = {
+            "ms_median": statistics.median(t) * 1e3,
+            "ms_min": min(t) * 1e3,
+            "ms_max": max(t) * 1e3,
+            "warm_s": run["warm_s"],
+            "first_loss": check[name],
+        }
+    if "core" in rows:
+        base = rows["core"]["ms_median"]
+        for row in rows.values():
+            row["ratio_to_core"] = row["ms_median"] / base
+        rows["core"]["matmul_gflops"] = flops / (base * 1e-3) / 1e9
+    result = {
+        "benchmark": "lstm_core",
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0]),
+        **protocol.environment(),
+        "config": {
+            "batch": args.batch,
+            "max_len": args.max_len,
+            "hidden": args.hidden,
+            "embed": config["d_embed"],
+            "vocab": config["vocab"],
+            "block": args.block,
+            "repeats": args.repeats,
+        },
+        "real_share_of_positions": real,
+        "matmul_flops_per_step": flops,
+        "variants": rows,
+    }
+    print(
+        f"lstm_core: batch {args.batch}, max_len {args.max_len}, hidden "
+        f"{args.hidden}; {real:.0%} of the padded positions are real; jax "
+        f"{jax.__version__} on {result['device']} ({result['cores']} cores)"
+    )
+    for name, row in rows.items():
+        print(
+            f"  {name:<11} {row['ms_median']:7.2f} ms/step "
+            f"[{row['ms_min']:.2f}-{row['ms_max']:.2f}]  "
+            f"{row.get('ratio_to_core', float('nan')):.2f}x core  "
+            f"first loss {row['first_loss']:.6f}"
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lstm_core.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
