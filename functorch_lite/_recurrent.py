@@ -537,10 +537,39 @@ def _lstm_static(
     state: tuple,
     lengths: jax.Array,
 ) -> tuple[jax.Array, tuple]:
-    """The LSTM over `proj` (N, T, 4H) in the static mode; as `_direction`."""
-    h0, c0 = state
-    ys, h_n, c_n = _lstm_core(jnp.swapaxes(proj, 0, 1), w_hh, h0, c0, lengths)
-    return jnp.swapaxes(ys, 0, 1), (h_n, c_n)
+    """The LSTM over `proj` (N, T, 4H) in the static mode; as `_direction`.
+
+    The rows run longest first (a stable sort by length), so that the core
+    can drop the rows that have finished, in stages; the results go back to
+    the caller's order.
+    """
+    h0, c0 = (jnp.asarray(s) for s in state)
+    order = jnp.argsort(-lengths, stable=True)
+    back = jnp.argsort(order)
+    ys, h_n, c_n = _lstm_core(
+        jnp.swapaxes(proj[order], 0, 1), w_hh, h0[order], c0[order], lengths[order]
+    )
+    return jnp.swapaxes(ys, 0, 1)[back], (h_n[back], c_n[back])
+
+
+def _stages(n: int) -> tuple[int, ...]:
+    """Batch sizes of the core's stages: N, then halves, down to 8 rows."""
+    sizes = [n]
+    while sizes[-1] > 8:
+        sizes.append((sizes[-1] + 1) // 2)
+    return tuple(sizes)
+
+
+def _bounds(lengths: jax.Array, sizes: tuple[int, ...]) -> tuple[list, list]:
+    """Steps `[start, end)` of each stage, for lengths sorted longest first.
+
+    Stage `j` runs the first `sizes[j]` rows from the step where at most that
+    many rows are still running (`lengths[sizes[j]]`) to the step where at
+    most `sizes[j + 1]` are (or to the end of the longest row).
+    """
+    starts = [jnp.int32(0)] + [lengths[b] for b in sizes[1:]]
+    ends = starts[1:] + [lengths[0]]
+    return starts, ends
 
 
 def _lstm_gates(pre: jax.Array) -> jax.Array:
@@ -552,35 +581,59 @@ def _lstm_gates(pre: jax.Array) -> jax.Array:
     )
 
 
+def _rows(a: jax.Array, i: jax.Array, b: int) -> jax.Array:
+    """`a[i, :b]` for a time-major `a`, `i` traced."""
+    return lax.dynamic_slice_in_dim(a, i, 1, axis=0)[0, :b]
+
+
+def _put(a: jax.Array, value: jax.Array, i: jax.Array) -> jax.Array:
+    """`a` with `a[i, :len(value)] = value`."""
+    zero = jnp.zeros((), jnp.asarray(i).dtype)
+    return lax.dynamic_update_slice(a, value[None], (i, *(zero,) * (a.ndim - 1)))
+
+
 def _lstm_forward(proj, w_hh, h0, c0, lengths, store: bool):
-    """Time-major forward: `proj` (T, N, 4H). Returns ys, h_n, c_n[, stores]."""
-    t = proj.shape[0]
-    longest = jnp.max(lengths)
+    """Time-major forward over rows sorted longest first: `proj` (T, N, 4H).
+
+    Returns ys, h_n, c_n and, with `store`, the activated gates and the cell
+    state of every step (zeros where a row has finished).
+    """
+    t, n = proj.shape[:2]
+    sizes = _stages(n)
+    starts, ends = _bounds(lengths, sizes)
     ys = jnp.zeros((t, *h0.shape), h0.dtype)
-    stores = (jnp.zeros_like(proj), jnp.zeros((t, *c0.shape), c0.dtype))
+    acts, cs = jnp.zeros_like(proj), jnp.zeros((t, *c0.shape), c0.dtype)
+    h, c, done = h0, c0, []
+    for j, b in enumerate(sizes):
+        if j:  # rows b.. finished before this stage: keep their final state
+            done.append((h[b:], c[b:]))
+            h, c = h[:b], c[:b]
+        running = lengths[:b]
 
-    def body(carry: tuple) -> tuple:
-        i, h, c, ys, stores = carry
-        act = _lstm_gates(lax.dynamic_index_in_dim(proj, i, keepdims=False) + h @ w_hh)
-        gi, gf, gg, go = jnp.split(act, 4, axis=-1)
-        c_new = gf * c + gi * gg
-        h_new = go * jnp.tanh(c_new)
-        keep = (i < lengths)[:, None]
-        h = jnp.where(keep, h_new, h)
-        c = jnp.where(keep, c_new, c)
-        ys = lax.dynamic_update_index_in_dim(
-            ys, jnp.where(keep, h_new, jnp.zeros_like(h_new)), i, 0
+        def body(carry: tuple, b: int = b, running: jax.Array = running) -> tuple:
+            i, h, c, ys, acts, cs = carry
+            act = _lstm_gates(_rows(proj, i, b) + h @ w_hh)
+            gi, gf, gg, go = jnp.split(act, 4, axis=-1)
+            c_new = gf * c + gi * gg
+            h_new = go * jnp.tanh(c_new)
+            keep = (i < running)[:, None]
+            h = jnp.where(keep, h_new, h)
+            c = jnp.where(keep, c_new, c)
+            ys = _put(ys, jnp.where(keep, h_new, jnp.zeros_like(h_new)), i)
+            if store:
+                acts, cs = _put(acts, act, i), _put(cs, c_new, i)
+            return i + 1, h, c, ys, acts, cs
+
+        end = ends[j]
+        _, h, c, ys, acts, cs = _while_any_mode(
+            lambda s, end=end: s[0] < end,
+            body,
+            (starts[j], h, c, ys, acts if store else (), cs if store else ()),
+            t,
         )
-        if store:
-            stores = (
-                lax.dynamic_update_index_in_dim(stores[0], act, i, 0),
-                lax.dynamic_update_index_in_dim(stores[1], c_new, i, 0),
-            )
-        return i + 1, h, c, ys, stores
-
-    init = (jnp.int32(0), h0, c0, ys, stores if store else ())
-    _, h, c, ys, stores = _while_any_mode(lambda s: s[0] < longest, body, init, t)
-    return (ys, h, c, stores) if store else (ys, h, c)
+    h_n = jnp.concatenate([h] + [d[0] for d in reversed(done)])
+    c_n = jnp.concatenate([c] + [d[1] for d in reversed(done)])
+    return (ys, h_n, c_n, (acts, cs)) if store else (ys, h_n, c_n)
 
 
 @jax.custom_vjp
@@ -596,49 +649,60 @@ def _lstm_core_fwd(proj, w_hh, h0, c0, lengths):
 def _lstm_core_bwd(residuals, cts):
     ys, acts, cs, w_hh, h0, c0, lengths = residuals
     d_ys, d_hn, d_cn = cts
-    t = ys.shape[0]
-    longest = jnp.max(lengths)
+    t, n, hidden = ys.shape
+    sizes = _stages(n)
+    starts, ends = _bounds(lengths, sizes)
+    # Everything that does not depend on the carried gradients, for all steps
+    # at once (a few passes over (T, N, 4H)), so that the loop body is one
+    # matmul and one small fusion. Rows past their length get zero factors:
+    # no gate gradient, and the carried gradients pass through unchanged.
+    keep = (jnp.arange(t, dtype=jnp.int32)[:, None] < lengths[None, :])[..., None]
+    keep = keep.astype(acts.dtype)  # (T, N, 1)
+    gi, gf, gg, go = jnp.split(acts, 4, axis=-1)
+    c_prev = jnp.concatenate([c0[None], cs[:-1]], axis=0)
+    tanh_c = jnp.tanh(cs)
+    # dc_all = dc + dh_all * to_c; the gate gradients are
+    # [dc_all, dc_all, dc_all] * k and dh_all * k_o.
+    to_c = keep * go * (1 - tanh_c * tanh_c)
+    k = keep * jnp.concatenate(
+        [gg * gi * (1 - gi), c_prev * gf * (1 - gf), gi * (1 - gg * gg)], axis=-1
+    )
+    k_o = keep * tanh_c * go * (1 - go)
+    f_next = keep * gf + (1 - keep)  # dc_prev = dc_all * f, or dc past the end
+    pass_h = 1 - keep  # dh_prev = d_gates @ w_hh.T, or dh past the end
+    d_ys = d_ys * keep
     w_t = w_hh.T
+    d_proj = jnp.zeros_like(acts)
+    dh, dc = d_hn[: sizes[-1]], d_cn[: sizes[-1]]
+    for j in reversed(range(len(sizes))):
+        b = sizes[j]
+        if j < len(sizes) - 1:  # rows that finished before the next stage
+            dh = jnp.concatenate([dh, d_hn[sizes[j + 1] : b]])
+            dc = jnp.concatenate([dc, d_cn[sizes[j + 1] : b]])
 
-    def body(carry: tuple) -> tuple:
-        i, dh, dc, d_proj = carry
-        i = i - 1
-        act = lax.dynamic_index_in_dim(acts, i, keepdims=False)
-        gi, gf, gg, go = jnp.split(act, 4, axis=-1)
-        c_new = lax.dynamic_index_in_dim(cs, i, keepdims=False)
-        c_prev = jnp.where(
-            i > 0,
-            lax.dynamic_index_in_dim(cs, jnp.maximum(i - 1, 0), keepdims=False),
-            c0,
-        )
-        tanh_c = jnp.tanh(c_new)
-        dh_all = dh + lax.dynamic_index_in_dim(d_ys, i, keepdims=False)
-        d_o = dh_all * tanh_c
-        dc_all = dc + dh_all * go * (1 - tanh_c * tanh_c)
-        d_gates = jnp.concatenate(
-            [
-                dc_all * gg * gi * (1 - gi),
-                dc_all * c_prev * gf * (1 - gf),
-                dc_all * gi * (1 - gg * gg),
-                d_o * go * (1 - go),
-            ],
-            axis=-1,
-        )
-        keep = (i < lengths)[:, None]
-        d_gates = jnp.where(keep, d_gates, jnp.zeros_like(d_gates))
-        dh = jnp.where(keep, d_gates @ w_t, dh)
-        dc = jnp.where(keep, dc_all * gf, dc)
-        d_proj = lax.dynamic_update_index_in_dim(d_proj, d_gates, i, 0)
-        return i, dh, dc, d_proj
+        def body(carry: tuple, b: int = b) -> tuple:
+            i, dh, dc, d_proj = carry
+            i = i - 1
+            dh_all = dh + _rows(d_ys, i, b)
+            dc_all = dc + dh_all * _rows(to_c, i, b)
+            d_gates = jnp.concatenate(
+                [jnp.tile(dc_all, (1, 3)) * _rows(k, i, b), dh_all * _rows(k_o, i, b)],
+                axis=-1,
+            )
+            dh = d_gates @ w_t + _rows(pass_h, i, b) * dh_all
+            dc = dc_all * _rows(f_next, i, b)
+            return i, dh, dc, _put(d_proj, d_gates, i)
 
-    init = (longest, d_hn, d_cn, jnp.zeros_like(acts))
-    _, dh0, dc0, d_proj = _while_any_mode(lambda s: s[0] > 0, body, init, t)
+        start = starts[j]
+        _, dh, dc, d_proj = _while_any_mode(
+            lambda s, start=start: s[0] > start, body, (ends[j], dh, dc, d_proj), t
+        )
     # h_{i-1} for every step: h0, then the outputs (equal to h wherever a row
     # is still running, and d_proj is zero wherever it is not).
     h_prev = jnp.concatenate([h0[None], ys[:-1]], axis=0)
     # One (H, T*N) @ (T*N, 4H) matmul (measured faster than the einsum form).
-    d_w = h_prev.reshape(-1, h0.shape[-1]).T @ d_proj.reshape(-1, d_proj.shape[-1])
-    return d_proj, d_w, dh0, dc0, None
+    d_w = h_prev.reshape(-1, hidden).T @ d_proj.reshape(-1, d_proj.shape[-1])
+    return d_proj, d_w, dh, dc, None
 
 
 _lstm_core.defvjp(_lstm_core_fwd, _lstm_core_bwd)
