@@ -37,6 +37,7 @@ from jax.core import Tracer
 
 from functorch_lite._checks import check_int
 from functorch_lite._loop import _while_any_mode, bounded_scan
+from functorch_lite._ops import dense
 
 __all__ = ["RecurrentLayer", "lstm", "rnn"]
 
@@ -189,7 +190,7 @@ def _make(
                     for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
                 }
                 seq = inp if d == 0 else _reverse_padded(inp, lengths)
-                proj = seq @ p["weight_ih"] + _row(p["bias_ih"] + p["bias_hh"])
+                proj = dense(seq, p["weight_ih"]) + _row(p["bias_ih"] + p["bias_hh"])
                 state = (h0[index], c0[index]) if is_lstm else (h0[index],)
                 out, state = _direction(
                     cell, proj, p["weight_hh"], state, lengths, mode, t

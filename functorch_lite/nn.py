@@ -15,6 +15,7 @@ from functorch_lite._checks import check_int
 
 # Imported here too (the layers themselves are re-exported at the bottom): the
 # dtype argument check shared by every layer. `_recurrent` does not import `nn`.
+from functorch_lite._ops import dense
 from functorch_lite._recurrent import _float_dtype
 
 __all__ = [
@@ -120,7 +121,7 @@ def linear(
 
     def apply(params: Params, x: jax.Array) -> jax.Array:
         _check_linear_apply(params, x, d_in, d_out, bias, dtype)
-        y = _cast(x, dtype) @ _cast(params["weight"], dtype)
+        y = dense(_cast(x, dtype), _cast(params["weight"], dtype))
         return _add_bias(y, _cast(params["bias"], dtype)) if bias else y
 
     return Layer(init, apply)
