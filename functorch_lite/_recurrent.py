@@ -35,7 +35,7 @@ import numpy as np
 from jax import lax
 from jax.core import Tracer
 
-from functorch_lite._checks import check_int
+from functorch_lite._checks import check_int, check_traced_range
 from functorch_lite._loop import _while_any_mode, bounded_scan
 from functorch_lite._ops import dense
 
@@ -338,6 +338,14 @@ def _check_lengths(lengths: Any, n: int, t: int, *, where: str) -> jax.Array:
                 f"{where}: every length must be in [1, {t}] (T, the padded "
                 f"length of `xs`); got {int(values[row])} at row {row}."
             )
+    check_traced_range(
+        lengths,
+        1,
+        t,
+        where=where,
+        name="lengths",
+        fix="Every length must be at least 1 and at most T, the padded length of `xs`.",
+    )
     return jnp.clip(jnp.asarray(lengths), 1, t).astype(jnp.int32)
 
 

@@ -49,6 +49,7 @@ import jax.extend.core.primitives
 from jax import monitoring
 from jax.core import Tracer
 
+from functorch_lite import _checks
 from functorch_lite._checks import check_int
 
 __all__ = [
@@ -340,12 +341,38 @@ class Compiled:
         self._last: dict[str, Any] | None = None
         self._program = f"jit({self.name})"
 
+        self._host_checks: list[_checks.HostCheck] = []
+        self._pending = threading.local()  # the arguments of the call in flight
+        self._pending.args = None
+        self._donated = tuple(
+            i for i, n in enumerate(params) if n in set(donate_argnames)
+        )
+
         @functools.wraps(fun)
         def traced(*args: Any, **kwargs: Any) -> Any:
+            # Traced values that are arguments themselves are checked before
+            # each call, on the host (see `_checks`), not in the program.
+            self._on_trace(args, kwargs)
+            inputs, token = _checks.tracing_inputs(args)
+            try:
+                return fun(*args, **kwargs)
+            finally:
+                _checks._INPUTS.reset(token)
+                for check in inputs.host:
+                    if check not in self._host_checks:
+                        self._host_checks.append(check)
+                # The call being traced runs next: check its arguments now.
+                pending = self._pending.args
+                self._pending.args = None
+                if inputs.host and pending is not None:
+                    self._run_host_checks(pending)
+
+        @functools.wraps(fun)
+        def inlined(*args: Any, **kwargs: Any) -> Any:
             self._on_trace(args, kwargs)
             return fun(*args, **kwargs)
 
-        traced.__name__ = self.name
+        traced.__name__ = inlined.__name__ = self.name
         self._jitted = jax.jit(
             traced,
             static_argnames=tuple(static_argnames),
@@ -354,11 +381,9 @@ class Compiled:
         # Under an outer transformation nothing is donated: `jax.grad` and
         # `jax.vmap` run parts eagerly, and would delete concrete arguments
         # that the rest of the transformation (or the caller) still uses.
-        self._inlined = (
-            jax.jit(traced, static_argnames=tuple(static_argnames))
-            if donate_argnames
-            else self._jitted
-        )
+        # Its own trace cache, with every check in the program: the outer
+        # program's arguments are not checked on the host.
+        self._inlined = jax.jit(inlined, static_argnames=tuple(static_argnames))
         functools.update_wrapper(self, fun)
 
     def _on_trace(self, args: tuple, kwargs: dict) -> None:
@@ -434,10 +459,38 @@ class Compiled:
             stats.compile_seconds = None
             return self._run(args, kwargs, self._inlined)
         stats.calls += 1
+        if self._donated:
+            self._check_donated(args)
+        if self._host_checks and _checks.checks_enabled():
+            self._run_host_checks(args)
+        self._pending.args = args  # for the host checks a new trace finds
         if stats.compiles is None:
             return self._run(args, kwargs, self._jitted)
         with _listening(self._listener()):
             return self._run(args, kwargs, self._jitted)
+
+    def _check_donated(self, args: tuple) -> None:
+        """Refuse a donated argument that an earlier call consumed.
+
+        Before dispatch: XLA would log an error line first.
+        """
+        for i in self._donated:
+            if i < len(args) and any(
+                isinstance(leaf, jax.Array) and leaf.is_deleted()
+                for leaf in jax.tree.leaves(args[i])
+            ):
+                bound = dict(zip(self._signature.parameters, args, strict=False))
+                found = donation_error(self.name, self.donate_argnames, bound)
+                if found is not None:
+                    raise found
+
+    def _run_host_checks(self, args: tuple) -> None:
+        for check in self._host_checks:
+            if check.position >= len(args):
+                continue
+            leaves = jax.tree.leaves(args[check.position])
+            if check.leaf < len(leaves) and not isinstance(leaves[check.leaf], Tracer):
+                _checks.check_host(check, leaves[check.leaf])
 
     def _run(self, args: tuple, kwargs: dict, jitted: Callable) -> Any:
         try:
@@ -445,6 +498,9 @@ class Compiled:
         except (ValueError, RuntimeError) as err:
             # Found only after jax.jit refused, so the hot path pays nothing.
             text = str(err)
+            failure = _checks.pop_failure()
+            if failure is not None and str(failure) in text:
+                raise failure from None  # a traced check's, raised in a callback
             if "Non-hashable static arguments" in text:
                 raise self._unhashable(args, kwargs) from err
             if self.donate_argnames and any(m in text for m in _DONATION_ERRORS):

@@ -43,7 +43,14 @@ import numpy as np
 from jax import lax
 from jax.core import Tracer
 
-from functorch_lite._checks import check_bool, check_int
+from functorch_lite._checks import (
+    check_bool,
+    check_int,
+    check_traced_loop,
+    check_traced_range,
+    checks_enabled,
+    mark_in_range,
+)
 from functorch_lite._loop import bounded_while
 from functorch_lite._trees import leaf_pairs, structure_diff
 
@@ -94,6 +101,10 @@ def check_concrete_count(n: Any, max_n: int | None, *, where: str, name: str) ->
     return value
 
 
+def _range_fix(name: str) -> str:
+    return f"Raise `max_{name}` or pass a smaller `{name}`."
+
+
 def check_static_count(n: Any, max_n: int, *, where: str, name: str) -> jax.Array:
     """Return `n` as an int32 scalar (maybe traced), or raise a clear error."""
     if isinstance(n, Tracer) or isinstance(n, np.ndarray | jax.Array):
@@ -106,9 +117,12 @@ def check_static_count(n: Any, max_n: int, *, where: str, name: str) -> jax.Arra
             )
         if not isinstance(n, Tracer):
             check_concrete_count(n, max_n, where=where, name=name)
+        check_traced_range(n, 0, max_n, where=where, name=name, fix=_range_fix(name))
         # Clamp in the count's own dtype, then narrow: a uint32 or int64 count
         # past the int32 range would otherwise wrap around.
-        return jnp.clip(n, 0, max_n).astype(jnp.int32)
+        count = jnp.clip(n, 0, max_n).astype(jnp.int32)
+        mark_in_range(count)
+        return count
     check_concrete_count(n, max_n, where=where, name=name)
     return jnp.asarray(n, jnp.int32)
 
@@ -167,7 +181,10 @@ def check_per_example_counts(
                 "takes a traced per-example count in one compiled program."
             )
         upper = max_n if max_n is not None else _INT32_MAX
-        return jnp.clip(n, 0, upper).astype(jnp.int32)
+        check_traced_range(n, 0, upper, where=where, name=name, fix=_range_fix(name))
+        counts = jnp.clip(n, 0, upper).astype(jnp.int32)
+        mark_in_range(counts)
+        return counts
     values = np.asarray(n)
     bad = np.nonzero((values < 0) | (values > (max_n if max_n is not None else 2**62)))
     if bad[0].size:
@@ -212,9 +229,11 @@ def repeat(
                 carry = body(carry)
 
     A concrete `n` outside `[0, max_n]` raises `ValueError`. A *traced* `n`
-    cannot be checked when the graph is built, so it is clamped to
-    `[0, max_n]`: a negative `n` runs no step, an `n` above `max_n` runs
-    `max_n` steps.
+    cannot be checked when the graph is built; it is checked when the program
+    runs: out of range, the call raises `ValueError` with the same message
+    (under a plain `jax.jit`, a `JaxRuntimeError` that ends with it). With
+    `FUNCTORCH_LITE_CHECKS=0` it is clamped to `[0, max_n]` instead: a
+    negative `n` runs no step, an `n` above `max_n` runs `max_n` steps.
 
     Args:
       body: a pure function `carry -> carry` that keeps the tree structure,
@@ -416,9 +435,12 @@ def while_loop(
       `body_fun` closes over get their gradients summed over the steps. `jit`,
       `vmap` (each example stops at its own step) and forward-over-reverse
       (`jax.hessian`) compose; pure forward mode (`jax.jvp`) does not.
-      Reaching `max_steps` with `cond_fun` still true stops the loop there:
-      pass `return_steps=True` to see the steps run (`steps == max_steps` with
-      `cond_fun(carry)` still true means it was cut).
+      Reaching `max_steps` with `cond_fun` still true raises
+      `RuntimeError` when the program runs, as the dynamic mode does (a
+      traced check; `FUNCTORCH_LITE_CHECKS=0` turns it off, and the loop
+      then stops there). With `return_steps=True` the loop stops there
+      without an error, and the caller sees the cut: `steps == max_steps`
+      with `cond_fun(carry)` still true.
     * `mode="dynamic"`: a plain Python `while` on concrete values, run
       eagerly (define-by-run). Under `jit` the condition is traced, which this
       mode refuses with a clear error. Reaching `max_steps` with `cond_fun`
@@ -491,6 +513,9 @@ def while_loop(
         max_steps=bound,
         checkpoints=checkpoints,
     )
+    if checks_enabled() and not return_steps:
+        cut = (steps == bound) & jnp.asarray(cond_fun(carry))
+        check_traced_loop(lax.stop_gradient(cut), where=where, max_steps=bound)
     return (carry, steps) if return_steps else carry
 
 

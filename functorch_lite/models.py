@@ -383,11 +383,13 @@ class DynamicNet:
             static mode in one compiled program for every depth pattern; the
             dynamic mode needs it concrete and runs each distinct depth's rows
             as a group). A concrete depth outside `[0, max_depth]` raises
-            `ValueError`. A traced one cannot be checked when the graph is
-            built (a depth passed to a `make_step` step is traced): the output
-            (of each such row) is then NaN, as `jnp.take` fills an
-            out-of-range read, so that the loss shows it and `fit` stops on
-            it; its gradients are zero.
+            `ValueError`. A traced one (a depth passed to a `make_step`
+            step is traced) is checked when the program runs, and raises
+            `ValueError` with the same message (under a plain `jax.jit`, a
+            `JaxRuntimeError` that ends with it). With
+            `FUNCTORCH_LITE_CHECKS=0` the output (of each such row) is NaN
+            instead, so that the loss shows it and `fit` stops on it; its
+            gradients are zero.
           mode: `"static"` or `"dynamic"`.
 
         Returns:

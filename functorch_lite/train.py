@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from functorch_lite import checkpoint
+from functorch_lite import _checks, checkpoint
 from functorch_lite._checks import check_bool, check_int
 from functorch_lite._trees import leaf_pairs, structure_diff
 from functorch_lite.compile import Compiled, argnames, jit
@@ -473,10 +473,10 @@ def make_fused_step(
             )
 
         def body(carry: tuple, per_step: dict) -> tuple:
-            (
-                p,
-                s,
-            ) = carry
+            p, s = carry
+            # A traced check on a step's slice of an argument runs on the
+            # whole argument before the call (see `_checks`).
+            _checks.alias_inputs(jax.tree.leaves(stacked), jax.tree.leaves(per_step))
             p, s, loss = update(p, s, **fixed, **per_step)
             return (p, s), loss
 

@@ -7,6 +7,8 @@ def test_all_is_pinned_and_sorted():
     assert fl.__all__ == sorted(fl.__all__)
     assert fl.__all__ == [
         "CompileStats",
+        "TracedLoopError",
+        "TracedValueError",
         "checkpoint",
         "compile_counter",
         "control",

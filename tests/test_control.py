@@ -100,7 +100,9 @@ def test_vmap_over_n_and_jit_vs_eager(key, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_traced_n_is_clamped(method):
+def test_traced_n_is_clamped_with_checks_off(method, monkeypatch):
+    # With checks on (the default) it raises: tests/test_traced_checks.py.
+    monkeypatch.setenv("FUNCTORCH_LITE_CHECKS", "0")
     f = jax.jit(
         lambda n: fl.repeat(
             lambda c: c + 1.0, jnp.float32(0.0), n, max_n=3, static_method=method

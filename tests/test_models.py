@@ -170,9 +170,11 @@ def test_check_grads_float64(key, method, depth):
         check_grads(lambda p: _loss(net, "dynamic")(p, x, y, depth), (params,), order=2)
 
 
-def test_traced_out_of_range_depth_gives_nan(key):
-    """Documented: a traced depth outside [0, max_depth] makes the output NaN,
-    whatever its integer dtype (no int32 wrap-around), and no other depth."""
+def test_traced_out_of_range_depth_gives_nan_with_checks_off(key, monkeypatch):
+    """Documented: with FUNCTORCH_LITE_CHECKS=0, a traced depth outside
+    [0, max_depth] makes the output NaN, whatever its integer dtype (no int32
+    wrap-around), and no other depth. (Checks on: tests/test_traced_checks.py.)"""
+    monkeypatch.setenv("FUNCTORCH_LITE_CHECKS", "0")
     net = fl.models.DynamicNet(6, 5, 3, max_depth=3)
     params = net.init(key)
     x, y = _data(key)

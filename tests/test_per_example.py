@@ -190,7 +190,9 @@ def test_repeat_per_example_needs_a_batch_axis_on_every_leaf():
         )
 
 
-def test_traced_out_of_range_per_example_depth_gives_nan_rows():
+def test_traced_out_of_range_per_example_depth_gives_nan_rows(monkeypatch):
+    # With checks off; with them on it raises (tests/test_traced_checks.py).
+    monkeypatch.setenv("FUNCTORCH_LITE_CHECKS", "0")
     net, params, x, _ = _setup(jnp.float32)
     out = jax.jit(lambda d: net.apply(params, x, d))(jnp.array([0, 1, 9, 2, 3, -1, 1]))
     bad = np.isnan(np.asarray(out)).all(axis=1)
