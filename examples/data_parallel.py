@@ -17,6 +17,17 @@ for `--process-id`; each process feeds its own rows of the batch:
     python examples/data_parallel.py --coordinator HOST0:1234 \
         --num-processes 2 --process-id I [--cpu-devices 4]
 
+Checkpoints and restarts: `--checkpoint-dir DIR` trains with `fl.train.fit`,
+saving every `--checkpoint-every` steps (one writer per folder: process 0 when
+the processes share DIR, each process when each has its own), and `--resume`
+continues from the newest step that every process can read. If a process
+dies, the others stop within `--heartbeat` seconds with one line that names
+it and the checkpoint to resume from (exit status 75); run the same commands
+again with `--resume`:
+
+    python examples/data_parallel.py --coordinator HOST0:1234 --num-processes 2 \
+        --process-id I --checkpoint-dir run/ckpt [--resume]
+
 `--check` also trains the plain single-device step and prints how far apart
 the two final losses are. The programs compute the same function, but the
 devices sum the gradient in another order, and 500 float32 steps of this
@@ -50,6 +61,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--process-id", type=int, default=0)
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--x64", action="store_true", help="train in float64")
+    parser.add_argument(
+        "--checkpoint-dir", default=None, help="train with fit, saving here"
+    )
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument(
+        "--resume", action="store_true", help="resume from --checkpoint-dir"
+    )
+    parser.add_argument("--heartbeat", type=float, default=30.0, help="seconds")
     args = parser.parse_args(argv)
 
     # Both must come before anything touches a device.
@@ -59,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
             args.num_processes,
             args.process_id,
             cpu_devices=args.cpu_devices,
+            heartbeat_timeout_s=args.heartbeat,
         )
     elif args.cpu_devices is not None:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
@@ -107,7 +127,24 @@ def main(argv: list[str] | None = None) -> dict:
     rng = np.random.default_rng(args.seed)
     depths = rng.integers(0, args.max_depth + 1, size=args.steps).tolist()
     losses = []
-    for t, depth in enumerate(depths):
+    if args.checkpoint_dir is not None:
+        # `fit` checkpoints in the background and, with --resume, skips the
+        # batches before the step every process resumes from.
+        params, opt_state, history = fl.train.fit(
+            step,
+            params,
+            opt_state,
+            [(x_dev, y_dev, depth) for depth in depths],
+            progress=lead and bool(args.print_every),
+            log_every=args.print_every or 50,
+            checkpoint_every=args.checkpoint_every,
+            checkpoint_dir=args.checkpoint_dir,
+            resume=args.resume,
+        )
+        losses = [float(v) for v in history]
+        if lead:
+            print(f"ran steps {args.steps - len(losses)}..{args.steps - 1} in this run")
+    for t, depth in enumerate(depths if args.checkpoint_dir is None else []):
         params, opt_state, loss = step(params, opt_state, x_dev, y_dev, depth)
         losses.append(float(loss))
         if (

@@ -307,6 +307,16 @@ class _Leaf:
 
 def _device_to_host(x: jax.Array) -> tuple[np.ndarray, bool]:
     """`x` as a NumPy array, and whether that array is a copy of its own."""
+    if not x.is_fully_addressable:
+        # A run over several processes: a replicated array (params and
+        # optimizer state under data parallelism) has its whole value here.
+        if not x.is_fully_replicated:
+            raise ValueError(
+                f"an array of shape {x.shape} is split across processes "
+                f"({x.sharding}); gather it first (`jax.experimental."
+                "multihost_utils.process_allgather`) or save each process's part."
+            )
+        x = x.addressable_data(0)
     devices = x.devices()
     if len(devices) == 1 and next(iter(devices)).platform == "cpu":
         return np.asarray(x), False  # A view of the CPU buffer: no copy.

@@ -13,8 +13,14 @@ the loss. Several processes (hosts) join with `initialize`, which calls
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import inspect
 import math
+import os
+import sys
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -24,6 +30,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from functorch_lite import _torch_data
 from functorch_lite._checks import check_bool, check_int
 from functorch_lite.compile import (
     Compiled,
@@ -33,7 +40,7 @@ from functorch_lite.compile import (
     jit,
 )
 
-__all__ = ["DataParallel", "data_parallel", "initialize"]
+__all__ = ["DataParallel", "LOST_PEER_EXIT", "data_parallel", "initialize"]
 
 # The static argument that carries the real (unpadded) row count into the
 # compiled program. It is an argument, not a closure, so that each padded
@@ -511,6 +518,9 @@ class DataParallel:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the step on the mesh: place, pad if asked, run, drop the padding."""
+        args, kwargs = _torch_data.convert_args(
+            args, kwargs, (), frozenset({0, 1}), f"data_parallel({self.name})"
+        )
         bound = self._bind(args, kwargs)
         rows = self._prepare(bound, allow_pad=True)
         if not self._serialize:
@@ -668,12 +678,16 @@ def data_parallel(
     )
 
 
+LOST_PEER_EXIT = 75  # the exit status of a process stopped for a lost peer
+
+
 def initialize(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
     *,
     cpu_devices: int | None = None,
+    heartbeat_timeout_s: float = 30.0,
 ) -> None:
     """Join this process to a multi-process run with `jax.distributed.initialize`.
 
@@ -681,6 +695,17 @@ def initialize(
     `jax.devices()` lists the devices of all processes, and `data_parallel`'s
     default mesh spans them. On CPU, collectives across processes use gloo
     (`jax_cpu_collectives_implementation`); GPUs and TPUs use their own.
+
+    When a process dies, the others would wait in their next collective
+    until JAX's coordination service aborts them (SIGABRT and a C++ stack
+    trace, 100 s later by default). Instead, every process runs a small
+    heartbeat thread: each second or so it posts a counter to the coordination
+    service and reads the others'. A process whose counter has not moved for
+    `heartbeat_timeout_s` seconds (or a coordinator that no longer answers) is
+    lost; the survivors then print one line to stderr that names the lost
+    process and the checkpoint to resume from (the newest one `fit` saved in
+    this process, if any), and exit with status `LOST_PEER_EXIT` (75). To
+    restart: start every process again with `fit(..., resume=True)`.
 
     Args:
       coordinator_address: `"host:port"` of process 0, reachable from every
@@ -690,16 +715,156 @@ def initialize(
       cpu_devices: if given, the number of CPU devices this process shows
         (`jax_num_cpu_devices`): several host devices for testing on one
         machine.
+      heartbeat_timeout_s: seconds without a heartbeat after which a process
+        counts as lost (a positive number; 30 by default). JAX's own timeout
+        is set above it, so that this one acts first.
 
     >>> import functorch_lite as fl
     >>> fl.parallel.initialize("10.0.0.1:1234", 2, 0)  # doctest: +SKIP
     """
     if cpu_devices is not None:
         check_int(cpu_devices, where="initialize", name="cpu_devices", minimum=1)
+    if (
+        isinstance(heartbeat_timeout_s, bool)
+        or not isinstance(heartbeat_timeout_s, int | float)
+        or not heartbeat_timeout_s > 0
+    ):
+        raise ValueError(
+            "initialize: `heartbeat_timeout_s` must be a positive number of "
+            f"seconds; got {heartbeat_timeout_s!r}."
+        )
+    if cpu_devices is not None:
         jax.config.update("jax_num_cpu_devices", cpu_devices)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,
         process_id=process_id,
+        heartbeat_timeout_seconds=max(100, math.ceil(3 * heartbeat_timeout_s)),
     )
+    if jax.process_count() > 1:
+        _heartbeat[0] = _Heartbeat(float(heartbeat_timeout_s))
+        _heartbeat[0].start()
+
+
+_heartbeat: list[_Heartbeat | None] = [None]
+
+
+def wait_for_lost_peer(err: BaseException) -> None:
+    """After a failed collective, give the heartbeat time to name the lost peer.
+
+    In a run over several processes, a collective whose peer died may fail
+    (gloo: "Connection reset by peer") rather than wait. The heartbeat then
+    stops this process within its timeout, with its one-line message; if it
+    does not (no peer is lost), this returns and the caller re-raises `err`.
+    """
+    beat = _heartbeat[0]
+    if beat is None or beat.done or not isinstance(err, jax.errors.JaxRuntimeError):
+        return
+    deadline = time.monotonic() + 2 * beat.timeout + 1
+    while time.monotonic() < deadline and not beat.done:
+        time.sleep(0.05)
+
+
+# The newest checkpoint `fit` saved or resumed from in this process: the
+# heartbeat's message names it. (directory, step) or None.
+_last_checkpoint: list[tuple[str, int] | None] = [None]
+
+
+def note_checkpoint(directory: str, step: int) -> None:
+    """Record the newest checkpoint of this process (called by `fit`)."""
+    _last_checkpoint[0] = (directory, step)
+
+
+class _Heartbeat(threading.Thread):
+    """Posts this process's heartbeat and stops it when a peer is lost."""
+
+    _PREFIX = "functorch_lite/heartbeat/"
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(name="functorch_lite-heartbeat", daemon=True)
+        from jax._src import distributed  # the coordination service's client
+
+        self.client = distributed.global_state.client
+        self.me = jax.process_index()
+        self.count = jax.process_count()
+        self.timeout = timeout
+        self.interval = min(1.0, timeout / 4)
+        self.done = False
+        atexit.register(self._finish)
+
+    def _finish(self) -> None:
+        # A clean exit is not a loss: tell the others, and stop watching. An
+        # exit on an uncaught exception is one: tell them too, and leave now,
+        # rather than wait in JAX's shutdown barrier for peers that wait in a
+        # collective for this process.
+        self.done = True
+        failed = getattr(sys, "last_value", None) is not None
+        with contextlib.suppress(Exception):
+            self.client.key_value_set(
+                f"{self._PREFIX}{self.me}",
+                "failed" if failed else "done",
+                allow_overwrite=True,
+            )
+        if failed:
+            sys.stderr.flush()
+            os._exit(1)
+
+    def run(self) -> None:
+        seen = {p: ("", time.monotonic()) for p in range(self.count) if p != self.me}
+        beat = 0
+        while not self.done:
+            now = time.monotonic()
+            try:
+                beat += 1
+                self.client.key_value_set(
+                    f"{self._PREFIX}{self.me}", str(beat), allow_overwrite=True
+                )
+                values = dict(self.client.key_value_dir_get(self._PREFIX))
+            except Exception:  # noqa: BLE001 - any failure: the service is gone
+                if self.done:
+                    return
+                self._stop(0, "the coordinator (process 0) no longer answers")
+                return
+            for peer, (last, since) in list(seen.items()):
+                value = values.get(f"{self._PREFIX}{peer}", "")
+                if value == "done":
+                    del seen[peer]
+                elif value == "failed":
+                    self._stop(
+                        peer, f"process {peer} stopped with an error (see its log)"
+                    )
+                    return
+                elif value != last:
+                    seen[peer] = (value, now)
+                elif now - since > self.timeout:
+                    self._stop(
+                        peer,
+                        f"process {peer} sent no heartbeat for {self.timeout:g} s",
+                    )
+                    return
+            time.sleep(self.interval)
+
+    def _stop(self, peer: int, why: str) -> None:
+        self.done = True
+        found = _last_checkpoint[0]
+        if found is not None:  # a background save may have finished since
+            from functorch_lite import checkpoint  # noqa: PLC0415
+
+            with contextlib.suppress(Exception):
+                newest = checkpoint.latest(found[0])
+                if newest is not None and newest[0] >= found[1]:
+                    found = (found[0], newest[0])
+        if found is None:
+            resume = "no checkpoint was saved or resumed in this process"
+        else:
+            resume = (
+                f"resume from step {found[1]}, the newest checkpoint in {found[0]!r}"
+            )
+        sys.stderr.write(
+            f"functorch_lite: lost process {peer} of {self.count}: {why}. Stopping "
+            f"process {self.me} (exit status {LOST_PEER_EXIT}); {resume}. Restart "
+            "every process with `fit(..., resume=True)`.\n"
+        )
+        sys.stderr.flush()
+        os._exit(LOST_PEER_EXIT)
