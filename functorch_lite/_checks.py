@@ -338,3 +338,24 @@ class _QuietOwnErrors(logging.Filter):
 
 for _name in ("jax._src.debugging", "jax._src.callback"):
     logging.getLogger(_name).addFilter(_QuietOwnErrors())
+
+
+def reject_torch(value: Any, *, where: str, name: str) -> None:
+    """Raise `TypeError` if `value` (or a leaf of it) is a `torch.Tensor`.
+
+    Model and layer `apply` functions are traced JAX code: they take JAX or
+    NumPy arrays. (The steps convert a batch of tensors themselves.)
+    """
+    from functorch_lite._torch_data import is_torch_tensor  # noqa: PLC0415
+
+    leaves = jax.tree.leaves(value, is_leaf=is_torch_tensor)
+    for leaf in leaves:
+        if is_torch_tensor(leaf):
+            raise TypeError(
+                f"{where}: `{name}` holds a torch.Tensor ({leaf.dtype}, shape "
+                f"{tuple(leaf.shape)}); JAX functions take JAX or NumPy arrays. "
+                f"Convert it: `jnp.asarray({name}.numpy())`, or without a copy "
+                f"`jax.dlpack.from_dlpack({name})`; parameters from a torch "
+                "module: `fl.interop.from_torch(module)`. (A step from "
+                "`fl.train.make_step` converts a batch of tensors itself.)"
+            )

@@ -35,7 +35,7 @@ import numpy as np
 from jax import lax
 from jax.core import Tracer
 
-from functorch_lite._checks import check_int, check_traced_range
+from functorch_lite._checks import check_int, check_traced_range, reject_torch
 from functorch_lite._loop import _while_any_mode, bounded_scan
 from functorch_lite._ops import dense
 
@@ -300,6 +300,7 @@ def _check_float_leaves(params: Mapping, *, where: str) -> None:
 
 
 def _check_xs(xs: Any, d_in: int, *, where: str) -> tuple[int, int]:
+    reject_torch(xs, where=where, name="xs")
     if not hasattr(xs, "shape") or not hasattr(xs, "dtype"):
         raise TypeError(
             f"{where}: `xs` must be a float array of shape (N, T, {d_in}); got "
@@ -318,6 +319,16 @@ def _check_xs(xs: Any, d_in: int, *, where: str) -> tuple[int, int]:
 
 
 def _check_lengths(lengths: Any, n: int, t: int, *, where: str) -> jax.Array:
+    reject_torch(lengths, where=where, name="lengths")
+    if isinstance(lengths, list | tuple) and all(
+        isinstance(v, int | np.integer) and not isinstance(v, bool) for v in lengths
+    ):
+        lengths = np.asarray(lengths, np.int32)
+    if not hasattr(lengths, "shape") or not hasattr(lengths, "dtype"):
+        raise TypeError(
+            f"{where}: `lengths` must be an integer array of shape ({n},), one "
+            f"length per sequence; got {type(lengths).__name__} {lengths!r:.60}."
+        )
     shape = jnp.shape(lengths)
     dtype = jnp.result_type(lengths)
     if not jnp.issubdtype(dtype, jnp.integer):

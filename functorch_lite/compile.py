@@ -39,6 +39,7 @@ import dataclasses
 import functools
 import inspect
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -49,7 +50,7 @@ import jax.extend.core.primitives
 from jax import monitoring
 from jax.core import Tracer
 
-from functorch_lite import _checks
+from functorch_lite import _checks, _torch_data
 from functorch_lite._checks import check_int
 
 __all__ = [
@@ -347,6 +348,12 @@ class Compiled:
         self._donated = tuple(
             i for i, n in enumerate(params) if n in set(donate_argnames)
         )
+        self._donated_set = frozenset(
+            i
+            for i, n in enumerate(params)
+            if n in set(donate_argnames) or n in ("params", "opt_state")
+        )
+        self._names = tuple(params)
 
         @functools.wraps(fun)
         def traced(*args: Any, **kwargs: Any) -> Any:
@@ -452,6 +459,10 @@ class Compiled:
         """
         if kwargs:
             args, kwargs = self._canonical(args, kwargs)
+        # Batches from PyTorch (a DataLoader's tensors) become JAX arrays.
+        args, kwargs = _torch_data.convert_args(
+            args, kwargs, self._names, self._donated_set, self.name
+        )
         stats = self.stats
         if _has_tracer(args, kwargs):
             stats.transformed_calls += 1
@@ -495,6 +506,27 @@ class Compiled:
     def _run(self, args: tuple, kwargs: dict, jitted: Callable) -> Any:
         try:
             return jitted(*args, **kwargs)
+        except TypeError as err:
+            try:
+                self._signature.bind(*args, **kwargs)
+            except TypeError as bind_err:
+                raise TypeError(
+                    f"{self.name}: {bind_err}; it is called as "
+                    f"{self.name}{self._signature}."
+                ) from None
+            text = str(err)
+            found = re.search(
+                r"of type <class '([^']+)'>.*? at path (\S+?)\.(?:\s|$)", text, re.S
+            )
+            if "as an abstract array" not in text or found is None:
+                raise
+            kind, path = found.groups()
+            raise TypeError(
+                f"{self.name}: argument `{path}` must be an array or a number (a "
+                f"JAX, NumPy or torch array, or a Python scalar); got {kind}. If "
+                "it is a Python option rather than data, name it in "
+                "`static_argnames`."
+            ) from None
         except (ValueError, RuntimeError) as err:
             # Found only after jax.jit refused, so the hot path pays nothing.
             text = str(err)

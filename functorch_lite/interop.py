@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["from_torch", "to_torch"]
+__all__ = ["from_torch", "from_torch_module", "to_torch"]
 
 Params = Any
 
@@ -78,6 +78,7 @@ _LAYOUTS: tuple[tuple[str, str | None], ...] = (
     ("Linear", "weight"),
     ("Embedding", None),  # `(num_embeddings, dim)` both ways
     ("EmbeddingBag", None),
+    ("LayerNorm", None),  # an elementwise `weight` of `normalized_shape`
     ("LSTM", _RNN_WEIGHTS),
     ("GRU", _RNN_WEIGHTS),
     ("RNN", _RNN_WEIGHTS),
@@ -461,6 +462,47 @@ def from_torch(state_dict_or_module: Any, *, like: Any = None) -> Params:
         # Copy: on CPU, JAX may alias a NumPy buffer, which torch could mutate.
         flat[name] = jnp.asarray(np.array(array, copy=True, order="C"))
     return _unflatten(flat, where=where)
+
+
+def from_torch_module(module: Any) -> tuple[Params, Any]:
+    """Convert a PyTorch module to `(params, apply)`: its weights and its forward.
+
+    `params` is what `from_torch(module)` gives. `apply(params, *inputs,
+    key=None)` is a pure JAX function that computes what `module(*inputs)`
+    computes in eval mode (dropout off), and runs under `jax.grad`,
+    `jax.vmap` and `jax.jit`; pass a PRNG `key` to run dropout as in train
+    mode. Converted: `nn.Sequential` (nested too) of `Linear`, `Embedding`,
+    `LSTM`, `RNN` (they return `(output, state)` as torch does), `ReLU`,
+    `Tanh`, `Sigmoid`, `GELU`, `SiLU`, `Softmax`, `LogSoftmax`,
+    `LayerNorm`, `Dropout`, `Flatten`, `Identity`, `Conv1d` and `Conv2d`. A
+    module with its own `forward`, or another layer, raises `TypeError`
+    naming its path and type; write its apply with `fl.nn` pieces over
+    `from_torch(module)`'s params then.
+
+    Args:
+      module: a `torch.nn.Module` built from the layers above.
+
+    Returns:
+      `(params, apply)`.
+
+    >>> import torch, jax.numpy as jnp
+    >>> import functorch_lite as fl
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
+    ...                           torch.nn.Linear(4, 2))
+    >>> params, apply = fl.interop.from_torch_module(net)
+    >>> apply(params, jnp.ones((5, 3))).shape
+    (5, 2)
+    """
+    torch = _import_torch("from_torch_module")
+    from functorch_lite import _torch_module  # noqa: PLC0415
+
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(
+            "from_torch_module: `module` must be a torch.nn.Module; got "
+            f"{type(module).__name__}. For a state_dict, use `from_torch`."
+        )
+    fn = _torch_module.build(torch, module, "module")
+    return from_torch(module), _torch_module.wrap(fn)
 
 
 def to_torch(params: Params, *, like: Any = None) -> collections.OrderedDict:

@@ -17,7 +17,7 @@ import numpy as np
 from jax.core import Tracer
 
 from functorch_lite import nn
-from functorch_lite._checks import check_int
+from functorch_lite._checks import check_int, reject_torch
 from functorch_lite._recurrent import _float_dtype
 from functorch_lite._trees import leaf_pairs, structure_diff
 from functorch_lite.control import (
@@ -55,6 +55,7 @@ def check_x(x: Any, d_in: int, *, where: str, leading_axes: bool = False) -> Non
     ValueError: MyNet.apply: `x` must have shape (N, 3) or (3,); got (2, 4).
     >>> fl.models.check_x(jnp.ones((2, 5, 3)), 3, where="MyNet", leading_axes=True)
     """
+    reject_torch(x, where=where, name="x")
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(
             f"{where}: `x` must be a float array of shape (N, {d_in}); got "
@@ -102,6 +103,7 @@ def check_params(params: Any, expected: Any, *, where: str) -> None:
     TypeError: MyNet: `params` has the wrong tree structure.
     ...
     """
+    reject_torch(params, where=where, name="params")
     if (diff := structure_diff(params, expected)) is not None:
         raise TypeError(
             f"{where}: `params` has the wrong tree structure.\n{diff}\n"

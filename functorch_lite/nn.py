@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
 
-from functorch_lite._checks import check_int
+from functorch_lite._checks import check_int, reject_torch
 
 # Imported here too (the layers themselves are re-exported at the bottom): the
 # dtype argument check shared by every layer. `_recurrent` does not import `nn`.
@@ -132,6 +132,8 @@ def _check_linear_apply(
 ) -> None:
     """Shapes and dtypes only: free under jit, where they are static."""
     where = f"linear({d_in}, {d_out}).apply"
+    reject_torch(x, where=where, name="x")
+    reject_torch(params, where=where, name="params")
     want = {"weight": (d_in, d_out)} | ({"bias": (d_out,)} if bias else {})
     if not isinstance(params, Mapping) or set(params) != set(want):
         got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
@@ -217,6 +219,7 @@ def mse_loss(
             f'mse_loss: `reduction` must be "sum" or "mean"; got {reduction!r}.'
         )
     for name, value in (("pred", pred), ("target", target)):
+        reject_torch(value, where="mse_loss", name=name)
         if not hasattr(value, "shape") or not hasattr(value, "dtype"):
             raise TypeError(
                 f"mse_loss: `{name}` must be an array; got {type(value).__name__}."
@@ -273,6 +276,7 @@ def mse_loss(
 
 
 def _check_array(value: Any, *, where: str, name: str) -> None:
+    reject_torch(value, where=where, name=name)
     if not hasattr(value, "shape") or not hasattr(value, "dtype"):
         raise TypeError(
             f"{where}: `{name}` must be an array; got {type(value).__name__}."
@@ -372,6 +376,8 @@ def embedding(
 
     def apply(params: Params, ids: jax.Array) -> jax.Array:
         where = f"embedding({num_embeddings}, {embedding_dim}).apply"
+        reject_torch(ids, where=where, name="ids")
+        reject_torch(params, where=where, name="params")
         _check_embedding_params(params, where, (num_embeddings, embedding_dim))
         _check_int_dtype(ids, where=where, name="ids", what="token indices")
         _check_concrete_range(

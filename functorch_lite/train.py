@@ -21,6 +21,7 @@ from functorch_lite._trees import leaf_pairs, structure_diff
 from functorch_lite.compile import Compiled, argnames, jit
 
 __all__ = [
+    "FitResult",
     "bucket_size",
     "fit",
     "make_fused_step",
@@ -530,6 +531,18 @@ def _nonfinite_inputs(batch: Any) -> list[str]:
     return bad
 
 
+def _check_fit_step(step: Any, params: Any) -> None:
+    """`fit(loss_fn, optimizer, ...)` is a common first try: say how to fix it."""
+    if isinstance(params, optax.GradientTransformation):
+        raise TypeError(
+            "fit: the first argument must be a step, and the second the params; "
+            f"got {getattr(step, '__name__', type(step).__name__)!r} and an optax "
+            "optimizer. Build the step from the loss and the optimizer first: "
+            "`step = fl.train.make_step(loss_fn, optimizer)`, then "
+            "`fit(step, params, optimizer.init(params), batches)`."
+        )
+
+
 def _check_fit_options(
     on_nonfinite: str,
     checkpoint_every: int | None,
@@ -623,7 +636,7 @@ def fit(
     checkpoint_dir: str | os.PathLike | None = None,
     keep: int | None = 3,
     resume: bool = False,
-) -> tuple[Any, Any, np.ndarray]:
+) -> FitResult:
     """Run `step` over `batches` and return the final state and the loss history.
 
     Guarded training: with `on_nonfinite="raise"` (the default), the first
@@ -657,6 +670,13 @@ def fit(
     skips that many items of `batches`, so that a resumed run, fed the same
     batches, ends with bitwise the same params as an uninterrupted one.
 
+    Several processes (`fl.parallel.initialize`, a `data_parallel` step):
+    one process writes each folder's checkpoints (the lowest-numbered of the
+    processes that share it; each process its own folder when none is
+    shared), and `resume=True` starts every process from the newest step
+    that all of them can read, agreed before the first step (none anywhere:
+    all start fresh; some but none in common: all raise `CheckpointError`).
+
     Args:
       step: a step from `make_step`.
       params: the initial params (donated to the first step).
@@ -677,8 +697,12 @@ def fit(
       resume: continue from the newest good checkpoint in `checkpoint_dir`.
 
     Returns:
-      `(params, opt_state, losses)`, `losses` a float NumPy array with one
-      entry per step run in this call.
+      A `FitResult`: `(params, opt_state, losses)`, `losses` a float NumPy
+      array with one entry per step run in this call, and `.resumed_from`
+      (the checkpoint's step and file, or None) and `.skipped` (the batches
+      that checkpoint had consumed). With `progress`, `fit` also says on
+      stderr where it resumed from, or that `resume=True` found no checkpoint
+      and starts afresh.
 
     Raises:
       FloatingPointError: a non-finite loss, or a non-finite input with
@@ -702,6 +726,7 @@ def fit(
     >>> losses.shape, bool(losses[-1] < losses[0])
     ((5,), True)
     """
+    _check_fit_step(step, params)
     check_bool(progress, where="fit", name="progress")
     check_bool(check_inputs, where="fit", name="check_inputs")
     _check_fit_options(
@@ -715,12 +740,33 @@ def fit(
             f"{type(batches).__name__}."
         ) from err
     done = 0
+    seen = 0  # items of `batches` read so far
+    resumed_from: tuple[int, str] | None = None
+    writer = True  # whether this process writes the checkpoints
+    if checkpoint_dir is not None and jax.process_count() > 1:
+        writer = _is_writer(os.fspath(checkpoint_dir))
     if resume:
         like = {"params": params, "opt_state": opt_state, "step": 0}
-        found = checkpoint.load_latest(checkpoint_dir, like=like)  # type: ignore[arg-type]
+        if jax.process_count() > 1:
+            found = _agreed_checkpoint(os.fspath(checkpoint_dir), like)  # type: ignore[arg-type]
+        else:
+            found = checkpoint.load_latest(checkpoint_dir, like=like)  # type: ignore[arg-type]
         if found is not None:
             done, tree = found
             params, opt_state = tree["params"], tree["opt_state"]
+            _note_checkpoint(checkpoint_dir, done)
+            resumed_from = (done, _checkpoint_file(checkpoint_dir, done))
+            _say(
+                progress,
+                f"fit: resumed from step {done} ({resumed_from[1]}); skipping the "
+                f"first {done} batches",
+            )
+        else:
+            _say(
+                progress,
+                f"fit: resume=True found no checkpoint in "
+                f"{os.fspath(checkpoint_dir)!r}; starting from the given params",  # type: ignore[arg-type]
+            )
 
     losses: list[Any] = []  # the unread window: one device scalar per step
     history: list[np.ndarray] = []  # the losses read back so far
@@ -742,12 +788,17 @@ def fit(
         if pending is not None:
             running, pending = pending, None
             running.wait()
+            _note_checkpoint(checkpoint_dir, running.step)  # type: ignore[attr-defined]
 
     def save(at: int, state: tuple) -> None:
         nonlocal pending
         wait_for_save()
+        if not writer:  # another process writes this folder's checkpoints
+            _note_checkpoint(checkpoint_dir, at)
+            return
         tree = {"params": state[0], "opt_state": state[1], "step": at}
         pending = checkpoint.save_numbered_async(checkpoint_dir, at, tree, keep=keep)  # type: ignore[arg-type]
+        pending.step = at  # type: ignore[attr-defined]
 
     def read_back() -> float:
         """Read the unread losses; stop at the first non-finite one ("raise")."""
@@ -815,6 +866,7 @@ def fit(
     read_at = next_read_after(done)
     try:
         for i, batch in enumerate(batches):
+            seen = i + 1
             if i < done:
                 continue  # consumed before the checkpoint we resumed from
             if check_inputs and (bad := _nonfinite_inputs(batch)):
@@ -850,7 +902,17 @@ def fit(
                     _progress(sys.stderr, completed, total, last, rate)
         read_back()
         wait_for_save()
+        if done and seen <= done:
+            _say(
+                progress,
+                f"fit: the checkpoint resumed from (step {done}) had consumed all "
+                f"{seen} batches given; nothing was run",
+            )
     except BaseException as err:
+        if jax.process_count() > 1:  # a collective may fail for a lost peer
+            from functorch_lite import parallel  # noqa: PLC0415
+
+            parallel.wait_for_lost_peer(err)
         # The caller's params were donated to the first step: whatever stopped
         # the run, hand back the state after the last completed step, and
         # finish the checkpoint being written.
@@ -865,7 +927,167 @@ def fit(
         raise
     if progress and ran and sys.stderr.isatty():
         sys.stderr.write("\n")
-    return params, opt_state, np.concatenate([np.zeros(0), *history])
+    return FitResult(
+        params,
+        opt_state,
+        np.concatenate([np.zeros(0), *history]),
+        resumed_from=resumed_from,
+        skipped=min(done, seen),
+    )
+
+
+class FitResult(tuple):
+    """What `fit` returns: `(params, opt_state, losses)`, and what it did.
+
+    It unpacks as the 3-tuple (`params, opt_state, losses = fit(...)`), and
+    also says where a resumed run started:
+
+    - `resumed_from`: `(step, path)` of the checkpoint restored with
+      `resume=True`, or None (no `resume`, or no checkpoint found: a fresh
+      start);
+    - `skipped`: how many items of `batches` were skipped because that
+      checkpoint had consumed them.
+    """
+
+    resumed_from: tuple[int, str] | None
+    skipped: int
+
+    def __new__(
+        cls,
+        params: Any,
+        opt_state: Any,
+        losses: np.ndarray,
+        *,
+        resumed_from: tuple[int, str] | None = None,
+        skipped: int = 0,
+    ) -> FitResult:
+        """Build the result; `fit` makes it."""
+        self = super().__new__(cls, (params, opt_state, losses))
+        self.resumed_from = resumed_from
+        self.skipped = skipped
+        return self
+
+    @property
+    def params(self) -> Any:
+        """The final params."""
+        return self[0]
+
+    @property
+    def opt_state(self) -> Any:
+        """The final optimizer state."""
+        return self[1]
+
+    @property
+    def losses(self) -> np.ndarray:
+        """One loss per step run in this call (float64)."""
+        return self[2]
+
+    def __repr__(self) -> str:
+        return (
+            f"FitResult(steps run={self[2].shape[0]}, resumed_from="
+            f"{self.resumed_from!r}, skipped={self.skipped})"
+        )
+
+
+# --- Runs that span processes ------------------------------------------------
+#
+# Checkpoints of replicated state (params and optimizer state under
+# `data_parallel`) have one writer per folder: the processes that see the
+# same folder (a shared file system) let the lowest-numbered of them write,
+# and a process that sees no other's files (a folder per host) writes its
+# own. Every file is still written atomically and validated on load. A
+# resumed run starts from the newest step that every process can read, agreed
+# before the first step; with none, all start fresh if no process has a
+# checkpoint, and all stop with one error otherwise.
+
+_MAX_STEPS_AGREED = 64  # the newest readable checkpoints each process reports
+
+
+def _say(enabled: bool, message: str) -> None:
+    """One line on stderr, as the progress display writes."""
+    if enabled:
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+
+
+def _checkpoint_file(directory: Any, step: int) -> str:
+    for found, path in checkpoint._numbered("fit", os.fspath(directory)):
+        if found == step:
+            return path
+    return os.path.join(os.fspath(directory), f"ckpt_{step:08d}.safetensors")
+
+
+def _note_checkpoint(directory: Any, step: int) -> None:
+    from functorch_lite import parallel  # noqa: PLC0415 - imported late: a cycle
+
+    parallel.note_checkpoint(os.fspath(directory), int(step))
+
+
+def _allgather_ints(values: list[int], size: int) -> np.ndarray:
+    """Every process's `values` (at most `size`, padded with -1): (P, size)."""
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    row = np.full(size, -1, np.int32)
+    row[: len(values)] = values[:size]
+    return np.asarray(multihost_utils.process_allgather(row)).reshape(-1, size)
+
+
+def _is_writer(directory: str) -> bool:
+    """Whether this process writes `directory`'s checkpoints (see above)."""
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    me = jax.process_index()
+    token = int(multihost_utils.broadcast_one_to_all(np.int32(os.getpid() % 2**31)))
+    os.makedirs(directory, exist_ok=True)
+    marker = os.path.join(directory, f".fl_probe_{token}_{me}")
+    with open(marker, "w"):
+        pass
+    multihost_utils.sync_global_devices("functorch_lite fit: probe written")
+    prefix = f".fl_probe_{token}_"
+    names = os.listdir(directory)
+    seen = [int(n[len(prefix) :]) for n in names if n.startswith(prefix)]
+    multihost_utils.sync_global_devices("functorch_lite fit: probe read")
+    os.remove(marker)
+    return min(seen, default=me) == me
+
+
+def _agreed_checkpoint(directory: str, like: Any) -> tuple[int, Any] | None:
+    """The newest checkpoint every process can read, loaded (see above)."""
+    readable: dict[int, str] = {}  # step -> path, each one loaded once
+    newest: tuple[int, Any] | None = None
+    for step, path in checkpoint._numbered("fit", directory):
+        if len(readable) == _MAX_STEPS_AGREED:
+            break
+        try:
+            tree = checkpoint.load(path, like)
+        except checkpoint.CheckpointError as err:
+            checkpoint._log.warning("fit: skipping unreadable checkpoint: %s", err)
+            continue
+        except FileNotFoundError:
+            continue
+        readable[step] = path
+        if newest is None:
+            newest = (step, tree)
+    table = _allgather_ints(sorted(readable, reverse=True), _MAX_STEPS_AGREED)
+    per_process = [{int(v) for v in row if v >= 0} for row in table]
+    common = set.intersection(*per_process)
+    if not common:
+        if any(per_process):
+            have = "; ".join(
+                f"process {i}: {sorted(steps) or 'none'}"
+                for i, steps in enumerate(per_process)
+            )
+            raise checkpoint.CheckpointError(
+                "fit: resume=True, but no checkpoint step is readable by every "
+                f"process, so the processes cannot agree where to start ({have}; "
+                f"this process reads {directory!r}). Copy a checkpoint to every "
+                "process's folder, or start afresh with resume=False."
+            )
+        return None
+    step = max(common)
+    if newest is not None and newest[0] == step:
+        return newest
+    return step, checkpoint.load(readable[step], like)
 
 
 @jax.jit

@@ -846,6 +846,16 @@ def functional_call(model: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
     >>> fl.transforms.functional_call(net, params, jnp.ones((5, 3)), 1).shape
     (5, 2)
     """
+    if any(
+        c.__module__.startswith("torch.nn") and c.__name__ == "Module"
+        for c in type(model).__mro__
+    ):
+        raise TypeError(
+            f"functional_call: `model` is a torch module ({type(model).__name__}), "
+            "which runs in PyTorch, not JAX. Convert it first: `params, apply = "
+            "fl.interop.from_torch_module(module)`, then `apply(params, *inputs)` "
+            "(or `functional_call(apply, params, *inputs)`)."
+        )
     apply = getattr(model, "apply", None)
     if callable(apply):
         return apply(params, *args, **kwargs)

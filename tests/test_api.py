@@ -29,6 +29,7 @@ def test_all_is_pinned_and_sorted():
 
 def test_submodule_all():
     assert fl.train.__all__ == [
+        "FitResult",
         "bucket_size",
         "fit",
         "make_fused_step",

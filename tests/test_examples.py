@@ -131,3 +131,12 @@ def test_char_lstm_example_runs(mode, capsys):
     assert out["epoch_losses"][-1] < out["epoch_losses"][0]
     assert len(out["samples"]) == 1
     assert out["lengths"].min() >= 8 and out["lengths"].max() <= 20
+
+
+def test_torch_dataloader_example_matches_pytorch(capsys):
+    pytest.importorskip("torch")
+    out = load("torch_dataloader").main(["--epochs", "5", "--check"])
+    assert out["losses"].shape == (40,)
+    assert out["losses"][-1] < 0.5 * out["losses"][0]
+    np.testing.assert_allclose(out["losses"], out["torch_losses"], rtol=1e-4, atol=1e-6)
+    assert "PyTorch itself" in capsys.readouterr().out
