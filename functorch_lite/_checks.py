@@ -152,7 +152,8 @@ class _Inputs:
         self.index: dict[int, tuple[Any, int, int, bool]] = {}
         for position, arg in enumerate(args):
             for leaf, value in enumerate(jax.tree.leaves(arg)):
-                self.index[id(value)] = (weakref.ref(value), position, leaf, False)
+                if isinstance(value, Tracer):  # static arguments are not
+                    self.index[id(value)] = (weakref.ref(value), position, leaf, False)
         self.host: list[HostCheck] = []
 
     def find(self, value: Any) -> tuple[int, int, bool] | None:
@@ -359,3 +360,19 @@ def reject_torch(value: Any, *, where: str, name: str) -> None:
                 "module: `fl.interop.from_torch(module)`. (A step from "
                 "`fl.train.make_step` converts a batch of tensors itself.)"
             )
+
+
+def check_in_graph(check: HostCheck, args: tuple) -> None:
+    """Emit `check` in the program being traced, on its argument's tracer."""
+    if check.position >= len(args):
+        return
+    leaves = jax.tree.leaves(args[check.position])
+    if check.leaf < len(leaves) and isinstance(leaves[check.leaf], Tracer):
+        check_traced_range(
+            leaves[check.leaf],
+            check.low,
+            check.high,
+            where=check.where,
+            name=check.name,
+            fix=check.fix,
+        )

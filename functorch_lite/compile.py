@@ -374,12 +374,7 @@ class Compiled:
                 if inputs.host and pending is not None:
                     self._run_host_checks(pending)
 
-        @functools.wraps(fun)
-        def inlined(*args: Any, **kwargs: Any) -> Any:
-            self._on_trace(args, kwargs)
-            return fun(*args, **kwargs)
-
-        traced.__name__ = inlined.__name__ = self.name
+        traced.__name__ = self.name
         self._jitted = jax.jit(
             traced,
             static_argnames=tuple(static_argnames),
@@ -388,9 +383,11 @@ class Compiled:
         # Under an outer transformation nothing is donated: `jax.grad` and
         # `jax.vmap` run parts eagerly, and would delete concrete arguments
         # that the rest of the transformation (or the caller) still uses.
-        # Its own trace cache, with every check in the program: the outer
-        # program's arguments are not checked on the host.
-        self._inlined = jax.jit(inlined, static_argnames=tuple(static_argnames))
+        self._inlined = (
+            jax.jit(traced, static_argnames=tuple(static_argnames))
+            if donate_argnames
+            else self._jitted
+        )
         functools.update_wrapper(self, fun)
 
     def _on_trace(self, args: tuple, kwargs: dict) -> None:
@@ -468,7 +465,12 @@ class Compiled:
             stats.transformed_calls += 1
             stats.compiles = None
             stats.compile_seconds = None
-            return self._run(args, kwargs, self._inlined)
+            out = self._run(args, kwargs, self._inlined)
+            # The host checks cannot run on an outer program's values: they
+            # go into that program instead.
+            for check in self._host_checks:
+                _checks.check_in_graph(check, args)
+            return out
         stats.calls += 1
         if self._donated:
             self._check_donated(args)
@@ -511,7 +513,7 @@ class Compiled:
                 self._signature.bind(*args, **kwargs)
             except TypeError as bind_err:
                 raise TypeError(
-                    f"{self.name}: {bind_err}; it is called as "
+                    f"jit({self.name}): {bind_err}; it is called as "
                     f"{self.name}{self._signature}."
                 ) from None
             text = str(err)
@@ -522,7 +524,7 @@ class Compiled:
                 raise
             kind, path = found.groups()
             raise TypeError(
-                f"{self.name}: argument `{path}` must be an array or a number (a "
+                f"jit({self.name}): argument `{path}` must be an array or a number (a "
                 f"JAX, NumPy or torch array, or a Python scalar); got {kind}. If "
                 "it is a Python option rather than data, name it in "
                 "`static_argnames`."

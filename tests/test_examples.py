@@ -135,8 +135,9 @@ def test_char_lstm_example_runs(mode, capsys):
 
 def test_torch_dataloader_example_matches_pytorch(capsys):
     pytest.importorskip("torch")
-    out = load("torch_dataloader").main(["--epochs", "5", "--check"])
-    assert out["losses"].shape == (40,)
-    assert out["losses"][-1] < 0.5 * out["losses"][0]
+    out = load("torch_dataloader").main(["--epochs", "20", "--check"])
+    assert out["losses"].shape == (160,)
+    epochs = out["losses"].reshape(20, 8).mean(axis=1)
+    assert epochs[-1] < 0.6 * epochs[0], epochs
     np.testing.assert_allclose(out["losses"], out["torch_losses"], rtol=1e-4, atol=1e-6)
     assert "PyTorch itself" in capsys.readouterr().out

@@ -300,3 +300,19 @@ def test_uint_depths_past_int32_are_out_of_range() -> None:
     run = jax.jit(lambda d: _net(jnp.float32(1.0), d))
     with pytest.raises(jax.errors.JaxRuntimeError, match="got 4294967295"):
         run(np.uint32(2**32 - 1))
+
+
+def test_a_step_inside_the_users_jit_keeps_its_checks() -> None:
+    def loss_fn(w: jax.Array, n: Any) -> jax.Array:
+        return jnp.sum(_repeat(w, n))
+
+    step = fl.train.make_step(loss_fn, OPT, donate=False)
+    w = jnp.float32(1.0)
+    step(w, OPT.init(w), 2)  # traced on its own first: a host check
+    outer = jax.jit(lambda w, s, n: step(w, s, n)[2])
+    np.testing.assert_allclose(outer(w, OPT.init(w), 2), 2.0)
+    with pytest.raises(jax.errors.JaxRuntimeError, match=re.escape("got 9")):
+        outer(w, OPT.init(w), 9)
+    # And inside an fl.jit, the outer function's own host check catches it.
+    with pytest.raises(fl.TracedValueError, match="got 8"):
+        fl.jit(lambda w, s, n: step(w, s, n)[2])(w, OPT.init(w), 8)
