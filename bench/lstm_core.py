@@ -18,10 +18,21 @@ Every variant compiles first, then `--repeats` rounds each time `--block`
 steps per variant, interleaved (rotating the order), and reports the median
 ms/step, the spread (min-max over rounds) and the ratio to `core`. Also the
 real (not padded) share of the positions and the matmul GFLOP/s that `core`
-reaches. Prints a table and writes `<out>/lstm_core.json`.
+reaches. Then the PyTorch peers (`--peers`), each alone in a fresh process on
+the same batches and weights (bench/peers/torch_peer.py): `torch-padded`, the
+padded batch straight into `nn.LSTM` (oneDNN's fused kernel, exact for the
+masked loss), and `torch-packed` (`pack_padded_sequence`). Prints a table and
+writes `<out>/lstm_core[-geometric].json`.
 
-    python bench/lstm_core.py [--batch 32] [--max-len 80] [--hidden 128]
-                              [--repeats 7] [--block 20] [--out bench/results]
+`--lengths geometric` replaces the lines of real text by random lines of 97
+symbols (98 with padding) whose lengths are geometric with mean 38, clipped
+to [1, 80]: the performance issue's synthetic workload, where about 43% of
+the padded positions are real.
+
+    python bench/lstm_core.py [--lengths text|geometric] [--batch 32]
+                              [--max-len 80] [--hidden 128] [--repeats 7]
+                              [--block 20] [--peers torch-padded,torch-packed]
+                              [--out bench/results]
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -70,6 +82,20 @@ def _matmul_flops(lengths: np.ndarray, width: int, e: int, h: int, v: int) -> fl
     return float(proj + head + recurrent)
 
 
+def _geometric_lines(max_len: int, mean: float = 38.0) -> list[str]:
+    """Random lines of 97 symbols, lengths geometric with `mean`, in [1, max_len]."""
+    rng = np.random.default_rng(38)
+    symbols = [chr(c) for c in range(33, 33 + 97)]
+    lengths = np.clip(rng.geometric(1.0 / mean, size=8192), 1, max_len)
+    pool = rng.choice(symbols, size=int(lengths.sum()))
+    lines, at = [], 0
+    for n in lengths:
+        lines.append("".join(pool[at : at + n]))
+        at += n
+    lines.append("".join(symbols))  # every symbol appears: a vocabulary of 97
+    return lines
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="lstm_core.py", description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=32)
@@ -79,6 +105,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--block", type=int, default=20)
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--lengths", choices=("text", "geometric"), default="text")
+    p.add_argument("--peers", default="torch-padded,torch-packed")
     p.add_argument("--out", default=str(BENCH / "results"))
     args = p.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
@@ -92,7 +120,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         d_hidden=args.hidden,
         steps_data=args.steps_data,
     )
-    config, arrays = sequence.build(cfg)
+    cfg["block"], cfg["repeats"] = args.block, args.repeats
+    config, arrays = sequence.build(
+        cfg, None if args.lengths == "text" else _geometric_lines(args.max_len)
+    )
     model, master = sequence._params(config, arrays)
     opt = optax.sgd(config["lr"], momentum=config["momentum"])
     full = [
@@ -189,6 +220,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "block": args.block,
             "repeats": args.repeats,
         },
+        "lengths": args.lengths,
+        "peers": {},
         "real_share_of_positions": real,
         "matmul_flops_per_step": flops,
         "variants": rows,
@@ -207,7 +240,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "lstm_core.json").write_text(json.dumps(result, indent=1))
+    peers = [q for q in args.peers.split(",") if q]
+    if peers:
+        with tempfile.TemporaryDirectory() as tmp:
+            ran = sequence._peer_runs(config, arrays, peers, Path(tmp))
+        base = rows.get("core", {}).get("ms_median")
+        for name, res in ran.items():
+            if res.get("status", "ok") != "ok":
+                result["peers"][name] = {"status": res["status"]}
+                print(f"  {name:<13} {res['status']}")
+                continue
+            st = res["steady"]
+            row = {
+                "ms_median": st["median"] * 1e3,
+                "ms_min": st["min"] * 1e3,
+                "ms_max": st["max"] * 1e3,
+                "first_loss": res["losses"][0],
+                "process": "own",
+            }
+            if base:
+                row["core_speed_ratio"] = row["ms_median"] / base
+            result["peers"][name] = row
+            print(
+                f"  {name:<13} {row['ms_median']:7.2f} ms/step "
+                f"[{row['ms_min']:.2f}-{row['ms_max']:.2f}]  own process; core is "
+                f"{row.get('core_speed_ratio', float('nan')):.2f}x faster  "
+                f"first loss {row['first_loss']:.6f}"
+            )
+    suffix = "" if args.lengths == "text" else "-geometric"
+    (out / f"lstm_core{suffix}.json").write_text(json.dumps(result, indent=1))
     return result
 
 

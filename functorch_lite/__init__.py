@@ -11,7 +11,7 @@ from functorch_lite import (
     train,
     transforms,
 )
-from functorch_lite._checks import TracedLoopError, TracedValueError
+from functorch_lite._checks import TracedValueError
 from functorch_lite.compile import (
     CompileStats,
     compile_counter,
@@ -24,7 +24,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CompileStats",
-    "TracedLoopError",
     "TracedValueError",
     "checkpoint",
     "compile_counter",

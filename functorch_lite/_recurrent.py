@@ -349,7 +349,7 @@ def _check_lengths(lengths: Any, n: int, t: int, *, where: str) -> jax.Array:
                 f"{where}: every length must be in [1, {t}] (T, the padded "
                 f"length of `xs`); got {int(values[row])} at row {row}."
             )
-    check_traced_range(
+    lengths = check_traced_range(
         lengths,
         1,
         t,

@@ -342,11 +342,15 @@ class Compiled:
         self._last: dict[str, Any] | None = None
         self._program = f"jit({self.name})"
 
-        self._host_checks: list[_checks.HostCheck] = []
+        # Host checks per trace signature (see `_checks.signature_key`).
+        self._host_checks: dict[tuple, list[_checks.HostCheck]] = {}
         self._pending = threading.local()  # the arguments of the call in flight
         self._pending.args = None
         self._donated = tuple(
             i for i, n in enumerate(params) if n in set(donate_argnames)
+        )
+        self._static = frozenset(
+            i for i, n in enumerate(params) if n in set(static_argnames)
         )
         self._donated_set = frozenset(
             i
@@ -365,14 +369,15 @@ class Compiled:
                 return fun(*args, **kwargs)
             finally:
                 _checks._INPUTS.reset(token)
-                for check in inputs.host:
-                    if check not in self._host_checks:
-                        self._host_checks.append(check)
+                if inputs.host:
+                    key = _checks.signature_key(args, self._donated_set, self._static)
+                    found = self._host_checks.setdefault(key, [])
+                    found.extend(c for c in inputs.host if c not in found)
                 # The call being traced runs next: check its arguments now.
                 pending = self._pending.args
                 self._pending.args = None
                 if inputs.host and pending is not None:
-                    self._run_host_checks(pending)
+                    _checks.run_host_checks(inputs.host, pending)
 
         traced.__name__ = self.name
         self._jitted = jax.jit(
@@ -467,15 +472,34 @@ class Compiled:
             stats.compile_seconds = None
             out = self._run(args, kwargs, self._inlined)
             # The host checks cannot run on an outer program's values: they
-            # go into that program instead.
-            for check in self._host_checks:
-                _checks.check_in_graph(check, args)
+            # go into that program instead, tied to the outputs so that they
+            # stay in it.
+            key = _checks.signature_key(args, self._donated_set, self._static)
+            zeros = [
+                z
+                for check in self._host_checks.get(key, ())
+                if (z := _checks.check_in_graph(check, args)) is not None
+            ]
+            if zeros:
+                zero = sum(zeros[1:], zeros[0])
+                out = jax.tree.map(
+                    lambda o: (
+                        o + zero.astype(o.dtype)
+                        if isinstance(o, jax.Array) and o.dtype != bool
+                        else o
+                    ),
+                    out,
+                )
             return out
         stats.calls += 1
         if self._donated:
             self._check_donated(args)
         if self._host_checks and _checks.checks_enabled():
-            self._run_host_checks(args)
+            checks = self._host_checks.get(
+                _checks.signature_key(args, self._donated_set, self._static)
+            )
+            if checks:
+                _checks.run_host_checks(checks, args)
         self._pending.args = args  # for the host checks a new trace finds
         if stats.compiles is None:
             return self._run(args, kwargs, self._jitted)
@@ -496,14 +520,6 @@ class Compiled:
                 found = donation_error(self.name, self.donate_argnames, bound)
                 if found is not None:
                     raise found
-
-    def _run_host_checks(self, args: tuple) -> None:
-        for check in self._host_checks:
-            if check.position >= len(args):
-                continue
-            leaves = jax.tree.leaves(args[check.position])
-            if check.leaf < len(leaves) and not isinstance(leaves[check.leaf], Tracer):
-                _checks.check_host(check, leaves[check.leaf])
 
     def _run(self, args: tuple, kwargs: dict, jitted: Callable) -> Any:
         try:

@@ -46,9 +46,7 @@ from jax.core import Tracer
 from functorch_lite._checks import (
     check_bool,
     check_int,
-    check_traced_loop,
     check_traced_range,
-    checks_enabled,
     mark_in_range,
 )
 from functorch_lite._loop import bounded_while
@@ -117,7 +115,9 @@ def check_static_count(n: Any, max_n: int, *, where: str, name: str) -> jax.Arra
             )
         if not isinstance(n, Tracer):
             check_concrete_count(n, max_n, where=where, name=name)
-        check_traced_range(n, 0, max_n, where=where, name=name, fix=_range_fix(name))
+        n = check_traced_range(
+            n, 0, max_n, where=where, name=name, fix=_range_fix(name)
+        )
         # Clamp in the count's own dtype, then narrow: a uint32 or int64 count
         # past the int32 range would otherwise wrap around.
         count = jnp.clip(n, 0, max_n).astype(jnp.int32)
@@ -181,7 +181,9 @@ def check_per_example_counts(
                 "takes a traced per-example count in one compiled program."
             )
         upper = max_n if max_n is not None else _INT32_MAX
-        check_traced_range(n, 0, upper, where=where, name=name, fix=_range_fix(name))
+        n = check_traced_range(
+            n, 0, upper, where=where, name=name, fix=_range_fix(name)
+        )
         counts = jnp.clip(n, 0, upper).astype(jnp.int32)
         mark_in_range(counts)
         return counts
@@ -435,12 +437,10 @@ def while_loop(
       `body_fun` closes over get their gradients summed over the steps. `jit`,
       `vmap` (each example stops at its own step) and forward-over-reverse
       (`jax.hessian`) compose; pure forward mode (`jax.jvp`) does not.
-      Reaching `max_steps` with `cond_fun` still true raises
-      `RuntimeError` when the program runs, as the dynamic mode does (a
-      traced check; `FUNCTORCH_LITE_CHECKS=0` turns it off, and the loop
-      then stops there). With `return_steps=True` the loop stops there
-      without an error, and the caller sees the cut: `steps == max_steps`
-      with `cond_fun(carry)` still true.
+      Reaching `max_steps` with `cond_fun` still true stops the loop there
+      (a data-dependent halt, not an error): pass `return_steps=True` to see
+      the steps run (`steps == max_steps` with `cond_fun(carry)` still true
+      means it was cut).
     * `mode="dynamic"`: a plain Python `while` on concrete values, run
       eagerly (define-by-run). Under `jit` the condition is traced, which this
       mode refuses with a clear error. Reaching `max_steps` with `cond_fun`
@@ -513,9 +513,6 @@ def while_loop(
         max_steps=bound,
         checkpoints=checkpoints,
     )
-    if checks_enabled() and not return_steps:
-        cut = (steps == bound) & jnp.asarray(cond_fun(carry))
-        check_traced_loop(lax.stop_gradient(cut), where=where, max_steps=bound)
     return (carry, steps) if return_steps else carry
 
 

@@ -79,6 +79,8 @@ _LAYOUTS: tuple[tuple[str, str | None], ...] = (
     ("Embedding", None),  # `(num_embeddings, dim)` both ways
     ("EmbeddingBag", None),
     ("LayerNorm", None),  # an elementwise `weight` of `normalized_shape`
+    ("Conv1d", None),  # `(out, in / groups, k)` both ways
+    ("Conv2d", None),
     ("LSTM", _RNN_WEIGHTS),
     ("GRU", _RNN_WEIGHTS),
     ("RNN", _RNN_WEIGHTS),

@@ -435,8 +435,9 @@ class DynamicNet:
         h = jax.nn.relu(layers["input_linear"].apply(params["input_linear"], x))
         given = depth
         if is_per_example(depth):
-            # `repeat` checks it against `h` (one row per example).
-            check_per_example_counts(
+            # `repeat` checks it against `h` (one row per example). The
+            # checked value is used: an in-graph check stays in the program.
+            depth = check_per_example_counts(
                 depth,
                 self.max_depth,
                 h,

@@ -23,6 +23,7 @@ import json
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 import jax
@@ -41,11 +42,13 @@ def _problem() -> dict:
     return shared.problem("static", ROWS, steps=STEPS)
 
 
-def _batches(prob: dict, me: int, count: int, kill_at: int | None) -> Any:
+def _batches(prob: dict, me: int, count: int, kill_at: int | None, out: str) -> Any:
     rows = ROWS // count
     mine = slice(me * rows, (me + 1) * rows)
     for i, depth in enumerate(prob["depths"]):
         if kill_at is not None and me == 1 and i + 1 == kill_at:
+            with open(os.path.join(out, "killed_at"), "w") as f:
+                f.write(repr(time.time()))
             os.kill(os.getpid(), signal.SIGKILL)
         yield prob["x"][mine], prob["y"][mine], depth
 
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
             step,
             params,
             opt_state,
-            _batches(prob, me, count, run.get("kill_at")),
+            _batches(prob, me, count, run.get("kill_at"), args.out),
             progress=False,
             checkpoint_every=EVERY,
             checkpoint_dir=run["dir"].format(i=me),

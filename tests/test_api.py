@@ -7,7 +7,6 @@ def test_all_is_pinned_and_sorted():
     assert fl.__all__ == sorted(fl.__all__)
     assert fl.__all__ == [
         "CompileStats",
-        "TracedLoopError",
         "TracedValueError",
         "checkpoint",
         "compile_counter",

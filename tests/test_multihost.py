@@ -46,13 +46,12 @@ def _free_port() -> int:
 
 
 def _launch(out: Path, plan: list[dict]) -> list[tuple[int, str, float]]:
-    """Run both processes to the end; (return code, output, seconds) of each."""
+    """Run both processes to the end; (return code, output, end time) of each."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(ROOT), env.get("PYTHONPATH")])
     )
     port = _free_port()
-    start = time.monotonic()
     procs = [
         subprocess.Popen(
             [
@@ -77,7 +76,7 @@ def _launch(out: Path, plan: list[dict]) -> list[tuple[int, str, float]]:
     try:
         for proc in procs:
             text = proc.communicate(timeout=LIMIT_S)[0]
-            results.append((proc.returncode, text, time.monotonic() - start))
+            results.append((proc.returncode, text, time.time()))
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -123,7 +122,7 @@ def test_kill_and_resume_shared_and_per_process_folders(reference, tmp_path) -> 
     ref_out, ref = reference
     shared = tmp_path / "shared"
     results = _launch(tmp_path, [{"name": "killed", "dir": str(shared), "kill_at": 8}])
-    (code0, text0, seconds0), (code1, _, _) = results
+    (code0, text0, end0), (code1, _, _) = results
     assert code1 == -signal.SIGKILL
     # The survivor stops by itself, soon, with one line and a clear status.
     assert code0 == fl.parallel.LOST_PEER_EXIT, text0[-4000:]
@@ -131,7 +130,9 @@ def test_kill_and_resume_shared_and_per_process_folders(reference, tmp_path) -> 
     assert len(line) == 1, text0[-4000:]
     assert "lost process 1 of 2" in line[0]
     assert f"resume from step 6, the newest checkpoint in {str(shared)!r}" in line[0]
-    assert seconds0 < 60, seconds0
+    # Within a generous bound: 3x the heartbeat timeout after process 1 died.
+    seconds0 = end0 - float((tmp_path / "killed_at").read_text())
+    assert seconds0 < 3 * HEARTBEAT_S, seconds0
     assert "Traceback" not in text0 and "SIGABRT" not in text0
     assert fl.checkpoint.latest(shared)[0] == 6
 
@@ -166,11 +167,11 @@ def test_writer_killed_while_writing(reference, tmp_path) -> None:
     _, ref = reference
     folder = tmp_path / "w"
     run = {"name": "w", "dir": str(folder), "kill_writing_at": 9}
-    (code0, _, _), (code1, text1, seconds1) = _launch(tmp_path, [run])
+    (code0, _, _), (code1, text1, _) = _launch(tmp_path, [run])
     assert code0 == -signal.SIGKILL
     # Process 0 also ran the coordination service: JAX's client ends the
     # survivor at once when it goes (an abort, not our line; see the README).
-    assert code1 != 0 and seconds1 < 60, text1[-4000:]
+    assert code1 != 0, text1[-4000:]
     # The half-written file is a temporary one: the newest checkpoint is 6.
     assert fl.checkpoint.latest(folder)[0] == 6
     _ok(_launch(tmp_path, [{"name": "w2", "dir": str(folder), "resume": True}]))

@@ -245,6 +245,7 @@ def test_lstm_core_matches_the_generic_loop_and_differentiates_twice(monkeypatch
             return jnp.sum(out**2) + jnp.sum(jnp.sin(h)) + jnp.sum(c**3)
 
         n = jnp.asarray(LENGTHS)
+
         def value_and_grad():  # a new function: a new trace, reading the flag
             return jax.jit(jax.value_and_grad(f, argnums=(0, 1)), static_argnums=3)
 

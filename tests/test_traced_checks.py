@@ -23,6 +23,10 @@ import pytest
 import functorch_lite as fl
 
 OPT = optax.sgd(1e-2)
+# What a failed check inside a plain `jax.jit` program surfaces as: JAX raises
+# a JaxRuntimeError from its first (Python) dispatch and a ValueError from its
+# fast path; either way the message ends with ours.
+JAX_RUNTIME = (jax.errors.JaxRuntimeError, ValueError)
 
 
 @pytest.fixture(params=["on", "off"])
@@ -61,15 +65,6 @@ def _recurrent(layer: Any) -> Any:
         return layer.apply(jax.tree.map(lambda p: p * w, params), XS, lengths)[0]
 
     return forward
-
-
-def _while(w: jax.Array, limit: Any) -> jax.Array:
-    # Doubles until past `limit`: 2**k > limit needs k = 5 steps for 20, and
-    # max_steps=3 cuts a run that needs more.
-    out = fl.while_loop(
-        lambda c: c[0] < limit, lambda c: c * 2 * w, jnp.ones(2), max_steps=3
-    )
-    return out
 
 
 CASES = {
@@ -115,13 +110,6 @@ CASES = {
         fl.TracedValueError,
         "every `lengths` must be in [1, 4]; got 0 at row 0",
     ),
-    "while_loop": (
-        _while,
-        np.float32(4.0),
-        np.float32(20.0),
-        fl.TracedLoopError,
-        "while_loop: `cond_fun` was still true after `max_steps`=3 steps",
-    ),
 }
 
 
@@ -134,14 +122,6 @@ def _unchecked(name: str, forward: Any, w: jax.Array, bad: Any) -> jax.Array:
         rows = (np.asarray(bad) < 0) | (np.asarray(bad) > 3)
         out[np.broadcast_to(rows, out.shape[:1])] = np.nan
         return jnp.asarray(out)
-    if name == "while_loop":  # cut after max_steps=3 steps
-        return fl.while_loop(
-            lambda c: c[0] < bad,
-            lambda c: c * 2 * w,
-            jnp.ones(2),
-            max_steps=3,
-            return_steps=True,
-        )[0]
     return forward(w, np.clip(bad, 1, 4))
 
 
@@ -152,7 +132,7 @@ def test_traced_value_under_jit(name: str, checks: bool) -> None:
     w = jnp.float32(1.0)
     np.testing.assert_allclose(run(w, good), forward(w, good), rtol=1e-6)
     if checks:
-        with pytest.raises(jax.errors.JaxRuntimeError, match=re.escape(message)):
+        with pytest.raises(JAX_RUNTIME, match=re.escape(message)):
             run(w, bad)
         # The library's own wrapper gives the error itself, not JAX's.
         with pytest.raises(error, match=re.escape(message)):
@@ -177,10 +157,9 @@ def test_traced_value_under_make_step(name: str, checks: bool) -> None:
     if checks:
         with pytest.raises(error, match=re.escape(message)):
             step(w, state, bad)
-        if name != "while_loop":
-            # Checked on the host before dispatch: the donated params live on.
-            assert not w.is_deleted()
-            w, state, _ = step(w, state, good)
+        # Checked on the host before dispatch: the donated params live on.
+        assert not w.is_deleted()
+        w, state, _ = step(w, state, good)
         assert step.stats.compiles == 1
     else:
         expected = jnp.nansum(_unchecked(name, forward, w, bad))
@@ -199,14 +178,13 @@ def test_traced_value_inside_fused_step(name: str, checks: bool) -> None:
     w = jnp.float32(1.0)
     stacked = np.stack([good, bad, good])
     if checks:
-        if name != "while_loop":  # an argument: the whole stack, on the host
-            where = "at step 1 of the fused call"
-            message = message.replace(" at row", f" {where}, row")
-            message += "" if " row " in message else f" {where}"
+        # An argument: the whole stack is checked, on the host.
+        where = "at step 1 of the fused call"
+        message = message.replace(" at row", f" {where}, row")
+        message += "" if " row " in message else f" {where}"
         with pytest.raises(error, match=re.escape(message)):
             fused(w, OPT.init(w), stacked)
-        if name != "while_loop":
-            assert not w.is_deleted()  # refused before dispatch
+        assert not w.is_deleted()  # refused before dispatch
     else:
         w_in = jnp.copy(w)
         w_out, _, losses = fused(w, OPT.init(w), stacked)
@@ -233,30 +211,29 @@ def test_a_value_computed_in_the_program_is_checked_in_the_program() -> None:
 def test_checks_compose_with_vmap_and_grad() -> None:
     per_row = jax.jit(jax.vmap(lambda n: _repeat(jnp.float32(2.0), n)))
     np.testing.assert_allclose(per_row(jnp.array([0, 3])), [[1.0, 1.0], [8.0, 8.0]])
-    with pytest.raises(jax.errors.JaxRuntimeError, match="got 7"):
+    with pytest.raises(JAX_RUNTIME, match="got 7"):
         per_row(jnp.array([0, 7]))
     grad = jax.jit(jax.grad(lambda w, n: jnp.sum(_repeat(w, n))))
     np.testing.assert_allclose(grad(jnp.float32(2.0), 3), 2 * 3 * 4.0)
-    with pytest.raises(jax.errors.JaxRuntimeError, match="got 6"):
+    with pytest.raises(JAX_RUNTIME, match="got 6"):
         grad(jnp.float32(2.0), 6)
 
 
-def test_while_loop_with_return_steps_stops_without_error() -> None:
+def test_while_loop_reaching_max_steps_stops_without_error() -> None:
+    # A data-dependent halt, not a count the caller gave (DESIGN's settled
+    # points): the loop stops there, checks on or off.
     run = jax.jit(
-        lambda: fl.while_loop(
-            lambda c: c < 100.0, lambda c: c * 2, 1.0, max_steps=3, return_steps=True
-        )
+        lambda: fl.while_loop(lambda c: c < 100.0, lambda c: c * 2, 1.0, max_steps=3)
     )
-    carry, steps = run()
-    assert float(carry) == 8.0 and int(steps) == 3
+    assert float(run()) == 8.0
 
 
 def test_failing_check_prints_nothing(capfd: pytest.CaptureFixture) -> None:
-    run = jax.jit(lambda n: _repeat(jnp.float32(1.0), n))
-    with pytest.raises(jax.errors.JaxRuntimeError):
+    run = jax.jit(lambda n: _repeat(jnp.float32(2.0), n))
+    with pytest.raises(JAX_RUNTIME):
         run(9)
     with pytest.raises(fl.TracedValueError):
-        fl.jit(lambda m: _repeat(jnp.float32(1.0), m + 1))(8)
+        fl.jit(lambda m: _repeat(jnp.float32(2.0), m + 1))(8)
     out, err = capfd.readouterr()
     assert out == "" and err == ""
 
@@ -298,7 +275,7 @@ def test_fit_stops_on_a_bad_depth_with_the_state_intact(key: jax.Array) -> None:
 
 def test_uint_depths_past_int32_are_out_of_range() -> None:
     run = jax.jit(lambda d: _net(jnp.float32(1.0), d))
-    with pytest.raises(jax.errors.JaxRuntimeError, match="got 4294967295"):
+    with pytest.raises(JAX_RUNTIME, match="got 4294967295"):
         run(np.uint32(2**32 - 1))
 
 
@@ -311,7 +288,7 @@ def test_a_step_inside_the_users_jit_keeps_its_checks() -> None:
     step(w, OPT.init(w), 2)  # traced on its own first: a host check
     outer = jax.jit(lambda w, s, n: step(w, s, n)[2])
     np.testing.assert_allclose(outer(w, OPT.init(w), 2), 2.0)
-    with pytest.raises(jax.errors.JaxRuntimeError, match=re.escape("got 9")):
+    with pytest.raises(JAX_RUNTIME, match=re.escape("got 9")):
         outer(w, OPT.init(w), 9)
     # And inside an fl.jit, the outer function's own host check catches it.
     with pytest.raises(fl.TracedValueError, match="got 8"):
