@@ -116,8 +116,8 @@ ENV_VAR = "FUNCTORCH_LITE_CHECKS"
 
 def checks_enabled() -> bool:
     """Whether traced values are checked (`FUNCTORCH_LITE_CHECKS`, default on)."""
-    value = os.environ.get(ENV_VAR, "1").strip().lower()
-    return value not in ("0", "false", "off", "no")
+    value = os.environ.get(ENV_VAR)
+    return value is None or value.strip().lower() not in ("0", "false", "off", "no")
 
 
 class TracedValueError(ValueError):
@@ -376,6 +376,7 @@ def check_in_graph(check: HostCheck, args: tuple) -> Any:
 
 
 _CANONICAL: dict[Any, Any] = {}
+_INT_KEY = ((), jax.dtypes.canonicalize_dtype(np.int64), True)  # a Python int
 
 
 def _canonical(dtype: Any) -> Any:
@@ -387,6 +388,15 @@ def _canonical(dtype: Any) -> Any:
 
 def _leaf_key(value: Any) -> tuple:
     """What a trace of `value` sees: shape, canonical dtype, weak type."""
+    kind = type(value)
+    if kind is int:
+        return _INT_KEY
+    if (
+        kind is jax.Array
+        or isinstance(value, jax.Array)
+        and not isinstance(value, Tracer)
+    ):
+        return (value.shape, value.dtype, value.weak_type)  # canonical already
     if isinstance(value, Tracer):
         aval = value.aval
         return (aval.shape, _canonical(aval.dtype), aval.weak_type)
