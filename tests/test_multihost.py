@@ -151,9 +151,11 @@ def test_kill_and_resume_shared_and_per_process_folders(reference, tmp_path) -> 
         {"name": "shared", "dir": str(shared), "resume": True},
         {"name": "own", "dir": str(tmp_path / "own{i}"), "resume": True},
         {"name": "single", "dir": str(tmp_path / "single"), "resume": True},
+        # No checkpoint anywhere: every process starts fresh, together.
+        {"name": "fresh", "dir": str(tmp_path / "empty{i}"), "resume": True},
     ]
     _ok(_launch(tmp_path, plan))
-    for name, resumed_from in (("shared", 6), ("own", 3), ("single", 12)):
+    for name, resumed_from in (("shared", 6), ("own", 3), ("single", 12), ("fresh", 0)):
         for i in (0, 1):
             _bitwise_equal(_params(tmp_path, name, i), ref)
             assert _info(tmp_path, name, i)["resumed_from"] == resumed_from, name
@@ -161,6 +163,20 @@ def test_kill_and_resume_shared_and_per_process_folders(reference, tmp_path) -> 
     assert _info(tmp_path, "own", 0)["saves"] == [6, 9, 12]
     assert _info(tmp_path, "own", 1)["saves"] == [6, 9, 12]
     assert _info(tmp_path, "shared", 1)["saves"] == []
+
+
+def test_no_common_checkpoint_stops_every_process(reference, tmp_path) -> None:
+    ref_out, _ = reference
+    # Process 0 holds step 12, process 1 nothing: no step both can read.
+    shutil.copytree(ref_out / "ref", tmp_path / "p0")
+    (tmp_path / "p1").mkdir()
+    results = _launch(
+        tmp_path, [{"name": "x", "dir": str(tmp_path / "p{i}"), "resume": True}]
+    )
+    for code, text, _ in results:
+        assert code != 0
+        assert "no checkpoint step is readable by every process" in text, text[-3000:]
+        assert "process 0: [6, 9, 12]; process 1: none" in text, text[-3000:]
 
 
 def test_writer_killed_while_writing(reference, tmp_path) -> None:
