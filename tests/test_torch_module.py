@@ -243,3 +243,20 @@ def test_steps_and_fit_take_torch_batches(key: jax.Array) -> None:
     stacked = (torch.stack([xs[:4], xs[4:]]), torch.stack([ys[:4], ys[4:]]))
     _, _, losses = fused(params, opt.init(params), *stacked, torch.tensor([2, 2]))
     np.testing.assert_allclose(losses, want.losses, rtol=1e-6)
+
+
+def test_data_parallel_takes_torch_batches(key: jax.Array) -> None:
+    net = fl.models.DynamicNet(6, 4, 2)
+    opt = optax.sgd(1e-2)
+
+    def loss_fn(p: Any, x: Any, y: Any, depth: Any) -> jax.Array:
+        return fl.nn.mse_loss(net.apply(p, x, depth), y)
+
+    x, y = torch.randn(4, 6), torch.randn(4, 2)
+    losses = []
+    for feed in ((x, y), (jnp.asarray(x.numpy()), jnp.asarray(y.numpy()))):
+        dp = fl.parallel.data_parallel(fl.train.make_step(loss_fn, opt))
+        params = net.init(key)
+        _, _, loss = dp(params, opt.init(params), *feed, 2)
+        losses.append(float(loss))
+    assert losses[0] == losses[1]
