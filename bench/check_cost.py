@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -123,12 +122,7 @@ def measure(workload: str, steps: int, repeats: int) -> dict[str, Any]:
             os.environ.pop(ENV, None)
     rows = {}
     for name, v in variants.items():
-        t = v["times"]
-        rows[name] = {
-            "ms_median": statistics.median(t) * 1e3,
-            "ms_min": min(t) * 1e3,
-            "ms_max": max(t) * 1e3,
-        }
+        rows[name] = protocol.ms_spread(v["times"])
     off = rows["checks off"]["ms_median"]
     for row in rows.values():
         row["ratio_to_checks_off"] = row["ms_median"] / off

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -192,11 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     rows = {}
     for name, run in runs.items():
-        t = run["times"]
         rows[name] = {
-            "ms_median": statistics.median(t) * 1e3,
-            "ms_min": min(t) * 1e3,
-            "ms_max": max(t) * 1e3,
+            **protocol.ms_spread(run["times"]),
             "warm_s": run["warm_s"],
             "first_loss": check[name],
         }
@@ -250,11 +246,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result["peers"][name] = {"status": res["status"]}
                 print(f"  {name:<13} {res['status']}")
                 continue
-            st = res["steady"]
             row = {
-                "ms_median": st["median"] * 1e3,
-                "ms_min": st["min"] * 1e3,
-                "ms_max": st["max"] * 1e3,
+                **protocol.ms_spread(res["steady"]["all"]),
                 "first_loss": res["losses"][0],
                 "process": "own",
             }

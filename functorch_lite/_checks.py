@@ -103,7 +103,8 @@ def check_bool(value: Any, *, where: str, name: str) -> bool:
 #   `jax.jit`): a `lax.cond` that calls back to the host only when a value is
 #   out of range, in the manner of Equinox's `error_if`; the callback raises.
 #   Under `fl.jit` the error comes out as itself; under a plain `jax.jit` JAX
-#   wraps it in a `JaxRuntimeError` whose message ends with ours.
+#   wraps it in its runtime error (`JaxRuntimeError`, or `ValueError` from its
+#   fast dispatch path) whose message ends with ours.
 #
 # `FUNCTORCH_LITE_CHECKS=0` in the environment turns both off (read when a
 # program is traced): a traced value out of range is then clamped (`repeat`,
@@ -388,18 +389,13 @@ def _canonical(dtype: Any) -> Any:
 
 def _leaf_key(value: Any) -> tuple:
     """What a trace of `value` sees: shape, canonical dtype, weak type."""
-    kind = type(value)
-    if kind is int:
+    if type(value) is int:
         return _INT_KEY
-    if (
-        kind is jax.Array
-        or isinstance(value, jax.Array)
-        and not isinstance(value, Tracer)
-    ):
-        return (value.shape, value.dtype, value.weak_type)  # canonical already
     if isinstance(value, Tracer):
         aval = value.aval
         return (aval.shape, _canonical(aval.dtype), aval.weak_type)
+    if isinstance(value, jax.Array):
+        return (value.shape, value.dtype, value.weak_type)  # canonical already
     shape = getattr(value, "shape", None)
     if shape is not None and hasattr(value, "dtype"):
         return (

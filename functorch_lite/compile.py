@@ -352,7 +352,9 @@ class Compiled:
         self._static = frozenset(
             i for i, n in enumerate(params) if n in set(static_argnames)
         )
-        self._donated_set = frozenset(
+        # Arguments that are not batch data: neither converted from torch nor
+        # part of a trace signature.
+        self._not_batch = frozenset(
             i
             for i, n in enumerate(params)
             if n in set(donate_argnames) or n in ("params", "opt_state")
@@ -370,7 +372,7 @@ class Compiled:
             finally:
                 _checks._INPUTS.reset(token)
                 if inputs.host:
-                    key = _checks.signature_key(args, self._donated_set, self._static)
+                    key = _checks.signature_key(args, self._not_batch, self._static)
                     found = self._host_checks.setdefault(key, [])
                     found.extend(c for c in inputs.host if c not in found)
                 # The call being traced runs next: check its arguments now.
@@ -463,7 +465,7 @@ class Compiled:
             args, kwargs = self._canonical(args, kwargs)
         # Batches from PyTorch (a DataLoader's tensors) become JAX arrays.
         args, kwargs = _torch_data.convert_args(
-            args, kwargs, self._names, self._donated_set, self.name
+            args, kwargs, self._names, self._not_batch, self.name
         )
         stats = self.stats
         if _has_tracer(args, kwargs):
@@ -474,12 +476,14 @@ class Compiled:
             # The host checks cannot run on an outer program's values: they
             # go into that program instead, tied to the outputs so that they
             # stay in it.
-            key = _checks.signature_key(args, self._donated_set, self._static)
-            zeros = [
-                z
-                for check in self._host_checks.get(key, ())
-                if (z := _checks.check_in_graph(check, args)) is not None
-            ]
+            zeros = []
+            if self._host_checks and _checks.checks_enabled():
+                key = _checks.signature_key(args, self._not_batch, self._static)
+                zeros = [
+                    z
+                    for check in self._host_checks.get(key, ())
+                    if (z := _checks.check_in_graph(check, args)) is not None
+                ]
             if zeros:
                 zero = sum(zeros[1:], zeros[0])
                 out = jax.tree.map(
@@ -496,7 +500,7 @@ class Compiled:
             self._check_donated(args)
         if self._host_checks and _checks.checks_enabled():
             checks = self._host_checks.get(
-                _checks.signature_key(args, self._donated_set, self._static)
+                _checks.signature_key(args, self._not_batch, self._static)
             )
             if checks:
                 _checks.run_host_checks(checks, args)

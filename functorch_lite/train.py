@@ -782,23 +782,24 @@ def fit(
     window: list[Any] = []  # with `replay`: the unread steps' batches
     snapshot = _copy_tree((params, opt_state)) if replay else None
     pending: checkpoint.AsyncSave | None = None
+    pending_step = 0  # the step that `pending` saves
 
     def wait_for_save() -> None:
         nonlocal pending
         if pending is not None:
             running, pending = pending, None
             running.wait()
-            _note_checkpoint(checkpoint_dir, running.step)  # type: ignore[attr-defined]
+            _note_checkpoint(checkpoint_dir, pending_step)
 
     def save(at: int, state: tuple) -> None:
-        nonlocal pending
+        nonlocal pending, pending_step
         wait_for_save()
         if not writer:  # another process writes this folder's checkpoints
             _note_checkpoint(checkpoint_dir, at)
             return
         tree = {"params": state[0], "opt_state": state[1], "step": at}
         pending = checkpoint.save_numbered_async(checkpoint_dir, at, tree, keep=keep)  # type: ignore[arg-type]
-        pending.step = at  # type: ignore[attr-defined]
+        pending_step = at
 
     def read_back() -> float:
         """Read the unread losses; stop at the first non-finite one ("raise")."""

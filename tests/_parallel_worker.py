@@ -83,12 +83,18 @@ def train(step: Any, prob: dict, x: Any, y: Any, steps: int) -> tuple[Any, list]
     return params, losses
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def process_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every worker process of the multi-process tests takes."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--process-id", type=int, required=True)
     parser.add_argument("--num-processes", type=int, required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--out", required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = process_parser(__doc__.splitlines()[0])
     parser.add_argument("--cpu-devices", type=int, default=4)
     args = parser.parse_args(argv)
 

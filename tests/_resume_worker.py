@@ -18,7 +18,6 @@ checkpoints it wrote, the step it resumed from).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -69,11 +68,7 @@ def _kill_while_writing(step: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--process-id", type=int, required=True)
-    parser.add_argument("--num-processes", type=int, required=True)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--out", required=True)
+    parser = shared.process_parser(__doc__.splitlines()[0])
     parser.add_argument("--plan", required=True)
     parser.add_argument("--heartbeat", type=float, default=3.0)
     args = parser.parse_args(argv)

@@ -260,3 +260,15 @@ def test_data_parallel_takes_torch_batches(key: jax.Array) -> None:
         _, _, loss = dp(params, opt.init(params), *feed, 2)
         losses.append(float(loss))
     assert losses[0] == losses[1]
+
+
+def test_a_float32_cpu_tensor_converts_without_a_copy() -> None:
+    from functorch_lite import _torch_data
+
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    a = _torch_data.tensor_to_jax(t, where="test", name="t")
+    assert a.unsafe_buffer_pointer() == t.data_ptr()  # the same memory
+    np.testing.assert_array_equal(a, t.numpy())
+    # int64 narrows to int32 (jax_enable_x64 off): a copy, the same values.
+    i = _torch_data.tensor_to_jax(torch.arange(5), where="test", name="i")
+    assert i.dtype == jnp.int32 and i.tolist() == [0, 1, 2, 3, 4]

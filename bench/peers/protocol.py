@@ -88,6 +88,15 @@ def environment() -> dict[str, Any]:
     }
 
 
+def ms_spread(seconds: Sequence[float]) -> dict[str, float]:
+    """Median, min and max of per-step seconds, in milliseconds."""
+    return {
+        "ms_median": statistics.median(seconds) * 1e3,
+        "ms_min": min(seconds) * 1e3,
+        "ms_max": max(seconds) * 1e3,
+    }
+
+
 def measure(
     step: Callable[[int], Any],
     sync: Callable[[Any], None],
