@@ -455,19 +455,20 @@ def lstm(
     Returns:
       A `RecurrentLayer`.
 
-    >>> import jax, jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> layer = fl.nn.lstm(3, 4)
-    >>> params = layer.init(jax.random.key(0))
-    >>> sorted(params)
-    ['bias_hh_l0', 'bias_ih_l0', 'weight_hh_l0', 'weight_ih_l0']
-    >>> out, (h_n, c_n) = layer.apply(params, jnp.ones((2, 5, 3)), jnp.array([5, 2]))
-    >>> out.shape, h_n.shape, float(jnp.abs(out[1, 2:]).sum())
-    ((2, 5, 4), (1, 2, 4), 0.0)
-    >>> half = fl.nn.lstm(3, 4, dtype=jnp.bfloat16)  # float32 params
-    >>> out, (h_n, c_n) = half.apply(params, jnp.ones((2, 5, 3)), jnp.array([5, 2]))
-    >>> out.dtype, c_n.dtype
-    (dtype(bfloat16), dtype(bfloat16))
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> layer = fl.nn.lstm(3, 4)
+      >>> params = layer.init(jax.random.key(0))
+      >>> sorted(params)
+      ['bias_hh_l0', 'bias_ih_l0', 'weight_hh_l0', 'weight_ih_l0']
+      >>> out, (h_n, c_n) = layer.apply(params, jnp.ones((2, 5, 3)), jnp.array([5, 2]))
+      >>> out.shape, h_n.shape, float(jnp.abs(out[1, 2:]).sum())
+      ((2, 5, 4), (1, 2, 4), 0.0)
+      >>> half = fl.nn.lstm(3, 4, dtype=jnp.bfloat16)  # float32 params
+      >>> out, (h_n, c_n) = half.apply(params, jnp.ones((2, 5, 3)), jnp.array([5, 2]))
+      >>> out.dtype, c_n.dtype
+      (dtype(bfloat16), dtype(bfloat16))
     """
     return _make(
         "lstm",
@@ -511,13 +512,14 @@ def rnn(
     Returns:
       A `RecurrentLayer`.
 
-    >>> import jax, jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> layer = fl.nn.rnn(3, 4, num_layers=2, bidirectional=True)
-    >>> params = layer.init(jax.random.key(0))
-    >>> out, h_n = layer.apply(params, jnp.ones((2, 5, 3)), jnp.array([1, 5]))
-    >>> out.shape, h_n.shape
-    ((2, 5, 8), (4, 2, 4))
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> layer = fl.nn.rnn(3, 4, num_layers=2, bidirectional=True)
+      >>> params = layer.init(jax.random.key(0))
+      >>> out, h_n = layer.apply(params, jnp.ones((2, 5, 3)), jnp.array([1, 5]))
+      >>> out.shape, h_n.shape
+      ((2, 5, 8), (4, 2, 4))
     """
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(

@@ -802,18 +802,19 @@ def save(path: str | os.PathLike, tree: Any) -> None:
         `path` and the reason; the OS's error is chained as `__cause__`. No
         temporary file is left behind, and a file already at `path` is kept.
 
-    >>> import os, tempfile, jax, optax
-    >>> import functorch_lite as fl
-    >>> net = fl.models.TwoLayerNet(3, 4, 1)
-    >>> params = net.init(jax.random.key(0))
-    >>> state = {"params": params, "opt_state": optax.adam(1e-3).init(params),
-    ...          "step": 7, "key": jax.random.key(1)}
-    >>> with tempfile.TemporaryDirectory() as tmp:
-    ...     path = os.path.join(tmp, "state.safetensors")
-    ...     fl.checkpoint.save(path, state)
-    ...     restored = fl.checkpoint.load(path, like=state)
-    >>> restored["step"], bool((restored["params"]["w1"] == params["w1"]).all())
-    (7, True)
+    Examples:
+      >>> import os, tempfile, jax, optax
+      >>> import functorch_lite as fl
+      >>> net = fl.models.TwoLayerNet(3, 4, 1)
+      >>> params = net.init(jax.random.key(0))
+      >>> state = {"params": params, "opt_state": optax.adam(1e-3).init(params),
+      ...          "step": 7, "key": jax.random.key(1)}
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     path = os.path.join(tmp, "state.safetensors")
+      ...     fl.checkpoint.save(path, state)
+      ...     restored = fl.checkpoint.load(path, like=state)
+      >>> restored["step"], bool((restored["params"]["w1"] == params["w1"]).all())
+      (7, True)
     """
     path = _check_path("save", path)
     _check_target("save", path)
@@ -846,21 +847,24 @@ def save_async(path: str | os.PathLike, tree: Any) -> AsyncSave:
       `path` (or raises the writer's error); `.done()` tells whether it is over.
 
     Raises:
-      On the calling thread, at once: the argument errors of `save` (bad
-      `path`, a missing folder, a leaf of an unsupported kind or dtype); or the
-      error of the previous asynchronous save into the same folder (see above).
-      From `.wait()`: the write errors of `save` (an `OSError` naming `path`).
+      TypeError, ValueError, OSError: on the calling thread, at once, the
+        argument errors of `save` (a bad `path`, a missing folder, a leaf of
+        an unsupported kind or dtype); or, whatever its type, the error of the
+        previous asynchronous save into the same folder (see above).
+      OSError: from `.wait()`, the write errors of `save`, naming `path`.
 
-    >>> import os, tempfile, jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> with tempfile.TemporaryDirectory() as tmp:
-    ...     path = os.path.join(tmp, "state.safetensors")
-    ...     pending = fl.checkpoint.save_async(path, {"w": jnp.ones(3), "step": 1})
-    ...     # ... training goes on here while the file is written ...
-    ...     written = pending.wait()
-    ...     restored = fl.checkpoint.load(written, like={"w": jnp.zeros(3), "step": 0})
-    >>> pending.done(), restored["step"], restored["w"].tolist()
-    (True, 1, [1.0, 1.0, 1.0])
+    Examples:
+      >>> import os, tempfile, jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     path = os.path.join(tmp, "state.safetensors")
+      ...     pending = fl.checkpoint.save_async(path, {"w": jnp.ones(3), "step": 1})
+      ...     # ... training goes on here while the file is written ...
+      ...     written = pending.wait()
+      ...     like = {"w": jnp.zeros(3), "step": 0}
+      ...     restored = fl.checkpoint.load(written, like=like)
+      >>> pending.done(), restored["step"], restored["w"].tolist()
+      (True, 1, [1.0, 1.0, 1.0])
     """
     path = _check_path("save_async", path)
     _check_target("save_async", path)
@@ -1139,17 +1143,18 @@ def load(path: str | os.PathLike, like: Any = None) -> Any:
         `path` is not a str or os.PathLike.
       ValueError: a leaf's shape or dtype differs from `like`. Names the leaf.
 
-    >>> import os, tempfile, jax, jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> tree = {"w": jnp.arange(3.0), "step": 10}
-    >>> with tempfile.TemporaryDirectory() as tmp:
-    ...     path = os.path.join(tmp, "ckpt.safetensors")
-    ...     fl.checkpoint.save(path, tree)
-    ...     shapes = jax.eval_shape(lambda: {"w": jnp.zeros(3), "step": 0})
-    ...     restored = fl.checkpoint.load(path, like=shapes)
-    ...     flat = fl.checkpoint.load(path)
-    >>> restored["w"].tolist(), int(restored["step"]), sorted(flat)
-    ([0.0, 1.0, 2.0], 10, ['step', 'w'])
+    Examples:
+      >>> import os, tempfile, jax, jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> tree = {"w": jnp.arange(3.0), "step": 10}
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     path = os.path.join(tmp, "ckpt.safetensors")
+      ...     fl.checkpoint.save(path, tree)
+      ...     shapes = jax.eval_shape(lambda: {"w": jnp.zeros(3), "step": 0})
+      ...     restored = fl.checkpoint.load(path, like=shapes)
+      ...     flat = fl.checkpoint.load(path)
+      >>> restored["w"].tolist(), int(restored["step"]), sorted(flat)
+      ([0.0, 1.0, 2.0], 10, ['step', 'w'])
     """
     path = _check_path("load", path)
     manifest, leaves = _read(path)
@@ -1287,13 +1292,14 @@ def save_numbered(
     An old checkpoint that cannot be deleted is left in place with a warning on
     the `functorch_lite.checkpoint` logger: the new one is saved by then.
 
-    >>> import os, tempfile, jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> with tempfile.TemporaryDirectory() as tmp:
-    ...     for step in range(0, 500, 100):
-    ...         _ = fl.checkpoint.save_numbered(tmp, step, {"w": jnp.ones(2)}, keep=2)
-    ...     print(sorted(os.listdir(tmp)))
-    ['ckpt_00000300.safetensors', 'ckpt_00000400.safetensors']
+    Examples:
+      >>> import os, tempfile, jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     for step in range(0, 500, 100):
+      ...         _ = fl.checkpoint.save_numbered(tmp, step, {"w": jnp.ones(2)}, keep=2)
+      ...     print(sorted(os.listdir(tmp)))
+      ['ckpt_00000300.safetensors', 'ckpt_00000400.safetensors']
     """
     directory, path = _numbered_target("save_numbered", directory, step, keep)
     _save(
@@ -1330,24 +1336,27 @@ def save_numbered_async(
       once it is on disk (and the folder pruned) or raises the writer's error.
 
     Raises:
-      On the calling thread: the argument and folder errors of
-      `save_numbered`, a bad leaf, or the unseen error of the previous
-      asynchronous save into `directory`. From `.wait()`: the write errors of
-      `save_numbered`.
+      TypeError, ValueError, OSError: on the calling thread, the argument
+        and folder errors of `save_numbered` or a bad leaf; or, whatever its
+        type, the unseen error of the previous asynchronous save into
+        `directory`.
+      OSError: from `.wait()`, the write errors of `save_numbered`.
 
-    >>> import os, tempfile, jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> with tempfile.TemporaryDirectory() as tmp:
-    ...     w = jnp.zeros(2)
-    ...     for step in range(1, 5):
-    ...         w = w + 1  # a training step
-    ...         pending = fl.checkpoint.save_numbered_async(tmp, step, {"w": w}, keep=2)
-    ...     _ = pending.wait()  # before the process reads or ends
-    ...     print(sorted(os.listdir(tmp)))
-    ...     step, tree = fl.checkpoint.load_latest(tmp, like={"w": w})
-    ['ckpt_00000003.safetensors', 'ckpt_00000004.safetensors']
-    >>> step, tree["w"].tolist()
-    (4, [4.0, 4.0])
+    Examples:
+      >>> import os, tempfile, jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     w = jnp.zeros(2)
+      ...     for step in range(1, 5):
+      ...         w = w + 1  # a training step
+      ...         pending = fl.checkpoint.save_numbered_async(
+      ...             tmp, step, {"w": w}, keep=2)
+      ...     _ = pending.wait()  # before the process reads or ends
+      ...     print(sorted(os.listdir(tmp)))
+      ...     step, tree = fl.checkpoint.load_latest(tmp, like={"w": w})
+      ['ckpt_00000003.safetensors', 'ckpt_00000004.safetensors']
+      >>> step, tree["w"].tolist()
+      (4, [4.0, 4.0])
     """
     directory, path = _numbered_target("save_numbered_async", directory, step, keep)
     return _start(
@@ -1439,15 +1448,16 @@ def latest(directory: str | os.PathLike) -> tuple[int, str] | None:
       OSError: the folder cannot be listed (`PermissionError`); the message
         names `directory` and the reason.
 
-    >>> import os, tempfile, jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> with tempfile.TemporaryDirectory() as tmp:
-    ...     print(fl.checkpoint.latest(tmp))
-    ...     _ = fl.checkpoint.save_numbered(tmp, 12, {"w": jnp.ones(2)})
-    ...     step, path = fl.checkpoint.latest(tmp)
-    None
-    >>> step, os.path.basename(path)
-    (12, 'ckpt_00000012.safetensors')
+    Examples:
+      >>> import os, tempfile, jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     print(fl.checkpoint.latest(tmp))
+      ...     _ = fl.checkpoint.save_numbered(tmp, 12, {"w": jnp.ones(2)})
+      ...     step, path = fl.checkpoint.latest(tmp)
+      None
+      >>> step, os.path.basename(path)
+      (12, 'ckpt_00000012.safetensors')
     """
     directory = _check_path("latest", directory, "directory")
     found = _numbered("latest", directory)
@@ -1483,14 +1493,15 @@ def load_latest(
       OSError: the folder cannot be listed, or a checkpoint cannot be read
         (`PermissionError`); the message names the folder or file.
 
-    >>> import tempfile, jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> with tempfile.TemporaryDirectory() as tmp:
-    ...     for step in (10, 20):
-    ...         _ = fl.checkpoint.save_numbered(tmp, step, {"w": jnp.full(2, step)})
-    ...     step, tree = fl.checkpoint.load_latest(tmp, like={"w": jnp.zeros(2, int)})
-    >>> step, tree["w"].tolist()
-    (20, [20, 20])
+    Examples:
+      >>> import tempfile, jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     for step in (10, 20):
+      ...         _ = fl.checkpoint.save_numbered(tmp, step, {"w": jnp.full(2, step)})
+      ...     step, tree = fl.checkpoint.load_latest(tmp, like={"w": jnp.zeros(2, int)})
+      >>> step, tree["w"].tolist()
+      (20, [20, 20])
     """
     directory = _check_path("load_latest", directory, "directory")
     errors = []

@@ -164,13 +164,14 @@ def compile_counter(fun_name: str | None = None) -> Iterator[CompileCounter]:
     Yields:
       A `CompileCounter`, filled in as the block runs.
 
-    >>> import jax, jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> f = jax.jit(lambda x: x * 2)
-    >>> with fl.compile_counter() as counter:
-    ...     _ = f(jnp.ones(3)); _ = f(jnp.ones(3)); _ = f(jnp.ones(4))
-    >>> counter.compiles
-    2
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> f = jax.jit(lambda x: x * 2)
+      >>> with fl.compile_counter() as counter:
+      ...     _ = f(jnp.ones(3)); _ = f(jnp.ones(3)); _ = f(jnp.ones(4))
+      >>> counter.compiles
+      2
     """
     counter = CompileCounter()
     want = None
@@ -619,22 +620,23 @@ def jit(
     Returns:
       A `Compiled` callable.
 
-    >>> import jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> def power(x, n):
-    ...     return x**n
-    >>> f = fl.jit(power, static_argnames=("n",), max_traces=2)
-    >>> _ = f(jnp.ones(3), n=2); _ = f(jnp.ones(3), n=2); _ = f(jnp.ones(3), n=3)
-    >>> f.stats.traces, f.stats.compiles, f.stats.calls
-    (2, 2, 3)
-    >>> import jax
-    >>> g = fl.jit(lambda x: x * 2)
-    >>> jax.jit(g)(jnp.ones(2)).tolist()
-    [2.0, 2.0]
-    >>> jax.grad(lambda x: g(x).sum())(jnp.ones(2)).tolist()
-    [2.0, 2.0]
-    >>> g.stats.traces, g.stats.compiles, g.stats.calls, g.stats.transformed_calls
-    (1, None, 0, 2)
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> def power(x, n):
+      ...     return x**n
+      >>> f = fl.jit(power, static_argnames=("n",), max_traces=2)
+      >>> _ = f(jnp.ones(3), n=2); _ = f(jnp.ones(3), n=2); _ = f(jnp.ones(3), n=3)
+      >>> f.stats.traces, f.stats.compiles, f.stats.calls
+      (2, 2, 3)
+      >>> import jax
+      >>> g = fl.jit(lambda x: x * 2)
+      >>> jax.jit(g)(jnp.ones(2)).tolist()
+      [2.0, 2.0]
+      >>> jax.grad(lambda x: g(x).sum())(jnp.ones(2)).tolist()
+      [2.0, 2.0]
+      >>> g.stats.traces, g.stats.compiles, g.stats.calls, g.stats.transformed_calls
+      (1, None, 0, 2)
     """
     return Compiled(
         fun,

@@ -254,16 +254,17 @@ def repeat(
     Returns:
       The final carry.
 
-    >>> import jax, jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> double = lambda c: 2.0 * c
-    >>> fl.repeat(double, jnp.float32(1.0), 3, mode="dynamic")
-    Array(8., dtype=float32)
-    >>> run = jax.jit(lambda c, n: fl.repeat(double, c, n, max_n=5))
-    >>> [float(run(jnp.float32(1.0), n)) for n in range(4)]
-    [1.0, 2.0, 4.0, 8.0]
-    >>> run(jnp.ones(3), jnp.array([0, 2, 3]))  # one count per row
-    Array([1., 4., 8.], dtype=float32)
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> double = lambda c: 2.0 * c
+      >>> fl.repeat(double, jnp.float32(1.0), 3, mode="dynamic")
+      Array(8., dtype=float32)
+      >>> run = jax.jit(lambda c, n: fl.repeat(double, c, n, max_n=5))
+      >>> [float(run(jnp.float32(1.0), n)) for n in range(4)]
+      [1.0, 2.0, 4.0, 8.0]
+      >>> run(jnp.ones(3), jnp.array([0, 2, 3]))  # one count per row
+      Array([1., 4., 8.], dtype=float32)
     """
     where = "repeat"
     if mode not in MODES:
@@ -468,22 +469,24 @@ def while_loop(
       The final carry, or `(carry, steps)` with `return_steps=True` (`steps`
       an int32 scalar in the static mode, an int in the dynamic mode).
 
-    >>> import jax, jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> def newton_sqrt(a):  # x <- (x + a / x) / 2 until |x*x - a| < 1e-5
-    ...     return fl.while_loop(
-    ...         lambda x: jnp.abs(x * x - a) > 1e-5,
-    ...         lambda x: 0.5 * (x + a / x),
-    ...         a,
-    ...         max_steps=32,
-    ...     )
-    >>> round(float(newton_sqrt(2.0)), 4)
-    1.4142
-    >>> round(float(jax.grad(newton_sqrt)(2.0)), 4)  # d sqrt(a) / da = 1 / (2 sqrt(a))
-    0.3536
-    >>> fl.while_loop(lambda c: c < 10, lambda c: c * 2, 1, max_steps=8,
-    ...               mode="dynamic", return_steps=True)
-    (16, 4)
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> def newton_sqrt(a):  # x <- (x + a / x) / 2 until |x*x - a| < 1e-5
+      ...     return fl.while_loop(
+      ...         lambda x: jnp.abs(x * x - a) > 1e-5,
+      ...         lambda x: 0.5 * (x + a / x),
+      ...         a,
+      ...         max_steps=32,
+      ...     )
+      >>> round(float(newton_sqrt(2.0)), 4)
+      1.4142
+      >>> # d sqrt(a) / da = 1 / (2 sqrt(a))
+      >>> round(float(jax.grad(newton_sqrt)(2.0)), 4)
+      0.3536
+      >>> fl.while_loop(lambda c: c < 10, lambda c: c * 2, 1, max_steps=8,
+      ...               mode="dynamic", return_steps=True)
+      (16, 4)
     """
     where = "while_loop"
     if mode not in MODES:

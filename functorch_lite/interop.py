@@ -320,27 +320,29 @@ def from_torch(state_dict_or_module: Any, *, like: Any = None) -> Params:
         key named with its shape and the expected one, such as a hidden size
         of 8 against 16; or a float64 tensor while JAX's 64-bit mode is off.
 
-    >>> import pytest; torch = pytest.importorskip("torch")
-    >>> import functorch_lite as fl
-    >>> layer = torch.nn.Linear(3, 2)
-    >>> params = fl.interop.from_torch(layer.state_dict())
-    >>> params["weight"].shape, params["bias"].shape
-    ((3, 2), (2,))
-    >>> lstm = torch.nn.LSTM(3, 5, num_layers=2, bidirectional=True)
-    >>> params = fl.interop.from_torch(lstm)
-    >>> params["weight_ih_l0"].shape, params["weight_hh_l1_reverse"].shape
-    ((3, 20), (5, 20))
-    >>> model = torch.nn.Module()
-    >>> model.embed = torch.nn.Embedding(10, 3)
-    >>> model.lstm = torch.nn.LSTM(3, 5)
-    >>> params = fl.interop.from_torch(model)  # the module: by type
-    >>> params["embed"]["weight"].shape, params["lstm"]["weight_ih_l0"].shape
-    ((10, 3), (3, 20))
-    >>> bare = fl.interop.from_torch(model.state_dict())  # by name: transposed
-    >>> bare["embed"]["weight"].shape
-    (3, 10)
-    >>> fl.interop.from_torch(model.state_dict(), like=params)["embed"]["weight"].shape
-    (10, 3)
+    Examples:
+      >>> import pytest; torch = pytest.importorskip("torch")
+      >>> import functorch_lite as fl
+      >>> layer = torch.nn.Linear(3, 2)
+      >>> params = fl.interop.from_torch(layer.state_dict())
+      >>> params["weight"].shape, params["bias"].shape
+      ((3, 2), (2,))
+      >>> lstm = torch.nn.LSTM(3, 5, num_layers=2, bidirectional=True)
+      >>> params = fl.interop.from_torch(lstm)
+      >>> params["weight_ih_l0"].shape, params["weight_hh_l1_reverse"].shape
+      ((3, 20), (5, 20))
+      >>> model = torch.nn.Module()
+      >>> model.embed = torch.nn.Embedding(10, 3)
+      >>> model.lstm = torch.nn.LSTM(3, 5)
+      >>> params = fl.interop.from_torch(model)  # the module: by type
+      >>> params["embed"]["weight"].shape, params["lstm"]["weight_ih_l0"].shape
+      ((10, 3), (3, 20))
+      >>> bare = fl.interop.from_torch(model.state_dict())  # by name: transposed
+      >>> bare["embed"]["weight"].shape
+      (3, 10)
+      >>> back = fl.interop.from_torch(model.state_dict(), like=params)
+      >>> back["embed"]["weight"].shape
+      (10, 3)
     """
     where = "from_torch"
     torch = _import_torch(where)
@@ -487,13 +489,14 @@ def from_torch_module(module: Any) -> tuple[Params, Any]:
     Returns:
       `(params, apply)`.
 
-    >>> import torch, jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
-    ...                           torch.nn.Linear(4, 2))
-    >>> params, apply = fl.interop.from_torch_module(net)
-    >>> apply(params, jnp.ones((5, 3))).shape
-    (5, 2)
+    Examples:
+      >>> import torch, jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
+      ...                           torch.nn.Linear(4, 2))
+      >>> params, apply = fl.interop.from_torch_module(net)
+      >>> apply(params, jnp.ones((5, 3))).shape
+      (5, 2)
     """
     torch = _import_torch("from_torch_module")
     from functorch_lite import _torch_module  # noqa: PLC0415
@@ -539,27 +542,28 @@ def to_torch(params: Params, *, like: Any = None) -> collections.OrderedDict:
       ValueError: with `like`, shapes differ (and nothing else is wrong),
         each key named with its shape and the expected one.
 
-    >>> import pytest; torch = pytest.importorskip("torch")
-    >>> import jax
-    >>> import functorch_lite as fl
-    >>> params = fl.nn.linear(3, 2).init(jax.random.key(0))
-    >>> state_dict = fl.interop.to_torch(params)
-    >>> {k: tuple(v.shape) for k, v in state_dict.items()}
-    {'weight': (2, 3), 'bias': (2,)}
-    >>> torch.nn.Linear(3, 2).load_state_dict(state_dict)
-    <All keys matched successfully>
-    >>> model = torch.nn.Module()
-    >>> model.embed = torch.nn.Embedding(10, 3)
-    >>> model.head = torch.nn.Linear(3, 2)
-    >>> params = {
-    ...     "embed": fl.nn.embedding(10, 3).init(jax.random.key(1)),
-    ...     "head": fl.nn.linear(3, 2).init(jax.random.key(2)),
-    ... }
-    >>> state_dict = fl.interop.to_torch(params, like=model)
-    >>> {k: tuple(v.shape) for k, v in state_dict.items()}
-    {'embed.weight': (10, 3), 'head.weight': (2, 3), 'head.bias': (2,)}
-    >>> model.load_state_dict(state_dict)
-    <All keys matched successfully>
+    Examples:
+      >>> import pytest; torch = pytest.importorskip("torch")
+      >>> import jax
+      >>> import functorch_lite as fl
+      >>> params = fl.nn.linear(3, 2).init(jax.random.key(0))
+      >>> state_dict = fl.interop.to_torch(params)
+      >>> {k: tuple(v.shape) for k, v in state_dict.items()}
+      {'weight': (2, 3), 'bias': (2,)}
+      >>> torch.nn.Linear(3, 2).load_state_dict(state_dict)
+      <All keys matched successfully>
+      >>> model = torch.nn.Module()
+      >>> model.embed = torch.nn.Embedding(10, 3)
+      >>> model.head = torch.nn.Linear(3, 2)
+      >>> params = {
+      ...     "embed": fl.nn.embedding(10, 3).init(jax.random.key(1)),
+      ...     "head": fl.nn.linear(3, 2).init(jax.random.key(2)),
+      ... }
+      >>> state_dict = fl.interop.to_torch(params, like=model)
+      >>> {k: tuple(v.shape) for k, v in state_dict.items()}
+      {'embed.weight': (10, 3), 'head.weight': (2, 3), 'head.bias': (2,)}
+      >>> model.load_state_dict(state_dict)
+      <All keys matched successfully>
     """
     where = "to_torch"
     torch = _import_torch(where)

@@ -46,14 +46,15 @@ def check_x(x: Any, d_in: int, *, where: str, leading_axes: bool = False) -> Non
       leading_axes: accept any number of leading batch axes, `(..., d_in)`,
         as `fl.nn.linear` does.
 
-    >>> import jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> fl.models.check_x(jnp.ones((2, 3)), 3, where="MyNet.apply")
-    >>> fl.models.check_x(jnp.ones((2, 4)), 3, where="MyNet.apply")
-    Traceback (most recent call last):
-    ...
-    ValueError: MyNet.apply: `x` must have shape (N, 3) or (3,); got (2, 4).
-    >>> fl.models.check_x(jnp.ones((2, 5, 3)), 3, where="MyNet", leading_axes=True)
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> fl.models.check_x(jnp.ones((2, 3)), 3, where="MyNet.apply")
+      >>> fl.models.check_x(jnp.ones((2, 4)), 3, where="MyNet.apply")
+      Traceback (most recent call last):
+      ...
+      ValueError: MyNet.apply: `x` must have shape (N, 3) or (3,); got (2, 4).
+      >>> fl.models.check_x(jnp.ones((2, 5, 3)), 3, where="MyNet", leading_axes=True)
     """
     reject_torch(x, where=where, name="x")
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
@@ -92,16 +93,17 @@ def check_params(params: Any, expected: Any, *, where: str) -> None:
       expected: a tree of `jax.ShapeDtypeStruct`, from `jax.eval_shape(init, key)`.
       where: the function to name in the error.
 
-    >>> import jax, jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> layer = fl.nn.linear(3, 2)
-    >>> spec = jax.eval_shape(layer.init, jax.random.key(0))
-    >>> fl.models.check_params(layer.init(jax.random.key(1)), spec, where="MyNet")
-    >>> fl.models.check_params({"weight": jnp.ones((3, 2))}, spec, where="MyNet")
-    Traceback (most recent call last):
-    ...
-    TypeError: MyNet: `params` has the wrong tree structure.
-    ...
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> layer = fl.nn.linear(3, 2)
+      >>> spec = jax.eval_shape(layer.init, jax.random.key(0))
+      >>> fl.models.check_params(layer.init(jax.random.key(1)), spec, where="MyNet")
+      >>> fl.models.check_params({"weight": jnp.ones((3, 2))}, spec, where="MyNet")
+      Traceback (most recent call last):
+      ...
+      TypeError: MyNet: `params` has the wrong tree structure.
+      ...
     """
     reject_torch(params, where=where, name="params")
     if (diff := structure_diff(params, expected)) is not None:
@@ -199,17 +201,18 @@ class TwoLayerNet:
     weights. With `dtype=None` (the default) nothing is cast, and `x` must
     have the params' dtype.
 
-    >>> import jax, jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> net = fl.models.TwoLayerNet(4, 3, 2)
-    >>> params = net.init(jax.random.key(0))
-    >>> {k: v.shape for k, v in params.items()}
-    {'w1': (4, 3), 'w2': (3, 2)}
-    >>> net.apply(params, jnp.ones((5, 4))).shape
-    (5, 2)
-    >>> half = fl.models.TwoLayerNet(4, 3, 2, dtype=jnp.bfloat16)
-    >>> half.apply(params, jnp.ones((5, 4))).dtype
-    dtype(bfloat16)
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> net = fl.models.TwoLayerNet(4, 3, 2)
+      >>> params = net.init(jax.random.key(0))
+      >>> {k: v.shape for k, v in params.items()}
+      {'w1': (4, 3), 'w2': (3, 2)}
+      >>> net.apply(params, jnp.ones((5, 4))).shape
+      (5, 2)
+      >>> half = fl.models.TwoLayerNet(4, 3, 2, dtype=jnp.bfloat16)
+      >>> half.apply(params, jnp.ones((5, 4))).dtype
+      dtype(bfloat16)
     """
 
     d_in: int
@@ -263,22 +266,23 @@ class DynamicNet:
         master weights (the Flax convention).
       param_dtype: the dtype `init` creates the params in (float32).
 
-    >>> import jax, jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> net = fl.models.DynamicNet(4, 8, 2, max_depth=3)
-    >>> params = net.init(jax.random.key(0))
-    >>> sorted(params)
-    ['input_linear', 'middle_linear', 'output_linear']
-    >>> x = jnp.ones((5, 4))
-    >>> y_static = net.apply(params, x, 2, mode="static")
-    >>> y_dynamic = net.apply(params, x, 2, mode="dynamic")
-    >>> bool(jnp.allclose(y_static, y_dynamic, rtol=1e-6))
-    True
-    >>> net.apply(params, jnp.ones((2, 5, 4)), 2).shape  # any leading batch axes
-    (2, 5, 2)
-    >>> half = fl.models.DynamicNet(4, 8, 2, max_depth=3, dtype=jnp.bfloat16)
-    >>> half.apply(params, x, 2).dtype
-    dtype(bfloat16)
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> net = fl.models.DynamicNet(4, 8, 2, max_depth=3)
+      >>> params = net.init(jax.random.key(0))
+      >>> sorted(params)
+      ['input_linear', 'middle_linear', 'output_linear']
+      >>> x = jnp.ones((5, 4))
+      >>> y_static = net.apply(params, x, 2, mode="static")
+      >>> y_dynamic = net.apply(params, x, 2, mode="dynamic")
+      >>> bool(jnp.allclose(y_static, y_dynamic, rtol=1e-6))
+      True
+      >>> net.apply(params, jnp.ones((2, 5, 4)), 2).shape  # any leading batch axes
+      (2, 5, 2)
+      >>> half = fl.models.DynamicNet(4, 8, 2, max_depth=3, dtype=jnp.bfloat16)
+      >>> half.apply(params, x, 2).dtype
+      dtype(bfloat16)
     """
 
     d_in: int
@@ -322,9 +326,10 @@ class DynamicNet:
         2.x, which skips parameters that received no gradient. `depth` is
         checked as in `apply`.
 
-        >>> import functorch_lite as fl
-        >>> fl.models.DynamicNet(4, 8, 2).used_params(0)
-        {'input_linear': True, 'middle_linear': False, 'output_linear': True}
+        Examples:
+          >>> import functorch_lite as fl
+          >>> fl.models.DynamicNet(4, 8, 2).used_params(0)
+          {'input_linear': True, 'middle_linear': False, 'output_linear': True}
         """
         where = "DynamicNet.used_params"
         if is_per_example(depth):
@@ -483,19 +488,20 @@ class CharLSTM:
     `loss` computes the cross-entropy in float32 whatever the logits' dtype,
     and its gradients come back in `param_dtype`.
 
-    >>> import jax, jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> model = fl.models.CharLSTM(vocab_size=5, d_embed=4, d_hidden=8)
-    >>> params = model.init(jax.random.key(0))
-    >>> tokens = jnp.array([[1, 2, 3, 0], [4, 1, 0, 0]])
-    >>> model.apply(params, tokens, jnp.array([4, 2])).shape
-    (2, 4, 5)
-    >>> float(model.loss(params, tokens, jnp.array([4, 2]))) > 0
-    True
-    >>> half = fl.models.CharLSTM(vocab_size=5, d_embed=4, d_hidden=8,
-    ...                           dtype=jnp.bfloat16)
-    >>> half.apply(params, tokens, jnp.array([4, 2])).dtype
-    dtype(bfloat16)
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> model = fl.models.CharLSTM(vocab_size=5, d_embed=4, d_hidden=8)
+      >>> params = model.init(jax.random.key(0))
+      >>> tokens = jnp.array([[1, 2, 3, 0], [4, 1, 0, 0]])
+      >>> model.apply(params, tokens, jnp.array([4, 2])).shape
+      (2, 4, 5)
+      >>> float(model.loss(params, tokens, jnp.array([4, 2]))) > 0
+      True
+      >>> half = fl.models.CharLSTM(vocab_size=5, d_embed=4, d_hidden=8,
+      ...                           dtype=jnp.bfloat16)
+      >>> half.apply(params, tokens, jnp.array([4, 2])).dtype
+      dtype(bfloat16)
     """
 
     vocab_size: int

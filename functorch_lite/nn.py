@@ -86,17 +86,18 @@ def linear(
       leading batch axes) to `(..., d_out)`. `params` may be any `Mapping`
       with the keys of `init`'s dict.
 
-    >>> import jax, jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> layer = fl.nn.linear(3, 2)
-    >>> params = layer.init(jax.random.key(0))
-    >>> {k: v.shape for k, v in params.items()}
-    {'weight': (3, 2), 'bias': (2,)}
-    >>> layer.apply(params, jnp.ones((5, 3))).shape
-    (5, 2)
-    >>> half = fl.nn.linear(3, 2, dtype=jnp.bfloat16)  # float32 params
-    >>> half.apply(params, jnp.ones((4, 5, 3))).dtype
-    dtype(bfloat16)
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> layer = fl.nn.linear(3, 2)
+      >>> params = layer.init(jax.random.key(0))
+      >>> {k: v.shape for k, v in params.items()}
+      {'weight': (3, 2), 'bias': (2,)}
+      >>> layer.apply(params, jnp.ones((5, 3))).shape
+      (5, 2)
+      >>> half = fl.nn.linear(3, 2, dtype=jnp.bfloat16)  # float32 params
+      >>> half.apply(params, jnp.ones((4, 5, 3))).dtype
+      dtype(bfloat16)
     """
     for name, value in (("d_in", d_in), ("d_out", d_out)):
         check_int(value, where="linear", name=name, minimum=1)
@@ -170,10 +171,11 @@ def _check_linear_apply(
 def relu() -> Layer:
     """Create a parameter-free ReLU layer (its params are `{}`).
 
-    >>> import jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> fl.nn.relu().apply({}, jnp.array([-1.0, 2.0]))
-    Array([0., 2.], dtype=float32)
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> fl.nn.relu().apply({}, jnp.array([-1.0, 2.0]))
+      Array([0., 2.], dtype=float32)
     """
     return Layer(lambda key: {}, lambda params, x: jax.nn.relu(x))
 
@@ -204,15 +206,16 @@ def mse_loss(
     Returns:
       A scalar.
 
-    >>> import jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> fl.nn.mse_loss(jnp.array([1.0, 2.0]), jnp.array([0.0, 0.0]))
-    Array(5., dtype=float32)
-    >>> fl.nn.mse_loss(jnp.array([1.0, 2.0]), jnp.zeros(2), reduction="mean")
-    Array(2.5, dtype=float32)
-    >>> half = jnp.array([1.0, 2.0], jnp.bfloat16)
-    >>> fl.nn.mse_loss(half, jnp.zeros(2, jnp.bfloat16))
-    Array(5., dtype=float32)
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> fl.nn.mse_loss(jnp.array([1.0, 2.0]), jnp.array([0.0, 0.0]))
+      Array(5., dtype=float32)
+      >>> fl.nn.mse_loss(jnp.array([1.0, 2.0]), jnp.zeros(2), reduction="mean")
+      Array(2.5, dtype=float32)
+      >>> half = jnp.array([1.0, 2.0], jnp.bfloat16)
+      >>> fl.nn.mse_loss(half, jnp.zeros(2, jnp.bfloat16))
+      Array(5., dtype=float32)
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(
@@ -343,18 +346,19 @@ def embedding(
       out-of-range id, negative ones included, gives a row of NaN (and no
       gradient) rather than JAX's default silent clamp or wrap-around.
 
-    >>> import jax, jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> layer = fl.nn.embedding(10, 4)
-    >>> params = layer.init(jax.random.key(0))
-    >>> params["weight"].shape, params["weight"].dtype
-    ((10, 4), dtype('float32'))
-    >>> layer.apply(params, jnp.array([[1, 2, 3], [4, 5, 6]])).shape
-    (2, 3, 4)
-    >>> bool(jnp.all(layer.apply(params, jnp.array(7)) == params["weight"][7]))
-    True
-    >>> fl.nn.embedding(10, 4, dtype=jnp.bfloat16).apply(params, jnp.array(7)).dtype
-    dtype(bfloat16)
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> layer = fl.nn.embedding(10, 4)
+      >>> params = layer.init(jax.random.key(0))
+      >>> params["weight"].shape, params["weight"].dtype
+      ((10, 4), dtype('float32'))
+      >>> layer.apply(params, jnp.array([[1, 2, 3], [4, 5, 6]])).shape
+      (2, 3, 4)
+      >>> bool(jnp.all(layer.apply(params, jnp.array(7)) == params["weight"][7]))
+      True
+      >>> fl.nn.embedding(10, 4, dtype=jnp.bfloat16).apply(params, jnp.array(7)).dtype
+      dtype(bfloat16)
     """
     for name, value in (
         ("num_embeddings", num_embeddings),
@@ -457,18 +461,19 @@ def cross_entropy(
     Returns:
       A scalar, or an array of shape `targets.shape` for `"none"`.
 
-    >>> import jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> logits = jnp.array([[2.0, 0.0], [0.0, 2.0]])
-    >>> fl.nn.cross_entropy(logits, jnp.array([0, 1])).round(4)
-    Array(0.1269, dtype=float32)
-    >>> fl.nn.cross_entropy(logits, jnp.array([0, 0]), reduction="none").round(4)
-    Array([0.1269, 2.1269], dtype=float32)
-    >>> mask = jnp.array([1.0, 0.0])  # the second position is padding
-    >>> fl.nn.cross_entropy(logits, jnp.array([0, 0]), mask=mask).round(4)
-    Array(0.1269, dtype=float32)
-    >>> fl.nn.cross_entropy(logits.astype(jnp.bfloat16), jnp.array([0, 1])).dtype
-    dtype('float32')
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> logits = jnp.array([[2.0, 0.0], [0.0, 2.0]])
+      >>> fl.nn.cross_entropy(logits, jnp.array([0, 1])).round(4)
+      Array(0.1269, dtype=float32)
+      >>> fl.nn.cross_entropy(logits, jnp.array([0, 0]), reduction="none").round(4)
+      Array([0.1269, 2.1269], dtype=float32)
+      >>> mask = jnp.array([1.0, 0.0])  # the second position is padding
+      >>> fl.nn.cross_entropy(logits, jnp.array([0, 0]), mask=mask).round(4)
+      Array(0.1269, dtype=float32)
+      >>> fl.nn.cross_entropy(logits.astype(jnp.bfloat16), jnp.array([0, 1])).dtype
+      dtype('float32')
     """
     where = "cross_entropy"
     if reduction not in ("mean", "sum", "none"):

@@ -622,26 +622,27 @@ def data_parallel(
     Returns:
       A `DataParallel` callable with the step's signature and `.stats`.
 
-    >>> import jax, jax.numpy as jnp, optax
-    >>> import functorch_lite as fl
-    >>> from functorch_lite import parallel
-    >>> net = fl.models.DynamicNet(4, 8, 2)
-    >>> def loss_fn(params, x, y, depth):
-    ...     return fl.nn.mse_loss(net.apply(params, x, depth), y)
-    >>> opt = optax.sgd(1e-4, momentum=0.9)
-    >>> dp = parallel.data_parallel(fl.train.make_step(loss_fn, opt))
-    >>> params = net.init(jax.random.key(0)); opt_state = opt.init(params)
-    >>> n = len(jax.devices())
-    >>> x, y = jnp.ones((2 * n, 4)), jnp.zeros((2 * n, 2))
-    >>> for depth in [0, 3, 1]:
-    ...     params, opt_state, loss = dp(params, opt_state, x, y, depth)
-    >>> params["output_linear"]["bias"].sharding.is_fully_replicated
-    True
-    >>> x_placed = dp.place(params, opt_state, x, y, 0)[0][2]
-    >>> x_placed.sharding.spec == jax.sharding.PartitionSpec("data")
-    True
-    >>> dp.stats.compiles
-    1
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import functorch_lite as fl
+      >>> from functorch_lite import parallel
+      >>> net = fl.models.DynamicNet(4, 8, 2)
+      >>> def loss_fn(params, x, y, depth):
+      ...     return fl.nn.mse_loss(net.apply(params, x, depth), y)
+      >>> opt = optax.sgd(1e-4, momentum=0.9)
+      >>> dp = parallel.data_parallel(fl.train.make_step(loss_fn, opt))
+      >>> params = net.init(jax.random.key(0)); opt_state = opt.init(params)
+      >>> n = len(jax.devices())
+      >>> x, y = jnp.ones((2 * n, 4)), jnp.zeros((2 * n, 2))
+      >>> for depth in [0, 3, 1]:
+      ...     params, opt_state, loss = dp(params, opt_state, x, y, depth)
+      >>> params["output_linear"]["bias"].sharding.is_fully_replicated
+      True
+      >>> x_placed = dp.place(params, opt_state, x, y, 0)[0][2]
+      >>> x_placed.sharding.spec == jax.sharding.PartitionSpec("data")
+      True
+      >>> dp.stats.compiles
+      1
     """
     if not callable(step):
         raise TypeError(
@@ -719,8 +720,9 @@ def initialize(
         counts as lost (a positive number; 30 by default). JAX's own timeout
         is set above it, so that this one acts first.
 
-    >>> import functorch_lite as fl
-    >>> fl.parallel.initialize("10.0.0.1:1234", 2, 0)  # doctest: +SKIP
+    Examples:
+      >>> import functorch_lite as fl
+      >>> fl.parallel.initialize("10.0.0.1:1234", 2, 0)  # doctest: +SKIP
     """
     if cpu_devices is not None:
         check_int(cpu_devices, where="initialize", name="cpu_devices", minimum=1)

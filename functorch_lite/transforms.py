@@ -358,11 +358,12 @@ def grad(
       `grads` (or `(grads, aux)`), with the structure of `args[argnums]`, a
       tuple of such trees if `argnums` is a tuple.
 
-    >>> import jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> params = {"w": jnp.array([1.0, 2.0])}
-    >>> fl.transforms.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
-    {'w': Array([2., 4.], dtype=float32)}
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> params = {"w": jnp.array([1.0, 2.0])}
+      >>> fl.transforms.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
+      {'w': Array([2., 4.], dtype=float32)}
     """
     where = "grad"
     _check_callable(func, where=where)
@@ -395,12 +396,13 @@ def grad_and_value(
     Returns:
       A function returning `(grads, value)` or `(grads, (value, aux))`.
 
-    >>> import jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> g, value = fl.transforms.grad_and_value(lambda x: jnp.sum(x**2))(
-    ...     jnp.array([1.0, 3.0]))
-    >>> g, value
-    (Array([2., 6.], dtype=float32), Array(10., dtype=float32))
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> g, value = fl.transforms.grad_and_value(lambda x: jnp.sum(x**2))(
+      ...     jnp.array([1.0, 3.0]))
+      >>> g, value
+      (Array([2., 6.], dtype=float32), Array(10., dtype=float32))
     """
     where = "grad_and_value"
     _check_callable(func, where=where)
@@ -437,11 +439,12 @@ def vjp(
       `vjp_fn(cotangents)` takes a tree shaped like `output` and returns a
       tuple with one gradient tree per primal.
 
-    >>> import jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> out, vjp_fn = fl.transforms.vjp(lambda x: x**2, jnp.array([1.0, 2.0]))
-    >>> vjp_fn(jnp.ones(2))
-    (Array([2., 4.], dtype=float32),)
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> out, vjp_fn = fl.transforms.vjp(lambda x: x**2, jnp.array([1.0, 2.0]))
+      >>> vjp_fn(jnp.ones(2))
+      (Array([2., 4.], dtype=float32),)
     """
     where = "vjp"
     _check_callable(func, where=where)
@@ -507,11 +510,12 @@ def jvp(
       TypeError: if `func` contains a `jax.custom_vjp` function (see the
         module docstring).
 
-    >>> import jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> fl.transforms.jvp(lambda x: x**2, (jnp.array([1.0, 2.0]),),
-    ...                   (jnp.array([1.0, 0.0]),))
-    (Array([1., 4.], dtype=float32), Array([2., 0.], dtype=float32))
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> fl.transforms.jvp(lambda x: x**2, (jnp.array([1.0, 2.0]),),
+      ...                   (jnp.array([1.0, 0.0]),))
+      (Array([1., 4.], dtype=float32), Array([2., 0.], dtype=float32))
     """
     where = "jvp"
     _check_callable(func, where=where)
@@ -568,11 +572,12 @@ def jacrev(
       leaf a tree shaped like `args[argnums]` whose leaves have shape
       `out_leaf.shape + in_leaf.shape` (a tuple over `argnums` if it is one).
 
-    >>> import jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> fl.transforms.jacrev(lambda x: x**2)(jnp.array([1.0, 2.0]))
-    Array([[2., 0.],
-           [0., 4.]], dtype=float32)
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> fl.transforms.jacrev(lambda x: x**2)(jnp.array([1.0, 2.0]))
+      Array([[2., 0.],
+             [0., 4.]], dtype=float32)
     """
     where = "jacrev"
     _check_callable(func, where=where)
@@ -603,11 +608,12 @@ def jacfwd(
     Returns:
       A function returning the Jacobian, laid out as `jacrev`'s.
 
-    >>> import jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> fl.transforms.jacfwd(lambda x: x**2)(jnp.array([1.0, 2.0]))
-    Array([[2., 0.],
-           [0., 4.]], dtype=float32)
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> fl.transforms.jacfwd(lambda x: x**2)(jnp.array([1.0, 2.0]))
+      Array([[2., 0.],
+             [0., 4.]], dtype=float32)
     """
     where = "jacfwd"
     _check_callable(func, where=where)
@@ -639,11 +645,12 @@ def hessian(func: Callable[..., Any], argnums: Argnums = 0) -> Callable[..., Any
       A function returning the Hessian; for one array input `x`, of shape
       `x.shape + x.shape`.
 
-    >>> import jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> fl.transforms.hessian(lambda x: jnp.sum(x**3))(jnp.array([1.0, 2.0]))
-    Array([[ 6.,  0.],
-           [ 0., 12.]], dtype=float32)
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> fl.transforms.hessian(lambda x: jnp.sum(x**3))(jnp.array([1.0, 2.0]))
+      Array([[ 6.,  0.],
+             [ 0., 12.]], dtype=float32)
     """
     where = "hessian"
     _check_callable(func, where=where)
@@ -769,16 +776,18 @@ def vmap(
     Returns:
       The vectorized function.
 
-    >>> import jax, jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> net = fl.models.DynamicNet(3, 4, 2)
-    >>> params = net.init(jax.random.key(0))
-    >>> def loss(params, x, y):
-    ...     return fl.nn.mse_loss(net.apply(params, x, 2), y)
-    >>> per_example = fl.transforms.vmap(fl.transforms.grad(loss), in_dims=(None, 0, 0))
-    >>> grads = per_example(params, jnp.ones((5, 3)), jnp.zeros((5, 2)))
-    >>> grads["middle_linear"]["weight"].shape
-    (5, 4, 4)
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> net = fl.models.DynamicNet(3, 4, 2)
+      >>> params = net.init(jax.random.key(0))
+      >>> def loss(params, x, y):
+      ...     return fl.nn.mse_loss(net.apply(params, x, 2), y)
+      >>> per_example = fl.transforms.vmap(
+      ...     fl.transforms.grad(loss), in_dims=(None, 0, 0))
+      >>> grads = per_example(params, jnp.ones((5, 3)), jnp.zeros((5, 2)))
+      >>> grads["middle_linear"]["weight"].shape
+      (5, 4, 4)
     """
     where = "vmap"
     _check_callable(func, where=where)
@@ -839,12 +848,13 @@ def functional_call(model: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
     Returns:
       The model's output.
 
-    >>> import jax, jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> net = fl.models.DynamicNet(3, 4, 2)
-    >>> params = net.init(jax.random.key(0))
-    >>> fl.transforms.functional_call(net, params, jnp.ones((5, 3)), 1).shape
-    (5, 2)
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> net = fl.models.DynamicNet(3, 4, 2)
+      >>> params = net.init(jax.random.key(0))
+      >>> fl.transforms.functional_call(net, params, jnp.ones((5, 3)), 1).shape
+      (5, 2)
     """
     if any(
         c.__module__.startswith("torch.nn") and c.__name__ == "Module"
@@ -882,13 +892,14 @@ def stack_params(params_list: Sequence[Any]) -> Any:
       A tree of that structure whose leaves have shape
       `(len(params_list), *leaf.shape)`.
 
-    >>> import jax
-    >>> import functorch_lite as fl
-    >>> net = fl.models.DynamicNet(3, 4, 2)
-    >>> keys = jax.random.split(jax.random.key(0), 8)
-    >>> stacked = fl.transforms.stack_params([net.init(k) for k in keys])
-    >>> stacked["input_linear"]["weight"].shape
-    (8, 3, 4)
+    Examples:
+      >>> import jax
+      >>> import functorch_lite as fl
+      >>> net = fl.models.DynamicNet(3, 4, 2)
+      >>> keys = jax.random.split(jax.random.key(0), 8)
+      >>> stacked = fl.transforms.stack_params([net.init(k) for k in keys])
+      >>> stacked["input_linear"]["weight"].shape
+      (8, 3, 4)
     """
     where = "stack_params"
     if not isinstance(params_list, Sequence) or isinstance(params_list, str | bytes):
