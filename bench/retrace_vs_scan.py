@@ -292,11 +292,6 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _say(text: str) -> None:
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
-
-
 def _write_sequence_only(
     results: dict[str, Any], out: Path, name: str, plot: bool
 ) -> dict[str, Any]:
@@ -369,9 +364,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         seq_cfg = sequence.config(args.full, **(args.sequence_config or {}))
         if args.sequence_config and "peers" in args.sequence_config:
             seq_cfg["peers"] = tuple(args.sequence_config["peers"])
-        say = (lambda text: None) if args.quiet else _say
+        progress = dynamicnet.Progress(None, args.quiet)
         with jax.default_device(device):
-            sequence_result = sequence.run(seq_cfg, progress=say)
+            sequence_result = sequence.run(seq_cfg, progress=progress.line)
+        progress.close()
         results["sequence"] = sequence_result
     results = _jsonable(results)
     if args.workload == "sequence":

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
-import sys
 import time
 import warnings
 
@@ -33,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
 import functorch_lite as fl
 
@@ -133,19 +133,16 @@ def main(argv: list[str] | None = None) -> dict:
         order = rng.permutation(len(lines))
         losses = []
         start = time.perf_counter()
-        for b in range(n_batches):
+        bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}", unit="batch",
+                   disable=None, leave=False)  # fmt: skip
+        for b in bar:
             idx = order[b * args.batch : (b + 1) * args.batch]
             tokens, n = batch_of(idx)
             params, opt_state, loss = step(params, opt_state, tokens, n)
             losses.append(loss)
             tokens_seen += int(lengths[idx].sum())
-            if sys.stderr.isatty():
-                print(f"\r  epoch {epoch + 1} batch {b + 1}/{n_batches}", end="",
-                      file=sys.stderr)  # fmt: skip
         epoch_losses.append(float(np.mean(jax.device_get(losses))))
         train_time += time.perf_counter() - start
-        if sys.stderr.isatty():
-            print(file=sys.stderr)
         print(f"epoch {epoch + 1}: loss {epoch_losses[-1]:.4f} "
               f"(compiles so far: {step.stats.compiles})")  # fmt: skip
     per_token = train_time / max(1, tokens_seen)

@@ -18,6 +18,7 @@ import argparse
 import jax
 import numpy as np
 import optax
+from tqdm import tqdm
 
 import functorch_lite as fl
 
@@ -53,11 +54,12 @@ def main(argv: list[str] | None = None) -> dict:
     rng = np.random.default_rng(args.seed)
     depths = rng.integers(0, args.max_depth + 1, size=args.steps)
     losses = []
-    for t, depth in enumerate(depths):
+    # A progress bar on a terminal (stderr), nothing otherwise (disable=None).
+    for t, depth in enumerate(tqdm(depths, desc=args.mode, disable=None, leave=False)):
         params, opt_state, loss = step(params, opt_state, x, y, int(depth))
         losses.append(float(loss))
         if args.print_every and (t % args.print_every == 0 or t == args.steps - 1):
-            print(f"step {t:4d}  depth {depth}  loss {losses[-1]:.6f}")
+            tqdm.write(f"step {t:4d}  depth {depth}  loss {losses[-1]:.6f}")
     distinct = len(set(depths.tolist()))
     print(
         f"mode {args.mode}: compiles: {step.stats.compiles} "

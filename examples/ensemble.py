@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
 import functorch_lite as fl
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     initial = np.asarray(evaluate(params, x, y, all_depth))
     opt_state = optimizer.init(params)
     totals = []
-    for t in range(args.steps):
+    for t in tqdm(range(args.steps), desc="ensemble", disable=None, leave=False):
         # make_step donates params and opt_state: keep only the returned ones.
         params, opt_state, loss = step(
             params, opt_state, x, y, jnp.asarray(depths[t], jnp.int32)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
 import functorch_lite as fl
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     params = _fresh(params0)
     opt_state = optimizer.init(params)
     static_losses = []
-    for t in range(args.steps):
+    for t in tqdm(range(args.steps), desc="static", disable=None, leave=False):
         if t == 1:  # time the steps after the first (compiling) one
             start = time.perf_counter()
         params, opt_state, loss = step(
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     opt_state = optimizer.init(params)
     dynamic_losses = []
     start = time.perf_counter()  # includes its compiles: one per new depth
-    for t in range(args.steps):
+    for t in tqdm(range(args.steps), desc="dynamic", disable=None, leave=False):
         loss, grads = 0.0, None
         for depth in np.unique(depths[t]):
             rows = jnp.asarray(depths[t] == depth, jnp.float32)

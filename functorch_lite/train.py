@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import os
 import sys
-import time
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any
@@ -133,19 +132,20 @@ def make_step(
     Returns:
       The compiled step; `step.guarded` tells whether `guard` is on.
 
-    >>> import jax, jax.numpy as jnp, optax
-    >>> import functorch_lite as fl
-    >>> net = fl.models.DynamicNet(4, 8, 2)
-    >>> def loss_fn(params, x, y, depth):
-    ...     return fl.nn.mse_loss(net.apply(params, x, depth), y)
-    >>> opt = optax.sgd(1e-4, momentum=0.9)
-    >>> step = fl.train.make_step(loss_fn, opt)
-    >>> params = net.init(jax.random.key(0)); opt_state = opt.init(params)
-    >>> x, y = jnp.ones((3, 4)), jnp.zeros((3, 2))
-    >>> for depth in [0, 3, 1]:
-    ...     params, opt_state, loss = step(params, opt_state, x, y, depth)
-    >>> step.stats.compiles
-    1
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import functorch_lite as fl
+      >>> net = fl.models.DynamicNet(4, 8, 2)
+      >>> def loss_fn(params, x, y, depth):
+      ...     return fl.nn.mse_loss(net.apply(params, x, depth), y)
+      >>> opt = optax.sgd(1e-4, momentum=0.9)
+      >>> step = fl.train.make_step(loss_fn, opt)
+      >>> params = net.init(jax.random.key(0)); opt_state = opt.init(params)
+      >>> x, y = jnp.ones((3, 4)), jnp.zeros((3, 2))
+      >>> for depth in [0, 3, 1]:
+      ...     params, opt_state, loss = step(params, opt_state, x, y, depth)
+      >>> step.stats.compiles
+      1
     """
     loss_sig, loss_params = _check_loss_fn(loss_fn, optimizer, "make_step")
     static_argnames = argnames(
@@ -363,17 +363,18 @@ def make_update(
       The update function, with the signature `(params, opt_state, ...)`,
       where `...` are `loss_fn`'s arguments after `params`.
 
-    >>> import jax, jax.numpy as jnp, optax
-    >>> import functorch_lite as fl
-    >>> def loss_fn(w, x):
-    ...     err = x @ w - 1.0
-    ...     return jnp.sum(err**2), {"max_err": jnp.max(jnp.abs(err))}
-    >>> opt = optax.sgd(0.1)
-    >>> update = jax.jit(fl.train.make_update(loss_fn, opt, has_aux=True))
-    >>> w, state = jnp.zeros(2), opt.init(jnp.zeros(2))
-    >>> w, state, loss, aux = update(w, state, jnp.eye(2))
-    >>> float(loss), float(aux["max_err"])
-    (2.0, 1.0)
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import functorch_lite as fl
+      >>> def loss_fn(w, x):
+      ...     err = x @ w - 1.0
+      ...     return jnp.sum(err**2), {"max_err": jnp.max(jnp.abs(err))}
+      >>> opt = optax.sgd(0.1)
+      >>> update = jax.jit(fl.train.make_update(loss_fn, opt, has_aux=True))
+      >>> w, state = jnp.zeros(2), opt.init(jnp.zeros(2))
+      >>> w, state, loss, aux = update(w, state, jnp.eye(2))
+      >>> float(loss), float(aux["max_err"])
+      (2.0, 1.0)
     """
     loss_sig, loss_params = _check_loss_fn(loss_fn, optimizer, "make_update")
     check_bool(has_aux, where="make_update", name="has_aux")
@@ -425,19 +426,20 @@ def make_fused_step(
     Returns:
       The compiled multi-step function.
 
-    >>> import jax, jax.numpy as jnp, optax
-    >>> import functorch_lite as fl
-    >>> net = fl.models.DynamicNet(4, 8, 2)
-    >>> def loss_fn(params, x, y, depth):
-    ...     return fl.nn.mse_loss(net.apply(params, x, depth), y)
-    >>> opt = optax.sgd(1e-4, momentum=0.9)
-    >>> fused = fl.train.make_fused_step(loss_fn, opt, shared_argnames=("x", "y"))
-    >>> params = net.init(jax.random.key(0)); opt_state = opt.init(params)
-    >>> depths = jnp.array([0, 3, 1, 2])
-    >>> params, opt_state, losses = fused(
-    ...     params, opt_state, jnp.ones((3, 4)), jnp.zeros((3, 2)), depths)
-    >>> losses.shape, fused.stats.compiles
-    ((4,), 1)
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import functorch_lite as fl
+      >>> net = fl.models.DynamicNet(4, 8, 2)
+      >>> def loss_fn(params, x, y, depth):
+      ...     return fl.nn.mse_loss(net.apply(params, x, depth), y)
+      >>> opt = optax.sgd(1e-4, momentum=0.9)
+      >>> fused = fl.train.make_fused_step(loss_fn, opt, shared_argnames=("x", "y"))
+      >>> params = net.init(jax.random.key(0)); opt_state = opt.init(params)
+      >>> depths = jnp.array([0, 3, 1, 2])
+      >>> params, opt_state, losses = fused(
+      ...     params, opt_state, jnp.ones((3, 4)), jnp.zeros((3, 2)), depths)
+      >>> losses.shape, fused.stats.compiles
+      ((4,), 1)
     """
     loss_sig, loss_params = _check_loss_fn(loss_fn, optimizer, "make_fused_step")
     shared_argnames = argnames(
@@ -496,11 +498,16 @@ def make_fused_step(
     return compiled
 
 
-def _progress(stream: Any, i: int, total: int | None, loss: float, rate: float) -> None:
-    end = "\r" if stream.isatty() else "\n"
-    of = f"/{total}" if total is not None else ""
-    stream.write(f"step {i}{of}  loss {loss:.6g}  {rate:.1f} steps/s{end}")
-    stream.flush()
+def _progress_bar(enabled: bool, total: int | None, done: int) -> Any:
+    """A tqdm bar on stderr when it is a terminal, else None (no output)."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm  # noqa: PLC0415 - only when a bar is shown
+
+    return tqdm(
+        total=total, initial=done, desc="fit", unit="step", file=sys.stderr,
+        dynamic_ncols=True, mininterval=0.2,
+    )  # fmt: skip
 
 
 def _batch_call(
@@ -683,8 +690,10 @@ def fit(
       opt_state: the initial optimizer state.
       batches: an iterable; each item is a tuple of positional arguments for
         the step after `opt_state`, or a dict of keyword arguments.
-      progress: print step, loss and steps/s to stderr every `log_every` steps.
-      log_every: how often to read the losses back (and print them).
+      progress: show a progress bar (tqdm) on stderr with the step, the loss
+        and steps/s, updated every `log_every` steps, when stderr is a
+        terminal; nothing otherwise. Also say when resuming (see below).
+      log_every: how often to read the losses back (and update the bar).
       total: the number of batches, for the progress display.
       on_nonfinite: `"raise"` or `"skip"`, see above.
       check_inputs: look for NaN or Inf in each batch's float arrays before
@@ -713,18 +722,19 @@ def fit(
     last completed step. The arrays passed in were donated to the first step,
     so this is where the trained state lives.
 
-    >>> import jax, jax.numpy as jnp, optax
-    >>> import functorch_lite as fl
-    >>> net = fl.models.TwoLayerNet(3, 4, 1)
-    >>> step = fl.train.make_step(
-    ...     lambda p, x, y: fl.nn.mse_loss(net.apply(p, x), y), optax.sgd(1e-3))
-    >>> params = net.init(jax.random.key(0))
-    >>> opt_state = optax.sgd(1e-3).init(params)
-    >>> data = [(jnp.ones((2, 3)), jnp.zeros((2, 1)))] * 5
-    >>> params, opt_state, losses = fl.train.fit(
-    ...     step, params, opt_state, data, progress=False)
-    >>> losses.shape, bool(losses[-1] < losses[0])
-    ((5,), True)
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import functorch_lite as fl
+      >>> net = fl.models.TwoLayerNet(3, 4, 1)
+      >>> step = fl.train.make_step(
+      ...     lambda p, x, y: fl.nn.mse_loss(net.apply(p, x), y), optax.sgd(1e-3))
+      >>> params = net.init(jax.random.key(0))
+      >>> opt_state = optax.sgd(1e-3).init(params)
+      >>> data = [(jnp.ones((2, 3)), jnp.zeros((2, 1)))] * 5
+      >>> params, opt_state, losses = fl.train.fit(
+      ...     step, params, opt_state, data, progress=False)
+      >>> losses.shape, bool(losses[-1] < losses[0])
+      ((5,), True)
     """
     _check_fit_step(step, params)
     check_bool(progress, where="fit", name="progress")
@@ -771,8 +781,6 @@ def fit(
     losses: list[Any] = []  # the unread window: one device scalar per step
     history: list[np.ndarray] = []  # the losses read back so far
     unread = done  # the step count before the window's first step
-    start = time.perf_counter()
-    ran = 0
     completed = done  # the state in `params` is that after this many steps
     # With a guarded step, `fit` can hand back exactly the state before the
     # first non-finite step without waiting for each step: it keeps a copy of
@@ -865,6 +873,7 @@ def fit(
         return min(at, n + log_every) if replay else at
 
     read_at = next_read_after(done)
+    bar = _progress_bar(progress, total, done)
     try:
         for i, batch in enumerate(batches):
             seen = i + 1
@@ -883,13 +892,11 @@ def fit(
             elif type(batch) is tuple:  # the common case, kept short
                 params, opt_state, loss, *_ = step(params, opt_state, *batch)
                 losses.append(loss)
-                ran += 1
             else:
                 params, opt_state, loss = _batch_call(
                     step, params, opt_state, batch, i + 1
                 )
                 losses.append(loss)
-                ran += 1
             completed = i + 1
             if replay:
                 window.append(batch)
@@ -898,10 +905,16 @@ def fit(
                 last = read_back()
                 if checkpoint_every is not None and completed % checkpoint_every == 0:
                     save(completed, (params, opt_state))
-                if progress and completed % log_every == 0:
-                    rate = ran / max(time.perf_counter() - start, 1e-9)
-                    _progress(sys.stderr, completed, total, last, rate)
-        read_back()
+                if bar is not None:
+                    bar.update(completed - bar.n)
+                    bar.set_postfix(loss=f"{last:.6g}", refresh=False)
+        final = read_back()
+        if bar is not None:
+            bar.update(completed - bar.n)
+            if not np.isnan(final):  # nan: nothing was left to read
+                bar.set_postfix(loss=f"{final:.6g}", refresh=False)
+            bar.close()
+            bar = None
         wait_for_save()
         if done and seen <= done:
             _say(
@@ -910,6 +923,8 @@ def fit(
                 f"{seen} batches given; nothing was run",
             )
     except BaseException as err:
+        if bar is not None:
+            bar.close()
         if jax.process_count() > 1:  # a collective may fail for a lost peer
             from functorch_lite import parallel  # noqa: PLC0415
 
@@ -926,8 +941,6 @@ def fit(
                     f"fit: the checkpoint save in flight also failed: {save_err}"
                 )
         raise
-    if progress and ran and sys.stderr.isatty():
-        sys.stderr.write("\n")
     return FitResult(
         params,
         opt_state,
@@ -1158,9 +1171,10 @@ def bucket_size(n: int, buckets: Sequence[int] | None = None) -> int:
       n: the batch size, >= 1.
       buckets: the allowed sizes; default: powers of two.
 
-    >>> import functorch_lite as fl
-    >>> fl.train.bucket_size(100), fl.train.bucket_size(3, buckets=[8, 64])
-    (128, 8)
+    Examples:
+      >>> import functorch_lite as fl
+      >>> fl.train.bucket_size(100), fl.train.bucket_size(3, buckets=[8, 64])
+      (128, 8)
     """
     return _bucket_size(n, buckets, "bucket_size")
 
@@ -1210,11 +1224,12 @@ def pad_batch(
       `(padded_arrays, mask)`: the arrays padded to the bucket size along axis
       0, and a float32 `(bucket,)` mask, 1 for real rows and 0 for padding.
 
-    >>> import jax.numpy as jnp
-    >>> import functorch_lite as fl
-    >>> (x, y), mask = fl.train.pad_batch(jnp.ones((5, 3)), jnp.ones((5, 1)))
-    >>> x.shape, y.shape, mask.tolist()
-    ((8, 3), (8, 1), [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import functorch_lite as fl
+      >>> (x, y), mask = fl.train.pad_batch(jnp.ones((5, 3)), jnp.ones((5, 1)))
+      >>> x.shape, y.shape, mask.tolist()
+      ((8, 3), (8, 1), [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
     """
     if not arrays:
         raise TypeError("pad_batch: give at least one array.")

@@ -66,6 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
 import functorch_lite as fl
 
@@ -127,12 +128,23 @@ _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 # ----------------------------------------------------------------------- config
 
 
-class _Progress:
-    """One line per measured cell on stderr."""
+class Progress:
+    """The benchmark's cells as they finish, on stderr.
 
-    def __init__(self, total: int, quiet: bool) -> None:
+    On a terminal: a tqdm bar over the cells, each finished cell's figures
+    written above it. Redirected (a log file, CI): one plain line per cell and
+    no bar, so the log stays readable. `quiet`: nothing.
+    """
+
+    def __init__(self, total: int | None, quiet: bool) -> None:
         self.total, self.done, self.quiet = total, 0, quiet
         self.start = time.perf_counter()
+        self.bar = None
+        if not quiet and sys.stderr.isatty():
+            self.bar = tqdm(
+                total=total, unit="cell", file=sys.stderr, dynamic_ncols=True,
+                leave=False,
+            )  # fmt: skip
 
     def line(self, text: str, *, advance: bool = True) -> None:
         if advance:
@@ -140,12 +152,21 @@ class _Progress:
         if self.quiet:
             return
         elapsed = time.perf_counter() - self.start
-        width = len(str(self.total))
-        count = (
-            f"[{self.done:>{width}}/{self.total}]" if advance else " " * (2 * width + 3)
-        )
-        sys.stderr.write(f"{count} {elapsed:7.1f}s  {text}\n")
-        sys.stderr.flush()
+        width = len(str(self.total or self.done))
+        of = f"/{self.total}" if self.total else ""
+        count = f"[{self.done:>{width}}{of}]" if advance else " " * (2 * width + 3)
+        if self.bar is None:
+            sys.stderr.write(f"{count} {elapsed:7.1f}s  {text}\n")
+            sys.stderr.flush()
+            return
+        self.bar.write(f"{count} {elapsed:7.1f}s  {text}", file=sys.stderr)
+        if advance:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class _EventSeconds:
@@ -1099,7 +1120,7 @@ def run_benchmark(
     max_steps = max(cfg["steps"])
 
     n_cells = len(cfg["depths"]) * (len(cfg["strategies"]) + len(cfg["peers"]) + 1) + 2
-    progress = _Progress(n_cells, quiet)
+    progress = Progress(n_cells, quiet)
     peak = _matmul_peak(peak_size, repeats=5)
     progress.line(
         f"matmul peak {peak_size}x{peak_size} float32: {peak['gflops']:.1f} GFLOP/s "
@@ -1218,6 +1239,7 @@ def run_benchmark(
         f"matmul peak again: {peak_end['gflops']:.1f} GFLOP/s (start "
         f"{peak['gflops']:.1f}); the higher one is reported as the peak"
     )
+    progress.close()
     starting = peak
     peak = dict(max(peak, peak_end, key=lambda p: p["gflops"]))
     peak["gflops_start"], peak["gflops_end"] = starting["gflops"], peak_end["gflops"]
