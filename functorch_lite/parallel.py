@@ -689,6 +689,7 @@ def initialize(
     *,
     cpu_devices: int | None = None,
     heartbeat_timeout_s: float = 30.0,
+    separate_service: bool = True,
 ) -> None:
     """Join this process to a multi-process run with `jax.distributed.initialize`.
 
@@ -699,7 +700,9 @@ def initialize(
 
     When a process dies, the others would wait in their next collective
     until JAX's coordination service aborts them (SIGABRT and a C++ stack
-    trace, 100 s later by default). Instead, every process runs a small
+    trace, 100 s later by default, or at once when process 0, which holds the
+    service, is the one that died). So process 0 runs the service in a child
+    process (`separate_service`), and every process runs a small
     heartbeat thread: each second or so it posts a counter to the coordination
     service and reads the others'. A process whose counter has not moved for
     `heartbeat_timeout_s` seconds (or a coordinator that no longer answers) is
@@ -719,6 +722,15 @@ def initialize(
       heartbeat_timeout_s: seconds without a heartbeat after which a process
         counts as lost (a positive number; 30 by default). JAX's own timeout
         is set above it, so that this one acts first.
+      separate_service: run JAX's coordination service in a child process of
+        process 0 rather than inside it (the default, when the address, the
+        count and the id are given). Inside process 0, the service dies with
+        it, and JAX then aborts every other process at once (SIGABRT, a C++
+        stack trace) before this library can say anything; apart, it outlives
+        process 0's trainer, whose loss the others then report like any
+        other. The child ends with process 0 (after a grace period when
+        process 0 died, so that the others can stop cleanly). False: JAX's
+        own `jax.distributed.initialize`, service inside process 0.
 
     Examples:
       >>> import functorch_lite as fl
@@ -735,21 +747,140 @@ def initialize(
             "initialize: `heartbeat_timeout_s` must be a positive number of "
             f"seconds; got {heartbeat_timeout_s!r}."
         )
+    check_bool(separate_service, where="initialize", name="separate_service")
     if cpu_devices is not None:
         jax.config.update("jax_num_cpu_devices", cpu_devices)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address,
-        num_processes=num_processes,
-        process_id=process_id,
-        heartbeat_timeout_seconds=max(100, math.ceil(3 * heartbeat_timeout_s)),
-    )
+    jax_timeout = max(100, math.ceil(3 * heartbeat_timeout_s))
+    explicit = None not in (coordinator_address, num_processes, process_id)
+    if separate_service and explicit and num_processes != 1:
+        _join_with_separate_service(
+            coordinator_address,  # type: ignore[arg-type]
+            num_processes,  # type: ignore[arg-type]
+            process_id,  # type: ignore[arg-type]
+            jax_timeout,
+            linger_s=2 * float(heartbeat_timeout_s) + 10,
+        )
+    else:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            heartbeat_timeout_seconds=jax_timeout,
+        )
     if jax.process_count() > 1:
         _heartbeat[0] = _Heartbeat(float(heartbeat_timeout_s))
         _heartbeat[0].start()
 
 
 _heartbeat: list[_Heartbeat | None] = [None]
+
+
+def _join_with_separate_service(
+    address: str, count: int, index: int, jax_timeout: int, linger_s: float
+) -> None:
+    """`jax.distributed.initialize`, with the service in a child of process 0.
+
+    The client side is JAX's own, set up as `jax.distributed.initialize` does
+    it (jax 0.10's `distributed.global_state`), minus the in-process service.
+    """
+    from jax._src import distributed  # noqa: PLC0415 - JAX's client state
+    from jax._src.lib import _jax  # noqa: PLC0415
+
+    state = distributed.global_state
+    if state.client is not None:
+        raise RuntimeError("initialize: this process has already joined a run.")
+    check_int(count, where="initialize", name="num_processes", minimum=1)
+    check_int(index, where="initialize", name="process_id", minimum=0)
+    if not 0 <= index < count:
+        raise ValueError(
+            "initialize: `process_id` must be in [0, num_processes); got "
+            f"process_id={index}, num_processes={count}."
+        )
+    if index == 0:
+        _start_service(address, count, jax_timeout, linger_s)
+    state.coordinator_address = address
+    state.process_id = index
+    state.num_processes = count
+    state.client = _jax.get_distributed_runtime_client(
+        address,
+        index,
+        init_timeout=300,
+        use_compression=True,
+        heartbeat_timeout=jax_timeout,
+    )
+    state.client.connect()
+    state.initialize_preemption_sync_manager()
+
+
+def _start_service(address: str, count: int, jax_timeout: int, linger_s: float) -> None:
+    """Start the coordination service in a child process (`_coordinator`)."""
+    import subprocess  # noqa: PLC0415
+
+    from functorch_lite import _coordinator  # noqa: PLC0415
+
+    port = address.rsplit(":", 1)[1]
+    _end_stale_service(_coordinator.pid_file(port))
+    # Its log goes to a file: a child holding this process's stderr would keep
+    # a pipe that reads this process's output open after it ends.
+    log_path = _coordinator.log_file(port)
+    log = open(log_path, "w")  # noqa: SIM115 - the child owns it from here
+    child = subprocess.Popen(
+        [
+            sys.executable, "-m", "functorch_lite._coordinator",
+            "--bind", f"[::]:{port}", "--num-processes", str(count),
+            "--heartbeat-timeout", str(jax_timeout), "--linger", str(linger_s),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        start_new_session=True,  # a Ctrl-C meant for the trainer leaves it be
+        text=True,
+    )  # fmt: skip
+    log.close()
+    assert child.stdout is not None and child.stdin is not None
+    ready = child.stdout.readline().strip()
+    if ready != "ready":
+        child.kill()
+        with open(log_path) as f:
+            said = f.read()[-2000:]
+        raise RuntimeError(
+            f"initialize: the coordination service did not start on port {port} "
+            f"(exit status {child.wait()}); its log ({log_path}) ends:\n{said}"
+        )
+    stdin = child.stdin
+
+    def release() -> None:  # a normal exit: the service stops shortly after
+        with contextlib.suppress(OSError, ValueError):
+            stdin.write("exit\n")
+            stdin.flush()
+
+    atexit.register(release)
+    _service_child[0] = child
+
+
+# Process 0's coordination-service child (`_start_service`), kept alive here.
+_service_child: list[Any] = [None]
+
+
+def _end_stale_service(path: str) -> None:
+    """End a service that a crashed run left on this port (see `_coordinator`)."""
+    import signal  # noqa: PLC0415
+
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            ours = b"functorch_lite._coordinator" in f.read()
+    except (OSError, ValueError):
+        return
+    if not ours:
+        return
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+        time.sleep(0.05)
 
 
 def wait_for_lost_peer(err: BaseException) -> None:
@@ -761,7 +892,12 @@ def wait_for_lost_peer(err: BaseException) -> None:
     does not (no peer is lost), this returns and the caller re-raises `err`.
     """
     beat = _heartbeat[0]
-    if beat is None or beat.done or not isinstance(err, jax.errors.JaxRuntimeError):
+    # A collective whose peer died fails as JAX's runtime error, or (from
+    # JAX's fast dispatch path) as a `ValueError` with gloo's message.
+    lost = isinstance(err, jax.errors.JaxRuntimeError) or (
+        isinstance(err, ValueError) and "gloo" in str(err).lower()
+    )
+    if beat is None or beat.done or not lost:
         return
     deadline = time.monotonic() + 2 * beat.timeout + 1
     while time.monotonic() < deadline and not beat.done:
@@ -826,7 +962,7 @@ class _Heartbeat(threading.Thread):
             except Exception:  # noqa: BLE001 - any failure: the service is gone
                 if self.done:
                     return
-                self._stop(0, "the coordinator (process 0) no longer answers")
+                self._stop(0, "process 0's coordination service stopped answering")
                 return
             for peer, (last, since) in list(seen.items()):
                 value = values.get(f"{self._PREFIX}{peer}", "")
@@ -850,19 +986,24 @@ class _Heartbeat(threading.Thread):
     def _stop(self, peer: int, why: str) -> None:
         self.done = True
         found = _last_checkpoint[0]
-        if found is not None:  # a background save may have finished since
-            from functorch_lite import checkpoint  # noqa: PLC0415
-
-            with contextlib.suppress(Exception):
-                newest = checkpoint.latest(found[0])
-                if newest is not None and newest[0] >= found[1]:
-                    found = (found[0], newest[0])
         if found is None:
             resume = "no checkpoint was saved or resumed in this process"
         else:
-            resume = (
-                f"resume from step {found[1]}, the newest checkpoint in {found[0]!r}"
-            )
+            # The folder says what is complete: a background save may have
+            # finished since, and another process's may never finish (this
+            # process notes the steps that the folder's writer saves).
+            from functorch_lite import checkpoint  # noqa: PLC0415
+
+            newest = None
+            with contextlib.suppress(Exception):
+                newest = checkpoint.latest(found[0])
+            if newest is None:
+                resume = f"no complete checkpoint in {found[0]!r} yet"
+            else:
+                resume = (
+                    f"resume from step {newest[0]}, the newest checkpoint in "
+                    f"{found[0]!r}"
+                )
         sys.stderr.write(
             f"functorch_lite: lost process {peer} of {self.count}: {why}. Stopping "
             f"process {self.me} (exit status {LOST_PEER_EXIT}); {resume}. Restart "
