@@ -355,7 +355,13 @@ def markdown(results: dict) -> str:
         f"# retrace_vs_scan: {results['name']}",
         "",
         f"Command: `{results['command']}` ({cfg['preset']} preset), "
-        f"{results['wall_seconds']:.0f} s wall.",
+        + (
+            f"{results['wall_seconds']:.0f} s wall for the DynamicNet workload"
+            f" and {results['sequence']['wall_seconds']:.0f} s for the sequence "
+            "workload."
+            if (results.get("sequence") or {}).get("wall_seconds")
+            else f"{results['wall_seconds']:.0f} s wall."
+        ),
         "",
         f"Machine: {env['backend']} `{env['device_kind']}` "
         f"({env.get('cpu_model') or 'unknown CPU'}), {env['cpu_count']} cores, "
@@ -683,17 +689,19 @@ def sequence_markdown(result: dict) -> str:
         names = list(result["sweep"][0]["strategies"])
         lines += [
             "",
-            "Steady time per real token (us) as lines are cut shorter (fewer "
-            "distinct lengths):",
+            "Steady time per real token (us) against the number of distinct "
+            "padded lengths (batch i's lines cut to the i % k-th of k widths "
+            "spread up to the longest):",
             "",
-            "| cut at | distinct lengths | "
+            "| cut widths | distinct lengths | "
             + " | ".join(f"{n} (compiles)" for n in names)
             + " |",
             "|" + "---|" * (2 + len(names)),
         ]
         for row in result["sweep"]:
             lines.append(
-                f"| {row['max_len']} | {row['distinct_lengths']} | "
+                f"| {', '.join(map(str, row.get('widths', [row['max_len']])))} "
+                f"| {row['distinct_lengths']} | "
                 + " | ".join(
                     f"{v['us_per_real_token']:.3g} ({v['compiles']})"
                     for v in row["strategies"].values()

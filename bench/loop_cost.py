@@ -4,7 +4,9 @@ One gradient of `repeat(lambda h: tanh(h @ W), h0, n, max_n=...)` with a
 (256, 128) float32 carry, for n=2 and growing max_n, against the same loop
 unrolled in Python (n fixed at trace time). A static loop whose cost followed
 max_n instead of n would show it here (the previous core took 122 ms at
-max_n=1024 against 0.7 ms unrolled). Prints a table and writes JSON.
+max_n=1024 against 0.7 ms unrolled). Then the cost of a checkpointed
+`while_loop`'s gradient (`checkpoints=k`) against storing every carry.
+Prints the tables and writes JSON.
 
     python bench/loop_cost.py [--repeats 7] [--out bench/results]
 """
@@ -81,7 +83,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name, max_n, (med, lo, hi) in rows:
         label = name if max_n is None else f"{name} max_n={max_n}"
         print(f"  {label:24s} {med:8.3f} ({lo:.3f}-{hi:.3f})  {med / base:6.2f}x")
+    checkpointed = _checkpoint_cost(w, h0, args.repeats)
     result = {
+        "checkpoints": checkpointed,
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0]),
@@ -105,6 +109,40 @@ def main(argv: list[str] | None = None) -> dict:
         path.write_text(json.dumps(result, indent=1))
         print(f"wrote {path}")
     return result
+
+
+def _checkpoint_cost(w: jax.Array, h0: jax.Array, repeats: int) -> list[dict]:
+    """Gradient of a 256-step `while_loop`, every carry stored or k kept.
+
+    `checkpoints=k` keeps at most k carries and replays each segment in the
+    backward pass; k = 16 = sqrt(256) is the memory-optimal choice. Prints the
+    time against storing every carry (`checkpoints=None`).
+    """
+    max_steps = 256
+
+    def loss(w, h0, checkpoints):
+        out, _ = fl.while_loop(
+            lambda c: c[1] < max_steps,
+            lambda c: (jnp.tanh(c[0] @ w), c[1] + 1),
+            (h0, jnp.int32(0)),
+            max_steps=max_steps,
+            checkpoints=checkpoints,
+        )
+        return jnp.sum(out**2)
+
+    rows = []
+    for k in (None, 16, 4):
+        fn = jax.jit(jax.grad(lambda w, h0, k=k: loss(w, h0, k)))
+        rows.append((k, _median_ms(fn, (w, h0), repeats, inner=5)))
+    base = rows[0][1][0]
+    print(f"gradient of a {max_steps}-step while_loop, (256, 128) carry; median ms")
+    for k, (med, lo, hi) in rows:
+        label = "every carry stored" if k is None else f"checkpoints={k}"
+        print(f"  {label:24s} {med:8.3f} ({lo:.3f}-{hi:.3f})  {med / base:6.2f}x")
+    return [
+        {"checkpoints": k, "median_ms": med, "min_ms": lo, "max_ms": hi}
+        for k, (med, lo, hi) in rows
+    ]
 
 
 if __name__ == "__main__":

@@ -192,7 +192,9 @@ def _parser() -> argparse.ArgumentParser:
         default=True,
         help="write the PNG (needs matplotlib, the `bench` extra)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress bar (shown on a terminal)"
+    )
     p.add_argument(
         "--workload",
         choices=("all", "dynamicnet", "sequence"),

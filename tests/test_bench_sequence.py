@@ -23,7 +23,7 @@ TINY = {
     "record": 6,
     "block": 2,
     "repeats": 1,
-    "sweep": [8, 12],
+    "sweep": [1, 2],
     "sweep_strategies": ["static"],
     "peers": ["torch-padded"],
 }
@@ -123,7 +123,8 @@ def test_inputs_file_round_trips(tmp_path):
 def test_sweep_and_plot(run):
     _, results, _, out = run
     sweep = results["sequence"]["sweep"]
-    assert [r["max_len"] for r in sweep] == [8, 12]
+    assert [r["distinct_lengths"] for r in sweep] == [1, 2]
+    assert [len(r["widths"]) for r in sweep] == [1, 2]
     assert all(list(r["strategies"]) == ["static"] for r in sweep)
     for row in sweep:
         assert row["distinct_lengths"] >= 1

@@ -132,15 +132,16 @@ class Progress:
     """The benchmark's cells as they finish, on stderr.
 
     On a terminal: a tqdm bar over the cells, each finished cell's figures
-    written above it. Redirected (a log file, CI): one plain line per cell and
-    no bar, so the log stays readable. `quiet`: nothing.
+    written above it. When stderr is not a terminal (a log file, CI), or with
+    `quiet`: nothing; the figures are in the table on stdout and the files.
     """
 
     def __init__(self, total: int | None, quiet: bool) -> None:
+        quiet = quiet or not sys.stderr.isatty()
         self.total, self.done, self.quiet = total, 0, quiet
         self.start = time.perf_counter()
         self.bar = None
-        if not quiet and sys.stderr.isatty():
+        if not quiet:
             self.bar = tqdm(
                 total=total, unit="cell", file=sys.stderr, dynamic_ncols=True,
                 leave=False,
@@ -155,10 +156,7 @@ class Progress:
         width = len(str(self.total or self.done))
         of = f"/{self.total}" if self.total else ""
         count = f"[{self.done:>{width}}{of}]" if advance else " " * (2 * width + 3)
-        if self.bar is None:
-            sys.stderr.write(f"{count} {elapsed:7.1f}s  {text}\n")
-            sys.stderr.flush()
-            return
+        assert self.bar is not None
         self.bar.write(f"{count} {elapsed:7.1f}s  {text}", file=sys.stderr)
         if advance:
             self.bar.update(1)

@@ -70,7 +70,7 @@ QUICK = {
     "max_len": 24,
     "long_lines": "drop",
     "d_hidden": 64,
-    "sweep": (16, 24),
+    "sweep": (1, 3),  # distinct lengths
     "sweep_strategies": ("bucketed", "static"),
     "marks": (1, 10, 50),
     "block": 10,
@@ -84,7 +84,7 @@ FULL = {
     "long_lines": "cut",
     "d_hidden": 128,
     "sweep_strategies": ("dynamic", "bucketed", "static"),
-    "sweep": (16, 32, 48, 64, 80),
+    "sweep": (1, 2, 4, 8),  # distinct lengths
     "marks": (1, 10, 100, 1000),
     "block": 50,
     "repeats": 7,
@@ -120,6 +120,16 @@ def build(cfg: dict[str, Any], lines: list[str] | None = None) -> tuple[dict, di
         pool = [line for line in lines if len(line) <= max_len]
     picks = rng.integers(0, len(pool), size=(s, b))
     cut = [[pool[i][:max_len] for i in row] for row in picks]
+    k = cfg.get("distinct")
+    if k:  # the sweep: batch i's lines cut to the i % k-th of k widths
+        # spread up to the shortest longest line of a batch, so that every
+        # batch of a group has exactly its width: k distinct padded lengths.
+        cap = min(max(len(x) for x in row) for row in cut)
+        widths = sweep_widths(cap, k)
+        cut = [
+            [line[: widths[i % len(widths)]] for line in row]
+            for i, row in enumerate(cut)
+        ]
     lengths = np.array([[len(line) for line in row] for row in cut], np.int32)
     width = int(lengths.max())
     tokens = np.zeros((s, b, width), np.int32)
@@ -392,33 +402,56 @@ def run(cfg: dict[str, Any], progress: Any = None) -> dict[str, Any]:
         "runs": runs,
     }
     derived(result, arrays)
-    sweep = []
-    for max_len in cfg["sweep"]:
-        c2, a2 = build({**cfg, "max_len": max_len, "marks": (1, 10)}, lines)
+    result["sweep"] = sweep(cfg, lines, say)
+    result["agreement"] = _agreement(runs)
+    result["wall_seconds"] = time.perf_counter() - start
+    return result
+
+
+def sweep_widths(max_len: int, k: int) -> list[int]:
+    """`k` cut widths spread evenly up to `max_len`: k distinct batch lengths."""
+    return sorted({max(2, round(max_len * (j + 1) / k)) for j in range(k)})
+
+
+def sweep(cfg: dict[str, Any], lines: list[str], say: Any) -> list[dict]:
+    """Steady time per real token against the number of distinct lengths.
+
+    For each k in `cfg["sweep"]`, batch i's lines are cut to the i % k-th of
+    k widths spread up to the shortest of the batches' longest lines
+    (truncating the longest lines), so that the batches have k distinct padded
+    lengths: `dynamic` compiles k programs, `bucketed` one per power of two
+    among them, `static` one.
+    """
+    rows = []
+    for k in cfg["sweep"]:
+        c2, a2 = build({**cfg, "distinct": k, "marks": (1, 10)}, lines)
+        widths = sorted(set(a2["lengths"].max(axis=1).tolist()))
         distinct = len(set(a2["lengths"][: c2["block"]].max(axis=1).tolist()))
-        row = {"max_len": max_len, "distinct_lengths": distinct, "strategies": {}}
+        row = {
+            "widths": widths,
+            "max_len": cfg["max_len"],
+            "distinct_lengths": distinct,
+            "strategies": {},
+        }
         for name in cfg["sweep_strategies"]:
             res = _measure_strategy(name, c2, a2)
             real, _ = _tokens(
-                a2, res["steady"]["block_steps"], _width_fn(name, max_len)
+                a2, res["steady"]["block_steps"], _width_fn(name, cfg["max_len"])
             )
             row["strategies"][name] = {
                 "compiles": res["compiles"],
                 "steady_s": res["steady"]["median"],
                 "us_per_real_token": res["steady"]["median"] / real * 1e6,
             }
-        sweep.append(row)
+        rows.append(row)
         say(
-            f"sweep max_len={max_len} ({distinct} distinct lengths): "
+            f"sweep {distinct} distinct lengths (widths {widths}): "
             + ", ".join(
                 f"{n} {v['us_per_real_token']:.3g} us/token"
                 for n, v in row["strategies"].items()
             )
         )
-    result["sweep"] = sweep
-    result["agreement"] = _agreement(runs)
-    result["wall_seconds"] = time.perf_counter() - start
-    return result
+    return rows
 
 
 def _line(name: str, res: dict) -> str:
