@@ -25,7 +25,9 @@ def test_readme_python_blocks_run():
 def test_readme_commands_match_ci():
     text = README.read_text()
     ci = (README.parent / ".ci" / "run").read_text()
-    test_command = re.search(r"^python -m pip install -e \"\.\[test\]\".*$", text, re.M)
+    test_command = re.search(
+        r"^python -m pip install -e \"\.\[test,docs\]\".*$", text, re.M
+    )
     assert test_command is not None
     assert test_command.group(0) in ci
     assert "python bench/retrace_vs_scan.py" in text
