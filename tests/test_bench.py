@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import math
+import sys
 from pathlib import Path
 
 import jax
@@ -194,7 +195,8 @@ def test_outputs(run):
         label = name + "*" if name in PEERS else name
         assert f"\n{label} " in stdout, name
         assert f"| {label} |" in markdown, name
-    assert "max_depth=3" in stderr and "[" in stderr  # the progress display
+    # stderr is not a terminal here: the progress display stays silent
+    assert "max_depth=3" not in stderr and "[1/" not in stderr, stderr
     if importlib.util.find_spec("matplotlib") is not None:
         png = out / "tiny.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -202,6 +204,25 @@ def test_outputs(run):
         assert "tiny.png" in markdown
     else:
         assert results["plot"].startswith("skipped")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_shows_each_cell_on_a_terminal(bench, monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    progress = bench.dynamicnet.Progress(2, quiet=False)
+    progress.line("max_depth=3   static   compiles=1")
+    progress.line("max_depth=3   fused    compiles=1")
+    progress.close()
+    shown = terminal.getvalue()
+    assert "[1/2]" in shown and "[2/2]" in shown and "fused    compiles=1" in shown
+    quiet = bench.dynamicnet.Progress(2, quiet=True)
+    quiet.line("not shown")
+    assert "not shown" not in terminal.getvalue()
 
 
 def test_no_plot_flag(bench, tmp_path):
