@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--linger", type=float, required=True)
     args = parser.parse_args(argv)
 
-    from jax._src.lib import _jax  # noqa: PLC0415 - after argument errors
+    from jax._src.lib import _jax  # noqa: PLC0415  # pyright: ignore[reportPrivateImportUsage]
 
     port = args.bind.rsplit(":", 1)[1]
     service = _jax.get_distributed_runtime_service(

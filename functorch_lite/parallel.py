@@ -785,7 +785,7 @@ def _join_with_separate_service(
     it (jax 0.10's `distributed.global_state`), minus the in-process service.
     """
     from jax._src import distributed  # noqa: PLC0415 - JAX's client state
-    from jax._src.lib import _jax  # noqa: PLC0415
+    from jax._src.lib import _jax  # noqa: PLC0415  # pyright: ignore[reportPrivateImportUsage]
 
     state = distributed.global_state
     if state.client is not None:
@@ -802,14 +802,15 @@ def _join_with_separate_service(
     state.coordinator_address = address
     state.process_id = index
     state.num_processes = count
-    state.client = _jax.get_distributed_runtime_client(
+    client = _jax.get_distributed_runtime_client(
         address,
         index,
         init_timeout=300,
         use_compression=True,
         heartbeat_timeout=jax_timeout,
     )
-    state.client.connect()
+    state.client = client
+    client.connect()
     state.initialize_preemption_sync_manager()
 
 
@@ -932,7 +933,9 @@ class _Heartbeat(threading.Thread):
         super().__init__(name="functorch_lite-heartbeat", daemon=True)
         from jax._src import distributed  # the coordination service's client
 
-        self.client = distributed.global_state.client
+        client = distributed.global_state.client
+        assert client is not None, "initialize joins the run before the heartbeat"
+        self.client = client
         self.me = jax.process_index()
         self.count = jax.process_count()
         self.timeout = timeout
