@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import jax
 import numpy as np
+
+
+class Terminal(io.StringIO):
+    """A text stream that says it is a terminal (for progress displays)."""
+
+    def isatty(self) -> bool:
+        return True
 
 
 def tree_allclose(a: Any, b: Any, *, rtol: float = 1e-5, atol: float = 1e-6) -> None:

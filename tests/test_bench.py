@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import Terminal
 
 import functorch_lite as fl
 
@@ -206,13 +207,8 @@ def test_outputs(run):
         assert results["plot"].startswith("skipped")
 
 
-class _Terminal(io.StringIO):
-    def isatty(self):
-        return True
-
-
 def test_progress_shows_each_cell_on_a_terminal(bench, monkeypatch):
-    terminal = _Terminal()
+    terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     progress = bench.dynamicnet.Progress(2, quiet=False)
     progress.line("max_depth=3   static   compiles=1")

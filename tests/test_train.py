@@ -1,6 +1,5 @@
 """make_step, make_fused_step and fit: optax equivalence, parity, compile counts."""
 
-import io
 import sys
 
 import jax
@@ -8,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import tree_allclose
+from helpers import Terminal, tree_allclose
 
 import functorch_lite as fl
 
@@ -286,16 +285,11 @@ def test_fit_returns_history_and_shows_progress(key, capsys):
     assert again.shape == (1,)
 
 
-class _Terminal(io.StringIO):
-    def isatty(self):
-        return True
-
-
 def test_fit_shows_a_progress_bar_on_a_terminal(key, monkeypatch):
     net, params, x, y = _problem(key, (8, 6, 5, 3))
     opt = optax.sgd(1e-3, momentum=0.9)
     step = _make(net, "static", opt)
-    terminal = _Terminal()
+    terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     _, _, losses = fl.train.fit(
         step, params, opt.init(params), [(x, y, 2)] * 12, log_every=4, total=12
