@@ -9,6 +9,8 @@ fraction on this machine:
 2. each matmul of the step on its own, inside a compiled loop (no dispatch cost):
    the input layer's forward `x @ W1` (64x1000x100) and its weight gradient
    `x.T @ g` (1000x64x100), and the middle layer's three (64x100x100) matmuls;
+   the sequence workload's LSTM matmuls (one step's `h @ W_hh` and its input
+   gradient at 32, 16 and 8 rows, and `W_hh`'s gradient over 80 steps at once);
    the same shapes in torch, the best matmul library on this machine;
 3. whole training steps: plain JAX (no functorch_lite) with the depth fixed and
    unrolled, 500 steps in one `lax.scan`, the least work the step can do in XLA;
@@ -62,6 +64,7 @@ from workloads.dynamicnet import (  # noqa: E402
 )
 
 N, D_IN, H, D_OUT = 64, 1000, 100, 10
+LSTM_H = 128  # the sequence workload's hidden size
 LOOP = 500  # default iterations of each compiled loop (`--loop`)
 FLAG_SETS = (
     "",
@@ -97,15 +100,21 @@ def _in_loop(
     matmul: Callable, a: jax.Array, b: jax.Array, loop: int
 ) -> Callable[[], Any]:
     """`matmul(a, b)` `loop` times in one compiled loop, each iteration depending on
-    the last (so that XLA cannot hoist or drop it)."""
+    the last (so that XLA cannot hoist or drop it).
+
+    The dependence is one element of `a`, updated in place in the loop's carry:
+    an elementwise pass over a whole operand (`b + c`, as the first version
+    did) costs several microseconds at these sizes, which the torch loop does
+    not pay.
+    """
 
     @jax.jit
     def looped(a, b):
-        def body(c, _):
-            r = matmul(a, b + c).sum()
-            return c + 1e-30 * r, r
+        def body(a, _):
+            r = matmul(a, b).sum()
+            return a.at[0, 0].add(1e-30 * r), r
 
-        return lax.scan(body, jnp.float32(0), None, length=loop)[1]
+        return lax.scan(body, a, None, length=loop)[1]
 
     return lambda: looped(a, b)
 
@@ -116,6 +125,15 @@ def _matmuls(repeats: int, loop: int) -> dict[str, Any]:
     w1 = jax.random.normal(keys[1], (D_IN, H))
     g = jax.random.normal(keys[2], (N, H))
     wm = jax.random.normal(keys[3], (H, H))
+    # The sequence workload's LSTM (batch 32, hidden 128; the core's stages
+    # shrink the batch to 16 and 8 rows): one step's recurrent matmul forward
+    # and backward, and the weight gradient over 80 steps at once.
+    lk = jax.random.split(jax.random.key(3), 4)
+    h32 = jax.random.normal(lk[0], (32, LSTM_H))
+    w_hh = jax.random.normal(lk[1], (LSTM_H, 4 * LSTM_H))
+    d32 = jax.random.normal(lk[2], (32, 4 * LSTM_H))
+    h_all = jax.random.normal(lk[3], (80 * 32, LSTM_H))
+    d_all = jnp.tile(d32, (80, 1))
     shapes: dict[str, tuple[Callable, jax.Array, jax.Array, int]] = {
         "input fwd x@W1": (jnp.matmul, x, w1, 2 * N * D_IN * H),
         "input wgrad x.T@g": (lambda a, b: a.T @ b, x, g, 2 * N * D_IN * H),
@@ -123,6 +141,21 @@ def _matmuls(repeats: int, loop: int) -> dict[str, Any]:
         "middle wgrad h.T@g": (lambda a, b: a.T @ b, g, g, 2 * N * H * H),
         "middle dgrad g@Wm.T": (lambda a, b: a @ b.T, g, wm, 2 * N * H * H),
     }
+    for rows in (32, 16, 8):
+        flops = 2 * rows * LSTM_H * 4 * LSTM_H
+        shapes[f"lstm fwd h@Whh ({rows} rows)"] = (jnp.matmul, h32[:rows], w_hh, flops)
+        shapes[f"lstm dgrad d@Whh.T ({rows} rows)"] = (
+            lambda a, b: a @ b.T,
+            d32[:rows],
+            w_hh,
+            flops,
+        )
+    shapes["lstm wgrad h.T@d (80 steps)"] = (
+        lambda a, b: a.T @ b,
+        h_all,
+        d_all,
+        2 * 80 * 32 * LSTM_H * 4 * LSTM_H,
+    )
     out: dict[str, Any] = {}
     for name, (matmul, a, b, flops) in shapes.items():
         t = _time(_in_loop(matmul, a, b, loop), repeats, loop)
@@ -138,6 +171,13 @@ def _matmuls(repeats: int, loop: int) -> dict[str, Any]:
         "middle wgrad h.T@g": lambda: tg.T @ tg,
         "middle dgrad g@Wm.T": lambda: tg @ twm.T,
     }
+    th, tw, td, tha, tda = (
+        torch.from_numpy(np.array(a)) for a in (h32, w_hh, d32, h_all, d_all)
+    )
+    for rows in (32, 16, 8):
+        calls[f"lstm fwd h@Whh ({rows} rows)"] = lambda r=rows: th[:r] @ tw
+        calls[f"lstm dgrad d@Whh.T ({rows} rows)"] = lambda r=rows: td[:r] @ tw.T
+    calls["lstm wgrad h.T@d (80 steps)"] = lambda: tha.T @ tda
     for name, call in calls.items():
 
         def many(call=call):

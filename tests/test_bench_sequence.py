@@ -16,7 +16,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 TINY = {
     "batch": 4,
     "steps_data": 3,
-    "max_len": 12,
+    "max_len": 8,
     "d_embed": 4,
     "d_hidden": 8,
     "marks": [1, 3, 6],
@@ -111,7 +111,7 @@ def test_inputs_file_round_trips(tmp_path):
     config2, arrays2 = protocol.load_inputs(path)
     assert config2 == json.loads(json.dumps(config))
     s, b, t = arrays2["tokens"].shape
-    assert (s, b) == (3, 4) == arrays2["lengths"].shape and t == 12
+    assert (s, b) == (3, 4) == arrays2["lengths"].shape and t == TINY["max_len"]
     assert arrays2["tokens"].dtype == np.int32
     rows = arrays2["tokens"].reshape(-1, t)
     for row, n in zip(rows, arrays2["lengths"].ravel(), strict=True):

@@ -121,9 +121,16 @@ def test_persistent_cache_switch(tmp_path):
     )
     assert out.stdout.strip() == str(tmp_path / "cache")
     assert any((tmp_path / "cache").iterdir()), "no compiled program was cached"
+    before = (
+        jax.config.jax_compilation_cache_dir,
+        jax.config.jax_persistent_cache_min_compile_time_secs,
+        jax.config.jax_persistent_cache_min_entry_size_bytes,
+    )
     folder = fl.enable_persistent_cache(tmp_path / "other")
     try:
         assert folder == str(tmp_path / "other")
         assert jax.config.jax_compilation_cache_dir == folder
-    finally:
-        jax.config.update("jax_compilation_cache_dir", None)
+    finally:  # the suite's own cache (tests/conftest.py), if any
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", before[2])

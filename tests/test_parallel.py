@@ -186,6 +186,8 @@ def test_eight_devices():
             "-q",
             "-p",
             "no:cacheprovider",
+            "-n",
+            "0",  # one process: xdist workers would only add start-up time
             os.path.join(TESTS, "_parallel_8dev.py"),
         ],
         cwd=ROOT,

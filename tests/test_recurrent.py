@@ -227,9 +227,12 @@ def test_lstm_core_matches_the_generic_loop_and_differentiates_twice(monkeypatch
     """The static LSTM's own core (stored gates, its own reverse loop).
 
     Against the generic bounded loop (the core switched off) on values and
-    gradients, and against the dynamic path on a Hessian-vector product and on
-    a gradient of a gradient norm (the core's reverse rule differentiated
-    again), with lengths batched under vmap too.
+    gradients (both directions), and against the dynamic path on a
+    Hessian-vector product and on a gradient of a gradient norm (the core's
+    reverse rule differentiated again), with lengths batched under vmap too.
+    The second-order checks use one direction: each direction runs the same
+    core, and XLA takes about 8 s to compile each unrolled bidirectional
+    dynamic program.
     """
     from functorch_lite import _recurrent
 
@@ -255,6 +258,11 @@ def test_lstm_core_matches_the_generic_loop_and_differentiates_twice(monkeypatch
         monkeypatch.setattr(_recurrent, "_FUSED_LSTM", True)
         tree_allclose(core, generic, rtol=1e-11, atol=1e-13)
 
+        layer = fl.nn.lstm(D_IN, H, num_layers=1)
+        params = jax.tree.map(
+            lambda a: a.astype(jnp.float64), layer.init(jax.random.key(4))
+        )
+        xs, state = _inputs("lstm", 1, False, True, np.float64)
         tangent = jax.tree.map(jnp.ones_like, params)
 
         def hvp(mode):
