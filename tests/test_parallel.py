@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -243,6 +244,18 @@ def test_two_processes(tmp_path):
                 proc.communicate()
     for proc, out in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, _tail(out)
+    # Process 0's coordination service (a child of it, functorch_lite._coordinator)
+    # stops a short grace period after the normal exit, not after the crash
+    # linger (2 x heartbeat + 10 s), and only then removes its pid file and its
+    # log (the log is kept after a crash).
+    from functorch_lite import _coordinator
+
+    pid_path = _coordinator.pid_file(str(port))
+    deadline = time.monotonic() + _coordinator.NORMAL_EXIT_GRACE_S + 8
+    while os.path.exists(pid_path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(pid_path), "the service outlived its grace period"
+    assert not os.path.exists(_coordinator.log_file(str(port)))
 
     compiles = {}
     for name, (mode, n) in worker.SCENARIOS.items():
