@@ -1,14 +1,20 @@
 """The one report module of the benchmark: tables, findings in words, markdown, PNGs.
 
 For both workloads: `table`, `findings`, `markdown`, `plot` (DynamicNet) and
-`sequence_markdown`, `sequence_findings`, `sequence_plot` (the sequence workload).
+`sequence_markdown`, `sequence_findings`, `sequence_plot` (the sequence workload);
+`Progress`, the cells' progress on stderr while a run goes.
 """
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 __all__ = [
+    "Progress",
     "findings",
     "markdown",
     "plot",
@@ -37,6 +43,45 @@ COLORS = {
     "plain-jax": "#7f7f7f",
 }
 OWN_PROCESS = "*"  # marks a peer measured alone in its own fresh process
+
+
+class Progress:
+    """The benchmark's cells as they finish, on stderr.
+
+    On a terminal: a tqdm bar over the cells, each finished cell's figures
+    written above it. When stderr is not a terminal (a log file, CI), or with
+    `quiet`: nothing; the figures are in the table on stdout and the files.
+    """
+
+    def __init__(self, total: int | None, quiet: bool) -> None:
+        quiet = quiet or not sys.stderr.isatty()
+        self.total, self.done, self.quiet = total, 0, quiet
+        self.start = time.perf_counter()
+        self.bar = None
+        if not quiet:
+            self.bar = tqdm(
+                total=total, unit="cell", file=sys.stderr, dynamic_ncols=True,
+                leave=False,
+            )  # fmt: skip
+
+    def line(self, text: str, *, advance: bool = True) -> None:
+        if advance:
+            self.done += 1
+        if self.quiet:
+            return
+        elapsed = time.perf_counter() - self.start
+        width = len(str(self.total or self.done))
+        of = f"/{self.total}" if self.total else ""
+        count = f"[{self.done:>{width}}{of}]" if advance else " " * (2 * width + 3)
+        assert self.bar is not None
+        self.bar.write(f"{count} {elapsed:7.1f}s  {text}", file=sys.stderr)
+        if advance:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _label(results: dict, name: str) -> str:

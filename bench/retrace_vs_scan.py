@@ -366,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         seq_cfg = sequence.config(args.full, **(args.sequence_config or {}))
         if args.sequence_config and "peers" in args.sequence_config:
             seq_cfg["peers"] = tuple(args.sequence_config["peers"])
-        progress = dynamicnet.Progress(None, args.quiet)
+        progress = _report.Progress(None, args.quiet)
         with jax.default_device(device):
             sequence_result = sequence.run(seq_cfg, progress=progress.line)
         progress.close()

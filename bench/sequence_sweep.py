@@ -28,8 +28,9 @@ import jax
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+import _report  # noqa: E402
 from peers import protocol  # noqa: E402
-from workloads import dynamicnet, sequence  # noqa: E402
+from workloads import sequence  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg["sweep"] = tuple(int(k) for k in args.sweep.split(","))
     if args.strategies:
         cfg["sweep_strategies"] = tuple(args.strategies.split(","))
-    progress = dynamicnet.Progress(len(cfg["sweep"]), quiet=False)
+    progress = _report.Progress(len(cfg["sweep"]), quiet=False)
     start = time.perf_counter()
     rows = sequence.sweep(cfg, sequence._lines(), progress.line)
     progress.close()

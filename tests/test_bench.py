@@ -210,13 +210,13 @@ def test_outputs(run):
 def test_progress_shows_each_cell_on_a_terminal(bench, monkeypatch):
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
-    progress = bench.dynamicnet.Progress(2, quiet=False)
+    progress = bench._report.Progress(2, quiet=False)
     progress.line("max_depth=3   static   compiles=1")
     progress.line("max_depth=3   fused    compiles=1")
     progress.close()
     shown = terminal.getvalue()
     assert "[1/2]" in shown and "[2/2]" in shown and "fused    compiles=1" in shown
-    quiet = bench.dynamicnet.Progress(2, quiet=True)
+    quiet = bench._report.Progress(2, quiet=True)
     quiet.line("not shown")
     assert "not shown" not in terminal.getvalue()
 

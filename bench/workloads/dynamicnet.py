@@ -66,7 +66,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
 import functorch_lite as fl
 
@@ -74,6 +73,7 @@ BENCH = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BENCH))
 
 import _plain_jax  # noqa: E402
+from _report import Progress  # noqa: E402
 from peers import protocol  # noqa: E402
 
 SCHEMA = "functorch_lite/bench/retrace_vs_scan/1"
@@ -126,45 +126,6 @@ _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 # ----------------------------------------------------------------------- config
-
-
-class Progress:
-    """The benchmark's cells as they finish, on stderr.
-
-    On a terminal: a tqdm bar over the cells, each finished cell's figures
-    written above it. When stderr is not a terminal (a log file, CI), or with
-    `quiet`: nothing; the figures are in the table on stdout and the files.
-    """
-
-    def __init__(self, total: int | None, quiet: bool) -> None:
-        quiet = quiet or not sys.stderr.isatty()
-        self.total, self.done, self.quiet = total, 0, quiet
-        self.start = time.perf_counter()
-        self.bar = None
-        if not quiet:
-            self.bar = tqdm(
-                total=total, unit="cell", file=sys.stderr, dynamic_ncols=True,
-                leave=False,
-            )  # fmt: skip
-
-    def line(self, text: str, *, advance: bool = True) -> None:
-        if advance:
-            self.done += 1
-        if self.quiet:
-            return
-        elapsed = time.perf_counter() - self.start
-        width = len(str(self.total or self.done))
-        of = f"/{self.total}" if self.total else ""
-        count = f"[{self.done:>{width}}{of}]" if advance else " " * (2 * width + 3)
-        assert self.bar is not None
-        self.bar.write(f"{count} {elapsed:7.1f}s  {text}", file=sys.stderr)
-        if advance:
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 class _EventSeconds:
