@@ -446,10 +446,10 @@ def main(argv: list[str] | None = None) -> int:
 
     matmuls = _matmuls(args.repeats, loop)
     head = f"{'XLA us':>8} {'GFLOP/s':>8} {'torch us':>9} {'GFLOP/s':>8}"
-    print(f"\n{'matmul':22} {head}")
+    print(f"\n{'matmul':30} {head}")
     for name, m in matmuls.items():
         xla = m["xla"]["median"]
-        line = f"{name:22} {xla * 1e6:8.1f} {m['flops'] / xla / 1e9:8.1f}"
+        line = f"{name:30} {xla * 1e6:8.1f} {m['flops'] / xla / 1e9:8.1f}"
         if "torch" in m:
             tt = m["torch"]["median"]
             line += f" {tt * 1e6:9.1f} {m['flops'] / tt / 1e9:8.1f}"
