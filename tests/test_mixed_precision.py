@@ -129,8 +129,9 @@ def test_recurrent_bf16_compute(key, kind, mode):
     assert _dtypes(params) == {F32}
     xs = jax.random.normal(jax.random.key(1), (2, 5, 3))
     lengths = jnp.array([5, 3])
-    out32, state32 = full.apply(params, xs, lengths, mode=mode)
-    out16, state16 = half.apply(params, xs, lengths, mode=mode)
+    # Compiled: run op by op, the loops' many small ops are the slow part.
+    out32, state32 = jax.jit(lambda p: full.apply(p, xs, lengths, mode=mode))(params)
+    out16, state16 = jax.jit(lambda p: half.apply(p, xs, lengths, mode=mode))(params)
     assert out16.dtype == BF16 and _dtypes(state16) == {BF16}
     # Five steps of bf16 gates, two layers, against float32. Measured max abs
     # error: 2.7e-3 (LSTM, outputs up to 0.26) and 4.0e-3 (RNN, up to 0.89),
@@ -144,11 +145,13 @@ def test_recurrent_bf16_compute(key, kind, mode):
     # A float32 initial state is cast to the compute dtype.
     h0 = jnp.zeros((4, 2, 4), jnp.float32)
     initial = (h0, h0) if kind == "lstm" else h0
-    out, _ = half.apply(params, xs, lengths, mode=mode, initial_state=initial)
+    out, _ = jax.jit(
+        lambda p: half.apply(p, xs, lengths, mode=mode, initial_state=initial)
+    )(params)
     assert out.dtype == BF16
     # Gradients come back float32.
     loss = lambda p: jnp.sum(half.apply(p, xs, lengths, mode=mode)[0]).astype(F32)
-    assert _dtypes(jax.grad(loss)(params)) == {F32}
+    assert _dtypes(jax.jit(jax.grad(loss))(params)) == {F32}
 
 
 def test_recurrent_without_dtype_keeps_its_error(key):
@@ -236,16 +239,21 @@ def test_model_grads_are_float32_through_bf16(key, mode):
     ):
         params = net.init(key)
         assert fn(params).dtype == BF16
-        grads = jax.grad(lambda p, fn=fn: jnp.sum(fn(p)).astype(F32))(params)
+        # Compiled: run op by op, the loops' many small ops are the slow part.
+        grads = jax.jit(jax.grad(lambda p, fn=fn: jnp.sum(fn(p)).astype(F32)))(params)
         assert _dtypes(grads) == {F32}
 
     lm = fl.models.CharLSTM(5, 3, 4, dtype=jnp.bfloat16)
     params = lm.init(key)
     tokens, lengths = jnp.array([[1, 2, 3, 0], [4, 1, 0, 0]]), jnp.array([4, 2])
     assert lm.apply(params, tokens, lengths, mode=mode).dtype == BF16
-    loss, grads = jax.value_and_grad(lm.loss)(params, tokens, lengths, mode=mode)
+    value_and_grad = jax.jit(
+        jax.value_and_grad(lambda p: lm.loss(p, tokens, lengths, mode=mode))
+    )
+    loss, grads = value_and_grad(params)
     assert loss.dtype == F32 and _dtypes(grads) == {F32}
-    want = fl.models.CharLSTM(5, 3, 4).loss(params, tokens, lengths, mode=mode)
+    f32 = fl.models.CharLSTM(5, 3, 4)
+    want = jax.jit(lambda p: f32.loss(p, tokens, lengths, mode=mode))(params)
     np.testing.assert_allclose(loss, want, rtol=2e-2)  # measured: 1.7e-4
 
 
