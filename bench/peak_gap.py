@@ -233,21 +233,29 @@ def plain_loss(p: Any, x: jax.Array, y: jax.Array, depth: int) -> jax.Array:
     return jnp.sum((out - y) ** 2)
 
 
+def _plain_step(depth: int, opt: optax.GradientTransformation) -> Callable:
+    """Plain JAX: one training step at a fixed, unrolled depth,
+    `step(p, s, x, y) -> (p, s, loss)`."""
+
+    def step(p, s, x, y):
+        value, grads = jax.value_and_grad(plain_loss)(p, x, y, depth)
+        updates, s = opt.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, value
+
+    return step
+
+
 def _unrolled_call(depth: int, loop: int) -> Callable[[], Any]:
     """Plain JAX: `loop` steps at a fixed, unrolled depth in one `lax.scan`."""
     x, y, params = _data()
     opt = optax.sgd(LR, momentum=MOMENTUM)
-
-    def loss(p, x, y):
-        return plain_loss(p, x, y, depth)
+    step = _plain_step(depth, opt)
 
     @jax.jit
     def train(p, s, x, y):
         def body(carry, _):
-            p, s = carry
-            value, grads = jax.value_and_grad(loss)(p, x, y)
-            updates, s = opt.update(grads, s, p)
-            return (optax.apply_updates(p, updates), s), value
+            p, s, value = step(*carry, x, y)
+            return (p, s), value
 
         return lax.scan(body, (p, s), None, length=loop)
 
@@ -264,27 +272,18 @@ def _switch_call(depths: np.ndarray) -> Callable[[], Any]:
     four training steps specialized to depths 0..3 (the unrolled ones above)."""
     x, y, params = _data()
     opt = optax.sgd(LR, momentum=MOMENTUM)
-
-    def specialized(depth: int) -> Callable:
-        def step(p, s):
-            value, grads = jax.value_and_grad(plain_loss)(p, x, y, depth)
-            updates, s = opt.update(grads, s, p)
-            return optax.apply_updates(p, updates), s, value
-
-        return step
-
-    branches = [specialized(d) for d in range(4)]
+    branches = [_plain_step(d, opt) for d in range(4)]
 
     @jax.jit
-    def train(p, s, ds):
+    def train(p, s, x, y, ds):
         def body(carry, d):
-            p, s, value = lax.switch(d, branches, *carry)
+            p, s, value = lax.switch(d, branches, *carry, x, y)
             return (p, s), value
 
         return lax.scan(body, (p, s), ds)
 
     state, d = opt.init(params), jnp.asarray(depths)
-    return lambda: train(params, state, d)
+    return lambda: train(params, state, x, y, d)
 
 
 def _fused_call(depths: np.ndarray) -> Callable[[], Any]:
