@@ -54,11 +54,10 @@ class Progress:
     """
 
     def __init__(self, total: int | None, quiet: bool) -> None:
-        quiet = quiet or not sys.stderr.isatty()
-        self.total, self.done, self.quiet = total, 0, quiet
+        self.total, self.done = total, 0
         self.start = time.perf_counter()
-        self.bar = None
-        if not quiet:
+        self.bar = None  # None: nothing is shown
+        if not quiet and sys.stderr.isatty():
             self.bar = tqdm(
                 total=total, unit="cell", file=sys.stderr, dynamic_ncols=True,
                 leave=False,
@@ -67,13 +66,12 @@ class Progress:
     def line(self, text: str, *, advance: bool = True) -> None:
         if advance:
             self.done += 1
-        if self.quiet:
+        if self.bar is None:
             return
         elapsed = time.perf_counter() - self.start
         width = len(str(self.total or self.done))
         of = f"/{self.total}" if self.total else ""
         count = f"[{self.done:>{width}}{of}]" if advance else " " * (2 * width + 3)
-        assert self.bar is not None
         self.bar.write(f"{count} {elapsed:7.1f}s  {text}", file=sys.stderr)
         if advance:
             self.bar.update(1)
