@@ -62,6 +62,32 @@ def pytest_unconfigure(config: pytest.Config) -> None:
                 os.environ[key] = value
 
 
+# The files that take longest, longest first (measured with --durations). The
+# two workers take whole files (`--dist loadfile`) in collection order
+# (`--no-loadscope-reorder`; xdist's default order, most tests first, left
+# the few-test, long files such as the peers' and multi-host runs to the end,
+# with one worker idle while the other finished them).
+_LONGEST_FIRST = (
+    "test_peers.py",
+    "test_multihost.py",
+    "test_docs.py",
+    "test_while_loop.py",
+    "test_mixed_precision.py",
+    "test_parallel.py",
+    "test_bench.py",
+    "test_recurrent.py",
+    "test_reliability.py",
+    "test_torch_module.py",
+    "test_skip_unused.py",
+    "test_examples.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture
 def key() -> jax.Array:
     """A fresh PRNG key; the same for every test so that failures reproduce."""

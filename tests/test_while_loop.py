@@ -4,6 +4,8 @@ References: the unrolled Python loop of the same length, finite differences in
 float64, and the `"scan"` mechanism (JAX's own reverse mode through `lax.scan`).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -232,20 +234,21 @@ def test_grad_of_grad_and_double_reverse_hvp_equal_scan(key, n):
         w, b, h0 = _shared_weights(key)
         v = jax.random.normal(jax.random.key(7), w.shape, jnp.float64)
 
-        def gg(method):
-            g = jax.grad(lambda w: _loss_methods(w, b, h0, n, method))
-            return jax.grad(lambda w: jnp.sum(g(w) ** 2))(w)
+        @functools.partial(jax.jit, static_argnums=0)  # one program each
+        def second_order(method, w):
+            def loss(w):
+                return _loss_methods(w, b, h0, n, method)
 
-        def hvp_rev_rev(method):
-            g = jax.grad(lambda w: _loss_methods(w, b, h0, n, method))
-            return jax.grad(lambda w: jnp.vdot(g(w), v))(w)
+            g = jax.grad(loss)
+            gg = jax.grad(lambda w: jnp.sum(g(w) ** 2))(w)
+            hvp_rev_rev = jax.grad(lambda w: jnp.vdot(g(w), v))(w)
+            return gg, hvp_rev_rev, jax.hessian(loss)(w)
 
-        tree_allclose(gg("bounded"), gg("scan"), rtol=1e-11, atol=1e-13)
-        tree_allclose(
-            hvp_rev_rev("bounded"), hvp_rev_rev("scan"), rtol=1e-11, atol=1e-13
+        (gg, hvp, h), (gg_ref, hvp_ref, h_ref) = (
+            second_order(m, w) for m in ("bounded", "scan")
         )
-        h = jax.hessian(lambda w: _loss_methods(w, b, h0, n, "bounded"))(w)
-        h_ref = jax.hessian(lambda w: _loss_methods(w, b, h0, n, "scan"))(w)
+        tree_allclose(gg, gg_ref, rtol=1e-11, atol=1e-13)
+        tree_allclose(hvp, hvp_ref, rtol=1e-11, atol=1e-13)
         tree_allclose(h, h_ref, rtol=1e-10, atol=1e-12)
 
 
@@ -283,7 +286,7 @@ def test_maml_gradient_through_an_inner_step(key):
                 upd, _ = opt.update(g, opt.init(p), p)
                 return loss(optax.apply_updates(p, upd))
 
-            outer[method] = jax.grad(meta)(params)
+            outer[method] = jax.jit(jax.grad(meta))(params)
         tree_allclose(outer["bounded"], outer["scan"], rtol=1e-11, atol=1e-13)
 
 

@@ -171,6 +171,7 @@ def _dynamicnet(peer: str, config: dict, arrays: dict) -> dict:
         hit = _limit_hit(torch)
         result["compiles"] = counts["unique_graphs"]
         result["compile_seconds"] = counts["seconds"]
+        result["compile_backend"] = backend
         result["recompile_limit"] = counts["recompile_limit"]
         result["recompile_limit_hit"] = hit
         steady = result["steady"]["median"]
@@ -263,6 +264,7 @@ def _sequence(peer: str, config: dict, arrays: dict) -> dict:
         counts = _dynamo_counts(torch)
         result["compiles"] = counts["unique_graphs"]
         result["compile_seconds"] = counts["seconds"]
+        result["compile_backend"] = backend
         result["recompile_limit_hit"] = _limit_hit(torch)
         notes = [
             "torch.compile(model) with its defaults on padded batches (the batch "
