@@ -25,6 +25,7 @@ their own length keep their state and output zeros, in both modes.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -190,11 +191,8 @@ def _make(
                     for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
                 }
                 seq = inp if d == 0 else _reverse_padded(inp, lengths)
-                proj = dense(seq, p["weight_ih"]) + _row(p["bias_ih"] + p["bias_hh"])
                 state = (h0[index], c0[index]) if is_lstm else (h0[index],)
-                out, state = _direction(
-                    cell, proj, p["weight_hh"], state, lengths, mode, t
-                )
+                out, state = _direction(cell, seq, p, state, lengths, mode, t)
                 if d == 1:
                     out = _reverse_padded(out, lengths)
                 outs.append(out)
@@ -231,14 +229,18 @@ def _rnn_cell(nonlinearity: str) -> Callable[[jax.Array, tuple], tuple]:
 
 def _direction(
     cell: Callable,
-    proj: jax.Array,
-    w_hh: jax.Array,
+    seq: jax.Array,
+    p: dict,
     state: tuple,
     lengths: jax.Array,
     mode: str,
     t_max: int,
 ) -> tuple[jax.Array, tuple]:
-    """Run one direction over `proj` (N, T, G*H); rows stop at their length."""
+    """Run one direction over `seq` (N, T, D_in); rows stop at their length."""
+    if mode == "static" and cell is _lstm_cell and _FUSED_LSTM:
+        return _lstm_static(seq, p, state, lengths)
+    proj = dense(seq, p["weight_ih"]) + _row(p["bias_ih"] + p["bias_hh"])
+    w_hh = p["weight_hh"]
 
     def step(i: Any, st: tuple, x: jax.Array) -> tuple:
         new = cell(x + st[0] @ w_hh, st)
@@ -252,8 +254,6 @@ def _direction(
             state, y = step(i, state, proj[:, i])
             outs.append(y)
         return jnp.stack(outs, axis=1), state
-    if cell is _lstm_cell and _FUSED_LSTM:
-        return _lstm_static(proj, w_hh, state, lengths)
     longest = jnp.max(lengths)
     state, ys = bounded_scan(
         step,
@@ -554,24 +554,60 @@ def rnn(
 
 
 def _lstm_static(
-    proj: jax.Array,
-    w_hh: jax.Array,
+    seq: jax.Array,
+    p: dict,
     state: tuple,
     lengths: jax.Array,
 ) -> tuple[jax.Array, tuple]:
-    """The LSTM over `proj` (N, T, 4H) in the static mode; as `_direction`.
+    """The LSTM over `seq` (N, T, D_in) in the static mode; as `_direction`.
 
     The rows run longest first (a stable sort by length), so that the core
     can drop the rows that have finished, in stages; the results go back to
-    the caller's order.
+    the caller's order. The input is sorted and made time-major before the
+    projection, where it is D_in wide rather than 4H: the projection then
+    comes out in the core's layout, and neither it nor its gradient is
+    transposed or permuted (they were 2 of the 15 ms of the sequence
+    workload's step, bench/RESULTS.md).
     """
     h0, c0 = (jnp.asarray(s) for s in state)
     order = jnp.argsort(-lengths, stable=True)
     back = jnp.argsort(order)
+    lengths = lengths[order]
+    xs = _permute(jnp.swapaxes(seq, 0, 1), order, back, 1)
+    # Zero past each length (the core's contract); the bias is added per step.
+    past = jnp.arange(xs.shape[0], dtype=jnp.int32)[:, None] >= lengths[None, :]
+    xs = jnp.where(past[..., None], jnp.zeros((), xs.dtype), xs)
     ys, h_n, c_n = _lstm_core(
-        jnp.swapaxes(proj[order], 0, 1), w_hh, h0[order], c0[order], lengths[order]
+        dense(xs, p["weight_ih"]),
+        p["bias_ih"] + p["bias_hh"],
+        p["weight_hh"],
+        _permute(h0, order, back, 0),
+        _permute(c0, order, back, 0),
+        lengths,
     )
-    return jnp.swapaxes(ys, 0, 1)[back], (h_n[back], c_n[back])
+    ys = jnp.swapaxes(_permute(ys, back, order, 1), 0, 1)
+    return ys, (_permute(h_n, back, order, 0), _permute(c_n, back, order, 0))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _permute(a: jax.Array, index: jax.Array, inverse: jax.Array, axis: int):
+    """`a`'s entries along `axis` in the order `index`, a permutation.
+
+    Its gradient is the inverse permutation, a gather: as an ordinary gather,
+    it would be a scatter-add into zeros, two passes over the array.
+    """
+    return jnp.take(a, index, axis=axis)
+
+
+def _permute_fwd(a, index, inverse, axis):
+    return jnp.take(a, index, axis=axis), inverse
+
+
+def _permute_bwd(axis, inverse, ct):
+    return jnp.take(ct, inverse, axis=axis), None, None
+
+
+_permute.defvjp(_permute_fwd, _permute_bwd)
 
 
 def _stages(n: int) -> tuple[int, ...]:
@@ -614,17 +650,21 @@ def _put(a: jax.Array, value: jax.Array, i: jax.Array) -> jax.Array:
     return lax.dynamic_update_slice(a, value[None], (i, *(zero,) * (a.ndim - 1)))
 
 
-def _lstm_forward(proj, w_hh, h0, c0, lengths, store: bool):
+def _lstm_forward(proj, bias, w_hh, h0, c0, lengths, store: bool):
     """Time-major forward over rows sorted longest first: `proj` (T, N, 4H).
 
-    Returns ys, h_n, c_n and, with `store`, the activated gates and the cell
-    state of every step (zeros where a row has finished).
+    Returns ys, h_n, c_n and, with `store`, what the reverse pass reads (see
+    `_lstm_core_fwd`).
     """
     t, n = proj.shape[:2]
+    hidden = h0.shape[-1]
     sizes = _stages(n)
     starts, ends = _bounds(lengths, sizes)
     ys = jnp.zeros((t, *h0.shape), h0.dtype)
-    acts, cs = jnp.zeros_like(proj), jnp.zeros((t, *c0.shape), c0.dtype)
+    # With `store`, the loop turns `proj` into the gate factors `k` in place:
+    # step i reads its projection from `k[i]` and then writes its factors
+    # there. A separate zeroed buffer for them cost more than the loop.
+    k, tf = proj, jnp.zeros((t, n, 2 * hidden), proj.dtype)
     h, c, done = h0, c0, []
     for j, b in enumerate(sizes):
         if j:  # rows b.. finished before this stage: keep their final state
@@ -633,86 +673,105 @@ def _lstm_forward(proj, w_hh, h0, c0, lengths, store: bool):
         running = lengths[:b]
 
         def body(carry: tuple, b: int = b, running: jax.Array = running) -> tuple:
-            i, h, c, ys, acts, cs = carry
-            act = _lstm_gates(_rows(proj, i, b) + h @ w_hh)
+            i, h, c, ys, k, tf = carry
+            pre = _rows(k if store else proj, i, b) + bias[None, :]
+            act = _lstm_gates(pre + h @ w_hh)
             gi, gf, gg, go = jnp.split(act, 4, axis=-1)
             c_new = gf * c + gi * gg
-            h_new = go * jnp.tanh(c_new)
+            tanh_c = jnp.tanh(c_new)
+            h_new = go * tanh_c
             keep = (i < running)[:, None]
+            if store:
+                # The gate gradients are [dc, dc, dc, dh] * k_i (dc and dh the
+                # gradients of c_new and h_new); rows past their length get
+                # zero factors, so no gate gradient.
+                zero = jnp.zeros((), act.dtype)
+                k_i = jnp.concatenate(
+                    [
+                        gg * gi * (1 - gi),
+                        c * gf * (1 - gf),
+                        gi * (1 - gg * gg),
+                        tanh_c * go * (1 - go),
+                    ],
+                    axis=-1,
+                )
+                # dc_new gets dh_new * to_c; dc_prev = dc_new * f, and past
+                # the length both pass through unchanged (to_c 0, f 1).
+                tf_i = jnp.concatenate(
+                    [
+                        jnp.where(keep, go * (1 - tanh_c * tanh_c), zero),
+                        jnp.where(keep, gf, jnp.ones((), act.dtype)),
+                    ],
+                    axis=-1,
+                )
+                k = _put(k, jnp.where(keep, k_i, zero), i)
+                tf = _put(tf, tf_i, i)
             h = jnp.where(keep, h_new, h)
             c = jnp.where(keep, c_new, c)
             ys = _put(ys, jnp.where(keep, h_new, jnp.zeros_like(h_new)), i)
-            if store:
-                acts, cs = _put(acts, act, i), _put(cs, c_new, i)
-            return i + 1, h, c, ys, acts, cs
+            return i + 1, h, c, ys, k, tf
 
         end = ends[j]
-        _, h, c, ys, acts, cs = _while_any_mode(
+        _, h, c, ys, k, tf = _while_any_mode(
             lambda s, end=end: s[0] < end,
             body,
-            (starts[j], h, c, ys, acts if store else (), cs if store else ()),
+            (starts[j], h, c, ys, k if store else (), tf if store else ()),
             t,
         )
     h_n = jnp.concatenate([h] + [d[0] for d in reversed(done)])
     c_n = jnp.concatenate([c] + [d[1] for d in reversed(done)])
-    return (ys, h_n, c_n, (acts, cs)) if store else (ys, h_n, c_n)
+    return (ys, h_n, c_n, (k, tf)) if store else (ys, h_n, c_n)
 
 
 @jax.custom_vjp
-def _lstm_core(proj, w_hh, h0, c0, lengths):
-    return _lstm_forward(proj, w_hh, h0, c0, lengths, store=False)
+def _lstm_core(proj, bias, w_hh, h0, c0, lengths):
+    """The LSTM over `proj` (T, N, 4H), rows sorted longest first.
+
+    `proj` must be zero past each row's length (the caller masks the input
+    before the projection): the reverse pass leaves the gradient of `proj`
+    as it found `proj` where no stage runs. `bias` (4H,) is added per step.
+    """
+    return _lstm_forward(proj, bias, w_hh, h0, c0, lengths, store=False)
 
 
-def _lstm_core_fwd(proj, w_hh, h0, c0, lengths):
-    ys, h, c, (acts, cs) = _lstm_forward(proj, w_hh, h0, c0, lengths, store=True)
-    return (ys, h, c), (ys, acts, cs, w_hh, h0, c0, lengths)
+def _lstm_core_fwd(proj, bias, w_hh, h0, c0, lengths):
+    ys, h, c, (k, tf) = _lstm_forward(proj, bias, w_hh, h0, c0, lengths, store=True)
+    return (ys, h, c), (ys, k, tf, w_hh, h0, lengths)
 
 
 def _lstm_core_bwd(residuals, cts):
-    ys, acts, cs, w_hh, h0, c0, lengths = residuals
+    ys, k, tf, w_hh, h0, lengths = residuals
     d_ys, d_hn, d_cn = cts
     t, n, hidden = ys.shape
     sizes = _stages(n)
     starts, ends = _bounds(lengths, sizes)
-    # Everything that does not depend on the carried gradients, for all steps
-    # at once (a few passes over (T, N, 4H)), so that the loop body is one
-    # matmul and one small fusion. Rows past their length get zero factors:
-    # no gate gradient, and the carried gradients pass through unchanged.
-    keep = (jnp.arange(t, dtype=jnp.int32)[:, None] < lengths[None, :])[..., None]
-    keep = keep.astype(acts.dtype)  # (T, N, 1)
-    gi, gf, gg, go = jnp.split(acts, 4, axis=-1)
-    c_prev = jnp.concatenate([c0[None], cs[:-1]], axis=0)
-    tanh_c = jnp.tanh(cs)
-    # dc_all = dc + dh_all * to_c; the gate gradients are
-    # [dc_all, dc_all, dc_all] * k and dh_all * k_o.
-    to_c = keep * go * (1 - tanh_c * tanh_c)
-    k = keep * jnp.concatenate(
-        [gg * gi * (1 - gi), c_prev * gf * (1 - gf), gi * (1 - gg * gg)], axis=-1
-    )
-    k_o = keep * tanh_c * go * (1 - go)
-    f_next = keep * gf + (1 - keep)  # dc_prev = dc_all * f, or dc past the end
-    pass_h = 1 - keep  # dh_prev = d_gates @ w_hh.T, or dh past the end
-    d_ys = d_ys * keep
     w_t = w_hh.T
-    d_proj = jnp.zeros_like(acts)
     dh, dc = d_hn[: sizes[-1]], d_cn[: sizes[-1]]
+    # Everything the loop needs that does not depend on the carried gradients
+    # was stored by the forward loop (`k`, `tf`): the loop body is one matmul
+    # and one small fusion. It turns `k` into the gate gradients in place.
+    # Positions that no stage reaches are past their row's length, where
+    # `proj`, and so `k`, is zero: so is their gradient.
+    d_proj = k
     for j in reversed(range(len(sizes))):
         b = sizes[j]
         if j < len(sizes) - 1:  # rows that finished before the next stage
             dh = jnp.concatenate([dh, d_hn[sizes[j + 1] : b]])
             dc = jnp.concatenate([dc, d_cn[sizes[j + 1] : b]])
+        running = lengths[:b]
 
-        def body(carry: tuple, b: int = b) -> tuple:
+        def body(carry: tuple, b: int = b, running: jax.Array = running) -> tuple:
             i, dh, dc, d_proj = carry
             i = i - 1
-            dh_all = dh + _rows(d_ys, i, b)
-            dc_all = dc + dh_all * _rows(to_c, i, b)
+            keep = (i < running)[:, None]
+            dh_all = dh + jnp.where(keep, _rows(d_ys, i, b), jnp.zeros_like(dh))
+            to_c, f = jnp.split(_rows(tf, i, b), 2, axis=-1)
+            dc_all = dc + dh_all * to_c
             d_gates = jnp.concatenate(
-                [jnp.tile(dc_all, (1, 3)) * _rows(k, i, b), dh_all * _rows(k_o, i, b)],
-                axis=-1,
-            )
-            dh = d_gates @ w_t + _rows(pass_h, i, b) * dh_all
-            dc = dc_all * _rows(f_next, i, b)
+                [jnp.tile(dc_all, (1, 3)), dh_all], axis=-1
+            ) * _rows(d_proj, i, b)
+            dh = d_gates @ w_t + jnp.where(keep, jnp.zeros_like(dh_all), dh_all)
+            dc = dc_all * f
             return i, dh, dc, _put(d_proj, d_gates, i)
 
         start = starts[j]
@@ -724,7 +783,7 @@ def _lstm_core_bwd(residuals, cts):
     h_prev = jnp.concatenate([h0[None], ys[:-1]], axis=0)
     # One (H, T*N) @ (T*N, 4H) matmul (measured faster than the einsum form).
     d_w = h_prev.reshape(-1, hidden).T @ d_proj.reshape(-1, d_proj.shape[-1])
-    return d_proj, d_w, dh, dc, None
+    return d_proj, d_proj.sum(axis=(0, 1)), d_w, dh, dc, None
 
 
 _lstm_core.defvjp(_lstm_core_fwd, _lstm_core_bwd)
