@@ -32,7 +32,10 @@ the padded positions are real.
     python bench/lstm_core.py [--lengths text|geometric] [--batch 32]
                               [--max-len 80] [--hidden 128] [--repeats 7]
                               [--block 20] [--peers torch-padded,torch-packed]
-                              [--out bench/results]
+                              [--profile N] [--out bench/results]
+
+`--profile N` traces `block` steps of `core` with jax.profiler after the timed
+rounds and lists its N costliest XLA ops, in ms per step (also in the JSON).
 """
 
 from __future__ import annotations
@@ -95,6 +98,44 @@ def _geometric_lines(max_len: int, mean: float = 38.0) -> list[str]:
     return lines
 
 
+def _profile(run: dict, block: int, top: int) -> dict[str, Any]:
+    """`block` steps of a warm variant under jax.profiler: time per XLA op.
+
+    Sums each op's events over XLA's CPU worker threads, per step; a `while`
+    op's time includes the ops of its body, which are listed too (with their
+    count per step). Ops on the two threads can overlap, so the times do not
+    add up to the step.
+    """
+    state, batches = run["state"], run["batches"]
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            for i in range(block):
+                tok, n = batches[i % len(batches)]
+                state[0], state[1], loss = run["step"](state[0], state[1], tok, n)
+            jax.block_until_ready(loss)
+        (trace,) = Path(folder).rglob("*.xplane.pb")
+        data = jax.profiler.ProfileData.from_file(str(trace))
+    totals: dict[str, list[float]] = {}
+    for plane in data.planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_XLAEigen"):
+                continue  # XLA's CPU worker threads run the program's ops
+            for event in line.events:
+                if event.name.startswith("ThunkExecutor"):
+                    continue  # the whole program, not one op
+                total = totals.setdefault(event.name, [0.0, 0.0])
+                total[0] += event.duration_ns / 1e6 / block
+                total[1] += 1 / block
+    ops = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "steps": block,
+        "ops": [
+            {"name": k, "ms_per_step": round(v[0], 4), "per_step": round(v[1], 2)}
+            for k, v in ops
+        ],
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="lstm_core.py", description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=32)
@@ -107,6 +148,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--lengths", choices=("text", "geometric"), default="text")
     p.add_argument("--peers", default="torch-padded,torch-packed")
     p.add_argument("--out", default=str(BENCH / "results"))
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="trace `core` with jax.profiler and list its N costliest XLA ops",
+    )
     args = p.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
@@ -171,6 +219,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             jax.block_until_ready(loss)
             run["times"].append((time.perf_counter() - start) / args.block)
     _recurrent._FUSED_LSTM = True
+    profile = (
+        _profile(runs["core"], args.block, args.profile)
+        if (args.profile and "core" in runs)
+        else None
+    )
     # Agreement: one step from the same state on the first batch.
     check = {}
     for name in variants:
@@ -221,6 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "real_share_of_positions": real,
         "matmul_flops_per_step": flops,
         "variants": rows,
+        "profile": profile,
     }
     print(
         f"lstm_core: batch {args.batch}, max_len {args.max_len}, hidden "
@@ -234,6 +288,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{row.get('ratio_to_core', float('nan')):.2f}x core  "
             f"first loss {row['first_loss']:.6f}"
         )
+    if profile:
+        print(f"  core's {len(profile['ops'])} costliest XLA ops, ms per step:")
+        for op in profile["ops"]:
+            print(f"    {op['ms_per_step']:6.3f}  x{op['per_step']:<5g} {op['name']}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     peers = [q for q in args.peers.split(",") if q]

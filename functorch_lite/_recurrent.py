@@ -13,12 +13,13 @@ steps with the library's bounded loop (`functorch_lite._loop.bounded_scan`): the
 loop and its reverse pass run to the batch's longest sequence, not to `T`, and
 one compiled program serves every length pattern. The LSTM's static mode has
 its own core (`_lstm_core`, at the end of this module) instead of the generic
-loop, because it measures faster: 1.31x on the sequence workload's training
-step (bench/lstm_core.py, bench/RESULTS.md). The generic loop recomputes each
-step's forward in its reverse pass and sums `weight_hh`'s gradient one small
-matmul per step; the core stores the activated gates, its reverse loop does
-only the gate gradients and one matmul per step, and `weight_hh`'s gradient is
-one matmul over all steps. The dynamic mode is a Python
+loop, because it measures faster: 2.2x on the sequence workload's training
+step with geometric lengths, 1.9x on lines of real text (bench/lstm_core.py,
+2026-12-07, bench/RESULTS.md). The generic loop recomputes each step's forward
+in its reverse pass and sums `weight_hh`'s gradient one small matmul per step;
+the core's forward stores each step's gate-gradient factors, its reverse loop
+does only the gate gradients and one matmul per step, and `weight_hh`'s
+gradient is one matmul over all steps. The dynamic mode is a Python
 loop over the padded length `T` (a static shape), one program per `T`. Rows past
 their own length keep their state and output zeros, in both modes.
 """
@@ -542,12 +543,16 @@ def rnn(
 #
 # The static mode's LSTM runs on its own core rather than the generic bounded
 # loop, because it measures faster (bench/RESULTS.md, "Performance, round
-# two"). It is built the way fused RNN kernels are: the forward loop stores only
-# the activated gates and the cell state of each step; the reverse loop computes
-# the gate gradients and carries the state gradient through `weight_hh` and
-# nothing else; the gradient of `weight_hh` is one matmul over all steps after
-# the loop, and the gradient of the input projection (which the caller computed
-# as one matmul over all steps) is the stacked gate gradients. The generic loop
+# two"). It is built the way fused RNN kernels are: the forward loop stores, for
+# each step, the factors that turn the state gradients into gate gradients; the
+# reverse loop computes the gate gradients and carries the state gradient
+# through `weight_hh` and nothing else; the gradient of `weight_hh` is one
+# matmul over all steps after the loop, and the gradient of the input
+# projection (which the caller computed as one matmul over all steps) is the
+# stacked gate gradients. Both loops work in place, in the buffer that held the
+# projection, and everything around them is time-major and in sorted row order
+# from the start: a profile of the step (bench/RESULTS.md) showed zero fills,
+# transposes and scatters taking a third of it. The generic loop
 # instead recomputes each step's forward in the reverse pass and sums `weight_hh`'s
 # gradient one small matmul per step. Both loops run to the batch's longest
 # sequence, and run as `_while_any_mode`, so the core can be differentiated again.

@@ -133,3 +133,27 @@ def test_sweep_and_plot(run):
     if importlib.util.find_spec("matplotlib") is not None:
         png = out / "seq-sequence.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lstm_core_benchmark_agrees_and_profiles_the_core(tmp_path):
+    """bench/lstm_core.py at a tiny size: its variants train alike, and
+    `--profile` lists the core's costliest XLA ops (the loops among them)."""
+    bench = _load("lstm_core", BENCH / "lstm_core.py")
+    argv = ["--batch", "4", "--max-len", "8", "--hidden", "8", "--steps-data", "3",
+            "--repeats", "1", "--block", "2", "--variants", "core,per-length",
+            "--lengths", "geometric", "--peers", "", "--profile", "6",
+            "--out", str(tmp_path)]  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        result = bench.main(argv)
+    on_disk = json.loads((tmp_path / "lstm_core-geometric.json").read_text())
+    assert on_disk["variants"] == result["variants"] and on_disk["profile"]
+    rows = result["variants"]
+    np.testing.assert_allclose(
+        rows["core"]["first_loss"], rows["per-length"]["first_loss"], rtol=1e-6
+    )
+    ops = result["profile"]["ops"]
+    assert 0 < len(ops) <= 6
+    times = [op["ms_per_step"] for op in ops]
+    assert times == sorted(times, reverse=True) and times[-1] > 0
+    assert any(op["name"].startswith("while") for op in ops), ops
+    assert "costliest XLA ops" in stdout.getvalue()
