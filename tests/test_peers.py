@@ -116,10 +116,14 @@ def _train_reference(config, arrays, steps):
             for n in names
         }
 
-        def loss(p, i):
-            depth = int(arrays["depths"][i % len(arrays["depths"])])
+        def loss(p, depth):
             pred = net.apply(p, jnp.asarray(arrays["x"]), depth)
             return fl.nn.mse_loss(pred, jnp.asarray(arrays["y"]), reduction="sum")
+
+        def inputs(i):
+            return (int(arrays["depths"][i % len(arrays["depths"])]),)
+
+        grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)  # one per depth
 
     else:
         model = fl.models.CharLSTM(
@@ -134,14 +138,15 @@ def _train_reference(config, arrays, steps):
             "head": {k: jnp.asarray(arrays[f"head.{k}"]) for k in ("weight", "bias")},
         }
 
-        def loss(p, i):
+        def inputs(i):
             s = i % len(arrays["tokens"])
-            tokens = jnp.asarray(arrays["tokens"][s])
-            return model.loss(p, tokens, jnp.asarray(arrays["lengths"][s]))
+            return jnp.asarray(arrays["tokens"][s]), jnp.asarray(arrays["lengths"][s])
+
+        grad = jax.jit(jax.value_and_grad(model.loss))  # one program
 
     state, out = opt.init(params), []
     for i in range(steps):
-        value, grads = jax.value_and_grad(loss)(params, i)
+        value, grads = grad(params, *inputs(i))
         updates, state = opt.update(grads, state, params)
         params = optax.apply_updates(params, updates)
         out.append(float(value))
