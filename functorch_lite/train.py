@@ -152,6 +152,9 @@ def make_step(
         static_argnames, where="make_step", name="static_argnames"
     )
     check_bool(donate, where="make_step", name="donate")
+    check_int(
+        max_traces, where="make_step", name="max_traces", minimum=1, allow_none=True
+    )
     check_bool(guard, where="make_step", name="guard")
     check_bool(has_aux, where="make_step", name="has_aux")
     batch_names = {p.name for p in loss_params[1:]}
@@ -446,6 +449,13 @@ def make_fused_step(
         shared_argnames, where="make_fused_step", name="shared_argnames"
     )
     check_bool(donate, where="make_fused_step", name="donate")
+    check_int(
+        max_traces,
+        where="make_fused_step",
+        name="max_traces",
+        minimum=1,
+        allow_none=True,
+    )
     names = [p.name for p in loss_params[1:]]
     unknown = [n for n in shared_argnames if n not in names]
     if unknown:

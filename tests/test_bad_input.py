@@ -983,8 +983,7 @@ def test_make_step_random_options(
             guard=guard,
             donate=donate,
         ),
-        # TODO: `max_traces` errors say "jit:" (from `fl.jit`), not "make_step:".
-        where=("make_step", "jit"),
+        where=("make_step",),
         bad=tuple(bad),
         lenient=tuple(lenient),
     )
@@ -1813,3 +1812,12 @@ def _all_keys(tree: Any) -> list[str]:
         if isinstance(v, dict):
             keys += _all_keys(v)
     return keys
+
+
+@pytest.mark.parametrize("builder", [fl.train.make_step, fl.train.make_fused_step])
+@pytest.mark.parametrize("value", [0, -1, 1.5, True])
+def test_max_traces_errors_name_the_builder(builder, value):
+    """Not `jit`, which the builders call: the user called the builder."""
+    name = builder.__name__
+    with pytest.raises((TypeError, ValueError), match=rf"^{name}: `max_traces`"):
+        builder(loss_fn, optax.sgd(0.1), max_traces=value)
