@@ -5,9 +5,9 @@ sequence.py, its full size by default: batch 32, lines of real text cut at 80
 characters, embedding 32, LSTM 128, masked cross-entropy, SGD momentum), run as:
 
   core        `fl.models.CharLSTM.loss(..., mode="static")`: the LSTM's own core
-              (stored gates, gate-gradient-only reverse loop, one matmul for
-              `weight_hh`'s gradient), the loop running to each batch's longest
-              line; one program for every batch
+              (stored gate-gradient factors, a reverse loop of gate gradients,
+              one matmul for `weight_hh`'s gradient), the loop running to each
+              batch's longest line; one program for every batch
   generic     the same step with the LSTM on the generic bounded loop
               (`functorch_lite._loop`), which recomputes each step in reverse
   per-length  `core` on each batch cut to its own longest line: one program
@@ -100,6 +100,8 @@ def _geometric_lines(max_len: int, mean: float = 38.0) -> list[str]:
 
 def _profile(run: dict, block: int, top: int) -> dict[str, Any]:
     """`block` steps of a warm variant under jax.profiler: time per XLA op.
+
+    CPU only: it reads the events of XLA's CPU worker threads.
 
     Sums each op's events over XLA's CPU worker threads, per step; a `while`
     op's time includes the ops of its body, which are listed too (with their
@@ -224,14 +226,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if (args.profile and "core" in runs)
         else None
     )
-    # Agreement: one step from the same state on the first batch.
+    # Agreement: two steps from the same state on the first two batches. The
+    # second loss follows the first step's gradients.
     check = {}
     for name in variants:
         step, batches = make(name)
         _recurrent._FUSED_LSTM = name != "generic"
         params = jax.tree.map(jnp.copy, master)
-        _, _, loss = step(params, opt.init(params), *batches[0])
-        check[name] = float(loss)
+        params, opt_state, first = step(params, opt.init(params), *batches[0])
+        _, _, second = step(params, opt_state, *batches[1 % len(batches)])
+        check[name] = (float(first), float(second))
     _recurrent._FUSED_LSTM = True
     lengths = arrays["lengths"][: args.block]
     width = arrays["tokens"].shape[2]
@@ -247,7 +251,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows[name] = {
             **protocol.ms_spread(run["times"]),
             "warm_s": run["warm_s"],
-            "first_loss": check[name],
+            "first_loss": check[name][0],
+            "second_loss": check[name][1],
         }
     if "core" in rows:
         base = rows["core"]["ms_median"]

@@ -224,7 +224,7 @@ def test_matches_pytorch_packed(kind, layers, bi, with_state, mode, dtype):
 
 
 def test_lstm_core_matches_the_generic_loop_and_differentiates_twice(monkeypatch):
-    """The static LSTM's own core (stored gates, its own reverse loop).
+    """The static LSTM's own core (stored gate factors, its own reverse loop).
 
     Against the generic bounded loop (the core switched off) on values and
     gradients (both directions), and against the dynamic path on a
@@ -296,6 +296,47 @@ def test_lstm_core_matches_the_generic_loop_and_differentiates_twice(monkeypatch
             for mode in ("static", "dynamic")
         ]
         np.testing.assert_allclose(batched[0], batched[1], rtol=1e-11, atol=1e-13)
+
+
+def test_lstm_core_in_stages_matches_the_generic_loop(monkeypatch):
+    """20 rows: the core runs them in three stages (20, 10, then 5 rows).
+
+    Every length short of T, and padding that holds values: positions that
+    no stage reaches keep what the core found there, which must not leak
+    into any value or gradient. Both directions, an initial state, both
+    biases; values and gradients against the generic bounded loop, and a
+    zero gradient at every padded input.
+    """
+    from functorch_lite import _recurrent
+
+    with X64:
+        n, t = 20, 9
+        assert _recurrent._stages(n) == (20, 10, 5)
+        r = np.random.default_rng(11)
+        layer = fl.nn.lstm(D_IN, H, bidirectional=True)
+        params = jax.tree.map(
+            lambda a: a.astype(jnp.float64), layer.init(jax.random.key(5))
+        )
+        xs = jnp.asarray(r.standard_normal((n, t, D_IN)))  # padding included
+        lengths = jnp.asarray(np.r_[1, t - 1, r.integers(1, t, n - 2)])
+        state = tuple(jnp.asarray(r.standard_normal((2, n, H))) for _ in range(2))
+        weights = jnp.asarray(r.standard_normal((n, t, 2 * H)))
+
+        def f(p, x, state):
+            out, (h, c) = layer.apply(p, x, lengths, initial_state=state)
+            return jnp.sum(weights * out) + jnp.sum(jnp.sin(h)) + jnp.sum(c**3)
+
+        def value_and_grad():  # a new function: a new trace, reading the flag
+            return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+
+        core = value_and_grad()(params, xs, state)
+        monkeypatch.setattr(_recurrent, "_FUSED_LSTM", False)
+        generic = value_and_grad()(params, xs, state)
+        monkeypatch.setattr(_recurrent, "_FUSED_LSTM", True)
+        tree_allclose(core, generic, rtol=1e-11, atol=1e-13)
+        d_xs = np.asarray(core[1][1])
+        padded = np.arange(t)[None, :] >= np.asarray(lengths)[:, None]
+        assert padded.any() and not np.any(d_xs[padded])
 
 
 def test_one_compile_for_every_length_pattern():
