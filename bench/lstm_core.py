@@ -101,9 +101,7 @@ def _geometric_lines(max_len: int, mean: float = 38.0) -> list[str]:
 def _profile(run: dict, block: int, top: int) -> dict[str, Any]:
     """`block` steps of a warm variant under jax.profiler: time per XLA op.
 
-    CPU only: it reads the events of XLA's CPU worker threads.
-
-    Sums each op's events over XLA's CPU worker threads, per step; a `while`
+    CPU only: sums each op's events over XLA's CPU worker threads, per step; a `while`
     op's time includes the ops of its body, which are listed too (with their
     count per step). Ops on the two threads can overlap, so the times do not
     add up to the step.

@@ -9,7 +9,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.core import Tracer
 
 from functorch_lite._checks import check_int, reject_torch
@@ -552,14 +551,9 @@ def cross_entropy(
         # Guarded: a weakly typed Python int too large for a narrow dtype
         # (300 in uint8) would wrap around, not compare.
         in_range &= targets < num_classes
-    # The target's log-probability, selected by comparing class indices: its
-    # gradient is a select too, where a gather's is a scatter into zeros (two
-    # more passes over the logits' shape; in the sequence benchmark XLA ran
-    # them beside the LSTM's loops, and the step took no longer either way).
-    index = jnp.where(in_range, targets, 0).astype(jnp.int32)
-    classes = lax.broadcasted_iota(jnp.int32, log_probs.shape, log_probs.ndim - 1)
-    hit = classes == jnp.expand_dims(index, -1)
-    picked = jnp.sum(jnp.where(hit, log_probs, jnp.zeros((), log_probs.dtype)), -1)
+    picked = jnp.take_along_axis(
+        log_probs, jnp.expand_dims(jnp.where(in_range, targets, 0), -1), axis=-1
+    )[..., 0]
     # A traced out-of-range target cannot raise: it shows as NaN.
     nll = jnp.where(in_range, -picked, jnp.nan)
     if weights is not None:
