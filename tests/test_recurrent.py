@@ -299,7 +299,7 @@ def test_lstm_core_matches_the_generic_loop_and_differentiates_twice(monkeypatch
 
 
 def test_lstm_core_in_stages_matches_the_generic_loop(monkeypatch):
-    """20 rows: the core runs them in three stages (20, 10, then 5 rows).
+    """20 rows: the core runs them in five stages (20, 16, 12, 8, then 4 rows).
 
     Every length short of T, and padding that holds values: positions that
     no stage reaches keep what the core found there, which must not leak
@@ -311,7 +311,7 @@ def test_lstm_core_in_stages_matches_the_generic_loop(monkeypatch):
 
     with X64:
         n, t = 20, 9
-        assert _recurrent._stages(n) == (20, 10, 5)
+        assert _recurrent._stages(n) == (20, 16, 12, 8, 4)
         r = np.random.default_rng(11)
         layer = fl.nn.lstm(D_IN, H, bidirectional=True)
         params = jax.tree.map(
