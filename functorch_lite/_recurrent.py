@@ -622,9 +622,9 @@ def _stages(n: int) -> tuple[int, ...]:
     Up to 8 rows run as one stage. Each stage is a loop of its own in the
     compiled program, so finer stages cost compile time (1.4 -> 3.2 s for the
     core of the sequence workload, 32 rows), but they follow the running
-    rows more closely: there, the rows the loops run fall from 58% to 47% of
-    the padded rows, with 43% real, and the core's step is about 10%
-    faster than with halving stages (32, 16, 8) (bench/RESULTS.md).
+    rows more closely: there, the loops run 47% of the padded rows rather
+    than 58% (42% are real), and the training step is about 10% faster than
+    with halving stages (32, 16, 8) (bench/RESULTS.md).
     """
     if n <= 8:
         return (n,)

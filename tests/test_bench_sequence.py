@@ -159,3 +159,31 @@ def test_lstm_core_benchmark_agrees_and_profiles_the_core(tmp_path):
     assert times == sorted(times, reverse=True) and times[-1] > 0
     assert any(op["name"].startswith("while") for op in ops), ops
     assert "costliest XLA ops" in stdout.getvalue()
+
+
+def test_loop_kernels_benchmark_writes_its_figures(tmp_path):
+    """bench/loop_kernels.py at a tiny size: XLA's per-iteration figures, the
+    GFLOP/s that follow from them, and torch.mm from a process of its own
+    (None when torch is missing)."""
+    bench = _load("loop_kernels", BENCH / "loop_kernels.py")
+    argv = ["--iterations", "8", "--repeats", "2", "--rows", "4,2",
+            "--out", str(tmp_path)]  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        result = bench.main(argv)
+    assert json.loads((tmp_path / "loop-kernels.json").read_text()) == result
+    assert set(result["xla_matmul"]) == {"4", "2"}
+    for rows, cell in result["xla_matmul"].items():
+        assert 0 < cell["min_us"] <= cell["median_us"] <= cell["max_us"]
+        flops = 2 * int(rows) * bench.HIDDEN * bench.GATES
+        assert cell["gflops"] == pytest.approx(flops / cell["median_us"] / 1e3)
+    assert set(result["xla_elementwise"]) == {"trivial", "sigmoid", "tanh"}
+    for cell in result["xla_elementwise"].values():
+        assert cell["ns_per_element"] == pytest.approx(cell["median_us"] * 1e3 / 16384)
+    torch = result["torch_alone"]
+    if importlib.util.find_spec("torch") is None:
+        assert torch is None
+    else:
+        for threads in {torch["default_threads"], 1}:
+            assert set(torch[f"threads_{threads}"]) == {"4", "2"}
+            assert all(c["median_us"] > 0 for c in torch[f"threads_{threads}"].values())
+        assert "torch alone" in stdout.getvalue()
