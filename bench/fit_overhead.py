@@ -22,10 +22,10 @@ per step, the spread (min-max) and the ratio to the bare loop of the same step.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import platform
+import sys
 import tempfile
 import time
 
@@ -35,6 +35,11 @@ import numpy as np
 import optax
 
 import functorch_lite as fl
+
+BENCH = pathlib.Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+from peers import protocol  # noqa: E402
 
 
 def _setup(size: str, guard: bool):
@@ -145,10 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
     }
     if args.out:
-        path = pathlib.Path(args.out) / "fit-overhead.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
-        print(f"wrote {path}")
+        protocol.write_result(args.out, "fit-overhead.json", result)
     return result
 
 

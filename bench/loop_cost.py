@@ -14,10 +14,10 @@ Prints the tables and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import platform
+import sys
 import time
 
 import jax
@@ -25,6 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import functorch_lite as fl
+
+BENCH = pathlib.Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+from peers import protocol  # noqa: E402
 
 
 def _median_ms(fn, args, repeats: int, inner: int = 20) -> tuple[float, float, float]:
@@ -104,10 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         ],
     }
     if args.out:
-        path = pathlib.Path(args.out) / "loop-cost.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
-        print(f"wrote {path}")
+        protocol.write_result(args.out, "loop-cost.json", result)
     return result
 
 

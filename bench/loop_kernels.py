@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import platform
 import subprocess
 import sys
 import time
@@ -36,6 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+BENCH = pathlib.Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+from peers import protocol  # noqa: E402
 
 HIDDEN, GATES = 128, 512
 
@@ -138,8 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0]),
-        "cores": os.cpu_count(),
-        "machine": platform.machine(),
+        **protocol.environment(),
         "iterations": args.iterations,
         "repeats": args.repeats,
         "xla_matmul": matmul,
@@ -172,10 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"({cell['ns_per_element']:.2f} ns per element)"
         )
     if args.out:
-        path = pathlib.Path(args.out) / "loop-kernels.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
-        print(f"wrote {path}")
+        protocol.write_result(args.out, "loop-kernels.json", result)
     return result
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "peer_main",
     "run_peer",
     "save_inputs",
+    "write_result",
 ]
 
 
@@ -72,6 +73,15 @@ def load_inputs(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
         arrays = {k: data[k] for k in data.files if k != "config"}
         config = json.loads(str(data["config"]))
     return config, arrays
+
+
+def write_result(out: str | os.PathLike, name: str, result: dict) -> Path:
+    """Write a benchmark's `result` to `<out>/<name>` as JSON; print the path."""
+    path = Path(out) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return path
 
 
 def environment() -> dict[str, Any]:
