@@ -77,9 +77,9 @@ Argnums = int | tuple[int, ...]
 _FORWARD_MODE_FIX = (
     "Forward mode cannot differentiate a `jax.custom_vjp` function, such as "
     "the static loops of `fl.while_loop` and of `fl.repeat` (and DynamicNet) with "
-    'static_method="bounded". For `repeat` or DynamicNet pass static_method="scan"; '
-    'or use mode="dynamic"; or use reverse mode (`jacrev`, or `jax.hessian` for '
-    "forward-over-reverse)."
+    'static_method="bounded", and the static mode of `fl.nn.lstm` and `fl.nn.rnn`. '
+    'For `repeat` or DynamicNet pass static_method="scan"; or use mode="dynamic"; '
+    "or use reverse mode (`jacrev`, or `jax.hessian` for forward-over-reverse)."
 )
 
 

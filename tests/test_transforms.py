@@ -307,6 +307,25 @@ def test_forward_mode_through_bounded_loop_raises_with_fix(key, small_net_inputs
         call()
 
 
+def test_forward_mode_through_static_lstm_names_it_and_the_fix(key):
+    """The static LSTM's core has its own reverse rule: forward mode names it
+    and `mode="dynamic"`, which then works (against reverse mode)."""
+    layer = fl.nn.lstm(3, 4)
+    params = layer.init(key)
+    xs = jax.random.normal(key, (2, 5, 3))
+    lengths = jnp.array([5, 2])
+
+    def out(x, mode):
+        return layer.apply(params, x, lengths, mode=mode)[0]
+
+    with pytest.raises(TypeError, match=r'jacfwd: .*`fl.nn.lstm`.*mode="dynamic"'):
+        ft.jacfwd(lambda x: out(x, "static"))(xs)
+    tree_allclose(
+        jax.jit(ft.jacfwd(lambda x: out(x, "dynamic")))(xs),
+        jax.jit(ft.jacrev(lambda x: out(x, "static")))(xs),
+    )
+
+
 def test_hessian_goes_through_bounded_loop(key, small_net_inputs):
     # Forward-over-reverse differentiates the loop's reverse rule, which is
     # plain JAX: the Hessian equals the scan loop's and the unrolled one's.
