@@ -23,11 +23,11 @@ With `--flags`, the unrolled step and `x @ W1` are measured again in fresh
 processes under each XLA CPU option that routes matmuls to another library
 (XNNPACK, YNNPACK, oneDNN) or changes threading.
 
-With `--interleaved ROUNDS`, the specialized programs, the fused step and a
-`lax.switch` over the specialized steps are timed in turn, round after round,
-and the ratio to the specialized programs is taken within each round (see
-`_interleaved`): on a shared machine whose speed drifts, this is what settles a
-5% target.
+With `--interleaved ROUNDS`, the specialized programs, the fused step (also with
+`static_method="scan"`) and a `lax.switch` over the specialized steps are timed
+in turn, round after round, and the ratio to the specialized programs is taken
+within each round (see `_interleaved`): on a shared machine whose speed drifts,
+this is what settles a 5% target.
 
     python bench/peak_gap.py [--repeats 5] [--flags] [--interleaved 15]
                              [--out bench/results]
@@ -286,10 +286,12 @@ def _switch_call(depths: np.ndarray) -> Callable[[], Any]:
     return lambda: train(params, state, x, y, d)
 
 
-def _fused_call(depths: np.ndarray) -> Callable[[], Any]:
+def _fused_call(
+    depths: np.ndarray, static_method: str = "bounded"
+) -> Callable[[], Any]:
     """The library: one `make_fused_step` call over all `depths`, fed as an array."""
     x, y, params = _data()
-    net = fl.models.DynamicNet(D_IN, H, D_OUT)
+    net = fl.models.DynamicNet(D_IN, H, D_OUT, static_method=static_method)
     opt = optax.sgd(LR, momentum=MOMENTUM)
 
     def loss_fn(params, x, y, depth):
@@ -312,10 +314,13 @@ def _interleaved(depths: np.ndarray, rounds: int) -> dict[str, Any]:
     step and a `lax.switch` over specialized steps, timed in turn in every round.
 
     Each round times every program once (the order rotating) and takes the
-    ratio of `fused` (and `switch`) to the specialized programs weighted by the
-    depths' frequencies in that same round; drift between rounds cancels. Also
-    `fused` at each constant depth (`fused@d`), against `unrolled@d`: what a
-    step of the library's loop costs beyond the straight-line program.
+    ratio of `fused` (and `switch`, and `fused-scan`: the fused step with
+    `static_method="scan"`, whose reverse pass is JAX's own and stores the
+    body's residuals rather than recomputing them) to the specialized programs
+    weighted by the depths' frequencies in that same round; drift between
+    rounds cancels. Also `fused` at each constant depth (`fused@d`), against
+    `unrolled@d`: what a step of the library's loop costs beyond the
+    straight-line program.
     """
     loop = len(depths)
     freq = np.bincount(depths, minlength=4) / loop
@@ -324,13 +329,14 @@ def _interleaved(depths: np.ndarray, rounds: int) -> dict[str, Any]:
     }
     calls["fused"] = _fused_call(depths)
     calls["switch"] = _switch_call(depths)
+    calls["fused-scan"] = _fused_call(depths, "scan")
     for d in range(4):
         calls[f"fused@{d}"] = _fused_call(np.full(loop, d, np.int32))
     for call in calls.values():
         jax.block_until_ready(call())
     names = list(calls)
     times: dict[str, list[float]] = {n: [] for n in names}
-    ratios: dict[str, list[float]] = {"fused": [], "switch": []}
+    ratios: dict[str, list[float]] = {"fused": [], "switch": [], "fused-scan": []}
     for r in range(rounds):
         row = {}
         for name in names[r % len(names) :] + names[: r % len(names)]:

@@ -327,11 +327,14 @@ def test_peak_gap_measures_the_reference_step(tmp_path):
         ours = fl.nn.mse_loss(net.apply(params, x, depth), y)
         np.testing.assert_allclose(gap.plain_loss(params, x, y, depth), ours, rtol=1e-5)
 
-    # The switch over specialized steps (--interleaved) trains as the library does.
+    # The switch over specialized steps (--interleaved) trains as the library does,
+    # and so does the fused step with static_method="scan".
     depths = np.array([3, 0, 2, 1], np.int32)
     switch_losses = gap._switch_call(depths)()[1]
     fused_losses = gap._fused_call(depths)()[2]
     np.testing.assert_allclose(switch_losses, fused_losses, rtol=1e-5)
+    scan_losses = gap._fused_call(depths, "scan")()[2]
+    np.testing.assert_allclose(scan_losses, fused_losses, rtol=1e-5)
 
     with contextlib.redirect_stdout(io.StringIO()) as out:
         assert gap.main(["--repeats", "1", "--loop", "3", "--out", str(tmp_path)]) == 0
