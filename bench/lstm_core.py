@@ -4,15 +4,18 @@ One training step of the sequence workload's CharLSTM (bench/workloads/
 sequence.py, its full size by default: batch 32, lines of real text cut at 80
 characters, embedding 32, LSTM 128, masked cross-entropy, SGD momentum), run as:
 
-  core        `fl.models.CharLSTM.loss(..., mode="static")`: the LSTM's own core
-              (stored gate-gradient factors, a reverse loop of gate gradients,
-              one matmul for `weight_hh`'s gradient), the loop running to each
-              batch's longest line; one program for every batch
-  generic     the same step with the LSTM on the generic bounded loop
-              (`functorch_lite._loop`), which recomputes each step in reverse
-  per-length  `core` on each batch cut to its own longest line: one program
-              per distinct length (the specialized programs)
-  plain-scan  hand-written `lax.scan` over the padded length with masks
+  core          `fl.models.CharLSTM.loss(..., mode="static")`: the LSTM's own
+                core (stored gate-gradient factors, a reverse loop of gate
+                gradients, one matmul for `weight_hh`'s gradient), the loop
+                running to each batch's longest line; one program for every batch
+  core-halving  `core` with the stage schedule it had before 2026-12-07 (rows
+                halved down to 8: 32, 16, 8) rather than its finer one (32, 28,
+                ..., 4): what the finer stages gain
+  generic       the same step with the LSTM on the generic bounded loop
+                (`functorch_lite._loop`), which recomputes each step in reverse
+  per-length    `core` on each batch cut to its own longest line: one program
+                per distinct length (the specialized programs)
+  plain-scan    hand-written `lax.scan` over the padded length with masks
 
 Every variant compiles first, then `--repeats` rounds each time `--block`
 steps per variant, interleaved (rotating the order), and reports the median
@@ -41,6 +44,7 @@ rounds and lists its N costliest XLA ops, in ms per step (also in the JSON).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -62,7 +66,28 @@ sys.path.insert(0, str(BENCH))
 from peers import protocol  # noqa: E402
 from workloads import sequence  # noqa: E402
 
-VARIANTS = ("core", "generic", "per-length", "plain-scan")
+VARIANTS = ("core", "core-halving", "generic", "per-length", "plain-scan")
+_STAGES = _recurrent._stages
+
+
+def _halving_stages(n: int) -> tuple[int, ...]:
+    """The core's stage schedule before 2026-12-07: N, then halves, down to 8."""
+    sizes = [n]
+    while sizes[-1] > 8:
+        sizes.append((sizes[-1] + 1) // 2)
+    return tuple(sizes)
+
+
+@contextlib.contextmanager
+def _as_variant(name: str):
+    """The library's internals as variant `name` traces them: the generic loop
+    for `generic`, the old stage schedule for `core-halving`."""
+    _recurrent._FUSED_LSTM = name != "generic"
+    _recurrent._stages = _halving_stages if name == "core-halving" else _STAGES
+    try:
+        yield
+    finally:
+        _recurrent._FUSED_LSTM, _recurrent._stages = True, _STAGES
 
 
 def _matmul_flops(lengths: np.ndarray, width: int, e: int, h: int, v: int) -> float:
@@ -190,13 +215,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs: dict[str, dict[str, Any]] = {}
     for name in variants:
         step, batches = make(name)
-        _recurrent._FUSED_LSTM = name != "generic"
         params = jax.tree.map(jnp.copy, master)
         state = [params, opt.init(params)]
         start = time.perf_counter()
-        for tok, n in batches:  # compiles every program the variant needs
-            state[0], state[1], loss = step(state[0], state[1], tok, n)
-        jax.block_until_ready(loss)
+        with _as_variant(name):
+            for tok, n in batches:  # compiles every program the variant needs
+                state[0], state[1], loss = step(state[0], state[1], tok, n)
+            jax.block_until_ready(loss)
         runs[name] = {
             "step": step,
             "batches": batches,
@@ -205,20 +230,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "times": [],
             "first_losses": [],
         }
-    _recurrent._FUSED_LSTM = True
     order = list(variants)
     for r in range(args.repeats):
         for name in order[r % len(order) :] + order[: r % len(order)]:
             run = runs[name]
-            _recurrent._FUSED_LSTM = name != "generic"
             state, batches = run["state"], run["batches"]
             start = time.perf_counter()
-            for i in range(args.block):
-                tok, n = batches[i % len(batches)]
-                state[0], state[1], loss = run["step"](state[0], state[1], tok, n)
-            jax.block_until_ready(loss)
+            with _as_variant(name):  # compiled already: no trace reads it
+                for i in range(args.block):
+                    tok, n = batches[i % len(batches)]
+                    state[0], state[1], loss = run["step"](state[0], state[1], tok, n)
+                jax.block_until_ready(loss)
             run["times"].append((time.perf_counter() - start) / args.block)
-    _recurrent._FUSED_LSTM = True
     profile = (
         _profile(runs["core"], args.block, args.profile)
         if (args.profile and "core" in runs)
@@ -229,12 +252,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     check = {}
     for name in variants:
         step, batches = make(name)
-        _recurrent._FUSED_LSTM = name != "generic"
         params = jax.tree.map(jnp.copy, master)
-        params, opt_state, first = step(params, opt.init(params), *batches[0])
-        _, _, second = step(params, opt_state, *batches[1 % len(batches)])
+        with _as_variant(name):
+            params, opt_state, first = step(params, opt.init(params), *batches[0])
+            _, _, second = step(params, opt_state, *batches[1 % len(batches)])
         check[name] = (float(first), float(second))
-    _recurrent._FUSED_LSTM = True
     lengths = arrays["lengths"][: args.block]
     width = arrays["tokens"].shape[2]
     real = float(np.sum(lengths)) / (lengths.size * width)

@@ -14,7 +14,7 @@ steps with the library's bounded loop (`functorch_lite._loop.bounded_scan`): the
 loop and its reverse pass run to the batch's longest sequence, not to `T`, and
 one compiled program serves every length pattern. The LSTM's static mode has
 its own core (`_lstm_core`, at the end of this module) instead of the generic
-loop, because it measures faster: 2.2x on the sequence workload's training
+loop, because it measures faster: 2.4x on the sequence workload's training
 step with geometric lengths, 1.9x on lines of real text (bench/lstm_core.py,
 2026-12-07, bench/RESULTS.md). The generic loop recomputes each step's forward
 in its reverse pass and sums `weight_hh`'s gradient one small matmul per step;
@@ -683,7 +683,7 @@ def _lstm_forward(proj, bias, w_hh, h0, c0, lengths, store: bool):
     # step i reads its projection from `k[i]` and then writes its factors
     # there. A separate zeroed buffer of that shape, filled and then copied,
     # took 1.4 ms of the 15 ms step in the profile (bench/RESULTS.md).
-    k, tf = proj, jnp.zeros((t, n, 2 * hidden), proj.dtype)
+    k, tf = proj, (jnp.zeros((t, n, 2 * hidden), proj.dtype) if store else ())
     h, c, done = h0, c0, []
     for j, b in enumerate(sizes):
         if j:  # rows b.. finished before this stage: keep their final state
@@ -734,7 +734,7 @@ def _lstm_forward(proj, bias, w_hh, h0, c0, lengths, store: bool):
         _, h, c, ys, k, tf = _while_any_mode(
             lambda s, end=end: s[0] < end,
             body,
-            (starts[j], h, c, ys, k if store else (), tf if store else ()),
+            (starts[j], h, c, ys, k if store else (), tf),
             t,
         )
     h_n = jnp.concatenate([h] + [d[0] for d in reversed(done)])

@@ -135,13 +135,21 @@ def test_sweep_and_plot(run):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_lstm_core_benchmark_agrees_and_profiles_the_core(tmp_path):
-    """bench/lstm_core.py at a tiny size: the core and the generic loop train
-    alike (the loss after one step, which follows the gradients), and
-    `--profile` lists the core's costliest XLA ops (the loops among them)."""
+def test_lstm_core_benchmark_agrees_and_profiles_the_core(tmp_path, monkeypatch):
+    """bench/lstm_core.py at a tiny size: the core, the core with its old stage
+    schedule and the generic loop train alike (the loss after one step, which
+    follows the gradients), and `--profile` lists the core's costliest XLA ops
+    (the loops among them)."""
     bench = _load("lstm_core", BENCH / "lstm_core.py")
+    halving, calls = bench._halving_stages, []
+
+    def spy(n):
+        calls.append(n)
+        return halving(n)
+
+    monkeypatch.setattr(bench, "_halving_stages", spy)
     argv = ["--batch", "20", "--max-len", "8", "--hidden", "8", "--steps-data", "3",
-            "--repeats", "1", "--block", "2", "--variants", "core,generic",
+            "--repeats", "1", "--block", "2", "--variants", "core,core-halving,generic",
             "--lengths", "geometric", "--peers", "", "--profile", "6",
             "--out", str(tmp_path)]  # fmt: skip
     with contextlib.redirect_stdout(io.StringIO()) as stdout:
@@ -152,6 +160,12 @@ def test_lstm_core_benchmark_agrees_and_profiles_the_core(tmp_path):
     np.testing.assert_allclose(
         rows["core"]["second_loss"], rows["generic"]["second_loss"], rtol=1e-5
     )
+    # 20 rows: the finer stages (20, 16, 12, 8, 4) against halving (20, 10, 5).
+    np.testing.assert_allclose(
+        rows["core"]["second_loss"], rows["core-halving"]["second_loss"], rtol=1e-5
+    )
+    assert 20 in calls and halving(20) == (20, 10, 5)  # `core-halving` used them
+    assert bench._recurrent._stages is bench._STAGES  # and they were put back
     assert rows["core"]["second_loss"] != rows["core"]["first_loss"]
     ops = result["profile"]["ops"]
     assert 0 < len(ops) <= 6
