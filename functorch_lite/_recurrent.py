@@ -623,8 +623,9 @@ def _stages(n: int) -> tuple[int, ...]:
     compiled program, so finer stages cost compile time (1.4 -> 3.2 s for the
     core of the sequence workload, 32 rows), but they follow the running
     rows more closely: there, the loops run 47% of the padded rows rather
-    than 58% (42% are real), and the training step is about 10% faster than
-    with halving stages (32, 16, 8) (bench/RESULTS.md).
+    than 58% (42% are real), and the training step is 7-10% faster than
+    with halving stages (32, 16, 8) (bench/RESULTS.md; bench/lstm_core.py
+    times both as `core` and `core-halving`).
     """
     if n <= 8:
         return (n,)
