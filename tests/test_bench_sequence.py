@@ -157,6 +157,15 @@ def test_lstm_core_benchmark_agrees_and_profiles_the_core(tmp_path, monkeypatch)
     on_disk = json.loads((tmp_path / "lstm_core-geometric.json").read_text())
     assert on_disk["variants"] == result["variants"] and on_disk["profile"]
     rows = result["variants"]
+    # The machine is named in the record (the CPU model, read here apart).
+    info = Path("/proc/cpuinfo")
+    names = [
+        line.split(":", 1)[1].strip()
+        for line in (info.read_text().splitlines() if info.exists() else [])
+        if line.startswith("model name")
+    ]
+    assert on_disk["cpu_model"] == (names[0] if names else None)
+    assert on_disk["cores"] >= 1
     np.testing.assert_allclose(
         rows["core"]["second_loss"], rows["generic"]["second_loss"], rtol=1e-5
     )

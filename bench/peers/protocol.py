@@ -84,6 +84,18 @@ def write_result(out: str | os.PathLike, name: str, result: dict) -> Path:
     return path
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (None where there is none)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
 def environment() -> dict[str, Any]:
     """Facts about the machine at the time of the measurement."""
     try:
@@ -93,6 +105,7 @@ def environment() -> dict[str, Any]:
     return {
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "cpu_model": cpu_model(),
         "cores": os.cpu_count(),
         "load_average": load,
     }

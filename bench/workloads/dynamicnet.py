@@ -684,12 +684,6 @@ def _environment(device: Any, torch_status: dict[str, Any]) -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    cpu_model = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -709,7 +703,7 @@ def _environment(device: Any, torch_status: dict[str, Any]) -> dict[str, Any]:
         "device": str(device),
         "device_kind": getattr(device, "device_kind", None),
         "cpu_count": _cores(),
-        "cpu_model": cpu_model,
+        "cpu_model": protocol.cpu_model(),
         "load_average_at_start": (
             list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         ),
