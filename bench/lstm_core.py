@@ -8,9 +8,12 @@ characters, embedding 32, LSTM 128, masked cross-entropy, SGD momentum), run as:
                 core (stored gate-gradient factors, a reverse loop of gate
                 gradients, one matmul for `weight_hh`'s gradient), the loop
                 running to each batch's longest line; one program for every batch
-  core-halving  `core` with the stage schedule it had before 2026-12-07 (rows
-                halved down to 8: 32, 16, 8) rather than its finer one (32, 28,
-                ..., 4): what the finer stages gain
+  core-xla      `core` with its loops in XLA (`while` loops in stages of
+                rows) rather than the native CPU kernels (functorch_lite/
+                _native) that `core` runs where they build: what they gain
+  core-halving  `core-xla` with the stage schedule it had before 2026-12-07
+                (rows halved down to 8: 32, 16, 8) rather than its finer one
+                (32, 28, ..., 4): what the finer stages gain
   generic       the same step with the LSTM on the generic bounded loop
                 (`functorch_lite._loop`), which recomputes each step in reverse
   per-length    `core` on each batch cut to its own longest line: one program
@@ -58,7 +61,7 @@ import numpy as np
 import optax
 
 import functorch_lite as fl
-from functorch_lite import _recurrent
+from functorch_lite import _native, _recurrent
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
@@ -66,7 +69,7 @@ sys.path.insert(0, str(BENCH))
 from peers import protocol  # noqa: E402
 from workloads import sequence  # noqa: E402
 
-VARIANTS = ("core", "core-halving", "generic", "per-length", "plain-scan")
+VARIANTS = ("core", "core-xla", "core-halving", "generic", "per-length", "plain-scan")
 _STAGES = _recurrent._stages
 
 
@@ -81,13 +84,16 @@ def _halving_stages(n: int) -> tuple[int, ...]:
 @contextlib.contextmanager
 def _as_variant(name: str):
     """The library's internals as variant `name` traces them: the generic loop
-    for `generic`, the old stage schedule for `core-halving`."""
+    for `generic`, the core's loops in XLA rather than the native kernels for
+    `core-xla` and `core-halving`, and the latter with the old stage schedule."""
     _recurrent._FUSED_LSTM = name != "generic"
+    _recurrent._NATIVE_LSTM = name not in ("core-xla", "core-halving")
     _recurrent._stages = _halving_stages if name == "core-halving" else _STAGES
     try:
         yield
     finally:
-        _recurrent._FUSED_LSTM, _recurrent._stages = True, _STAGES
+        _recurrent._FUSED_LSTM, _recurrent._NATIVE_LSTM = True, True
+        _recurrent._stages = _STAGES
 
 
 def _matmul_flops(lengths: np.ndarray, width: int, e: int, h: int, v: int) -> float:
@@ -285,6 +291,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0]),
         **protocol.environment(),
+        "native_kernels": _native.status(),
         "config": {
             "batch": args.batch,
             "max_len": args.max_len,

@@ -38,6 +38,7 @@ import numpy as np
 from jax import lax
 from jax.core import Tracer
 
+from functorch_lite import _native
 from functorch_lite._checks import check_int, check_traced_range, reject_torch
 from functorch_lite._loop import _while_any_mode, bounded_scan
 from functorch_lite._ops import dense
@@ -48,6 +49,10 @@ Params = Any
 # The static mode's LSTM runs on its own core (below); False runs it on the
 # generic bounded loop instead, for bench/lstm_core.py's comparison.
 _FUSED_LSTM = True
+# The core's loops run as native CPU kernels where they can
+# (functorch_lite/_native); False keeps them in XLA, for the tests' and
+# bench/lstm_core.py's comparisons.
+_NATIVE_LSTM = True
 
 
 class RecurrentLayer(NamedTuple):
@@ -751,18 +756,17 @@ def _lstm_core(proj, bias, w_hh, h0, c0, lengths):
     before the projection): the reverse pass leaves the gradient of `proj`
     as it found `proj` where no stage runs. `bias` (4H,) is added per step.
     """
-    return _lstm_forward(proj, bias, w_hh, h0, c0, lengths, store=False)
+    return _forward_loops(proj, bias, w_hh, h0, c0, lengths, False)
 
 
 def _lstm_core_fwd(proj, bias, w_hh, h0, c0, lengths):
-    ys, h, c, (k, tf) = _lstm_forward(proj, bias, w_hh, h0, c0, lengths, store=True)
+    ys, h, c, (k, tf) = _forward_loops(proj, bias, w_hh, h0, c0, lengths, True)
     return (ys, h, c), (ys, k, tf, w_hh, h0, lengths)
 
 
-def _lstm_core_bwd(residuals, cts):
-    ys, k, tf, w_hh, h0, lengths = residuals
-    d_ys, d_hn, d_cn = cts
-    t, n, hidden = ys.shape
+def _lstm_reverse(k, tf, w_hh, d_ys, d_hn, d_cn, lengths):
+    """The reverse loops: the gate gradients (in place of `k`), dh0 and dc0."""
+    t, n, hidden = d_ys.shape
     sizes = _stages(n)
     starts, ends = _bounds(lengths, sizes)
     w_t = w_hh.T
@@ -798,6 +802,14 @@ def _lstm_core_bwd(residuals, cts):
         _, dh, dc, d_proj = _while_any_mode(
             lambda s, start=start: s[0] > start, body, (ends[j], dh, dc, d_proj), t
         )
+    return d_proj, dh, dc
+
+
+def _lstm_core_bwd(residuals, cts):
+    ys, k, tf, w_hh, h0, lengths = residuals
+    d_ys, d_hn, d_cn = cts
+    hidden = ys.shape[-1]
+    d_proj, dh, dc = _reverse_loops(k, tf, w_hh, d_ys, d_hn, d_cn, lengths)
     # h_{i-1} for every step: h0, then the outputs (equal to h wherever a row
     # is still running, and d_proj is zero wherever it is not).
     h_prev = jnp.concatenate([h0[None], ys[:-1]], axis=0)
@@ -807,3 +819,110 @@ def _lstm_core_bwd(residuals, cts):
 
 
 _lstm_core.defvjp(_lstm_core_fwd, _lstm_core_bwd)
+
+
+# ------------------------------------------------------- native CPU kernels
+#
+# On the CPU, the core's forward and reverse loops run as native kernels
+# (functorch_lite/_native/lstm.cc), each a single XLA custom call, where they
+# can: float32, a hidden size that is a multiple of 16, and a C++ compiler on
+# the machine. They compute what `_lstm_forward` and `_lstm_reverse` compute,
+# over exactly the rows still running at each step rather than in stages, and
+# measure faster (bench/RESULTS.md): XLA runs each step of those loops as some
+# 20 small kernels. `lax.platform_dependent` lowers the XLA loops for every
+# other platform, and a `custom_jvp` differentiates the kernels through the
+# XLA loops, so that derivatives of any order, `vmap` and `jit` see one
+# function.
+
+
+def _native_ok(*arrays: jax.Array) -> bool:
+    return (
+        _NATIVE_LSTM
+        and all(a.dtype == jnp.float32 for a in arrays)
+        and arrays[0].shape[-1] % 64 == 0  # 4H, H a multiple of 16
+        and _native.available()
+    )
+
+
+def _ffi(name: str, outs: list, aliases: dict | None):
+    return jax.ffi.ffi_call(
+        f"functorch_lite_{name}",
+        outs,
+        vmap_method="sequential",
+        input_output_aliases=aliases,
+    )
+
+
+def _native_forward(proj, bias, w_hh, h0, c0, lengths, store: bool):
+    t, n, _ = proj.shape
+    spec = functools.partial(jax.ShapeDtypeStruct, dtype=proj.dtype)
+    outs = [spec((t, *h0.shape)), spec(h0.shape), spec(c0.shape)]
+    if store:
+        outs += [spec(proj.shape), spec((t, n, 2 * h0.shape[-1]))]
+    # With `store`, the factors `k` go in place of `proj` (output 3).
+    call = _ffi(
+        "FlLstmForwardStore" if store else "FlLstmForward",
+        outs,
+        {0: 3} if store else None,
+    )
+    res = call(proj, bias, w_hh, h0, c0, lengths.astype(jnp.int32))
+    return (*res[:3], tuple(res[3:])) if store else tuple(res)
+
+
+def _native_reverse(k, tf, w_hh, d_ys, d_hn, d_cn, lengths):
+    spec = functools.partial(jax.ShapeDtypeStruct, dtype=k.dtype)
+    call = _ffi(
+        "FlLstmReverse", [spec(k.shape), spec(d_hn.shape), spec(d_cn.shape)], {0: 0}
+    )
+    return tuple(call(k, tf, w_hh, d_ys, d_hn, d_cn, lengths.astype(jnp.int32)))
+
+
+def _forward_loops(proj, bias, w_hh, h0, c0, lengths, store: bool):
+    if not _native_ok(proj, bias, w_hh, h0, c0):
+        return _lstm_forward(proj, bias, w_hh, h0, c0, lengths, store=store)
+    return _forward_dispatch(proj, bias, w_hh, h0, c0, lengths, store)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
+def _forward_dispatch(proj, bias, w_hh, h0, c0, lengths, store):
+    return lax.platform_dependent(
+        proj,
+        bias,
+        w_hh,
+        h0,
+        c0,
+        lengths,
+        cpu=functools.partial(_native_forward, store=store),
+        default=functools.partial(_lstm_forward, store=store),
+    )
+
+
+@_forward_dispatch.defjvp
+def _forward_dispatch_jvp(store, primals, tangents):
+    return jax.jvp(functools.partial(_lstm_forward, store=store), primals, tangents)
+
+
+def _reverse_loops(k, tf, w_hh, d_ys, d_hn, d_cn, lengths):
+    if not _native_ok(k, tf, w_hh, d_ys, d_hn, d_cn):
+        return _lstm_reverse(k, tf, w_hh, d_ys, d_hn, d_cn, lengths)
+    return _reverse_dispatch(k, tf, w_hh, d_ys, d_hn, d_cn, lengths)
+
+
+@jax.custom_jvp
+def _reverse_dispatch(k, tf, w_hh, d_ys, d_hn, d_cn, lengths):
+    return lax.platform_dependent(
+        k,
+        tf,
+        w_hh,
+        d_ys,
+        d_hn,
+        d_cn,
+        lengths,
+        cpu=_native_reverse,
+        default=_lstm_reverse,
+    )
+
+
+@_reverse_dispatch.defjvp
+def _reverse_dispatch_jvp(primals, tangents):
+    return jax.jvp(_lstm_reverse, primals, tangents)

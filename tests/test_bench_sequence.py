@@ -136,10 +136,11 @@ def test_sweep_and_plot(run):
 
 
 def test_lstm_core_benchmark_agrees_and_profiles_the_core(tmp_path, monkeypatch):
-    """bench/lstm_core.py at a tiny size: the core, the core with its old stage
+    """bench/lstm_core.py at a tiny size: the core (on the native kernels
+    where they build), the core's XLA loops, those with their old stage
     schedule and the generic loop train alike (the loss after one step, which
     follows the gradients), and `--profile` lists the core's costliest XLA ops
-    (the loops among them)."""
+    (the loops among them: the kernels' calls, else `while` loops)."""
     bench = _load("lstm_core", BENCH / "lstm_core.py")
     halving, calls = bench._halving_stages, []
 
@@ -148,8 +149,9 @@ def test_lstm_core_benchmark_agrees_and_profiles_the_core(tmp_path, monkeypatch)
         return halving(n)
 
     monkeypatch.setattr(bench, "_halving_stages", spy)
-    argv = ["--batch", "20", "--max-len", "8", "--hidden", "8", "--steps-data", "3",
-            "--repeats", "1", "--block", "2", "--variants", "core,core-halving,generic",
+    argv = ["--batch", "20", "--max-len", "8", "--hidden", "16", "--steps-data", "3",
+            "--repeats", "1", "--block", "2",
+            "--variants", "core,core-xla,core-halving,generic",
             "--lengths", "geometric", "--peers", "", "--profile", "6",
             "--out", str(tmp_path)]  # fmt: skip
     with contextlib.redirect_stdout(io.StringIO()) as stdout:
@@ -166,21 +168,25 @@ def test_lstm_core_benchmark_agrees_and_profiles_the_core(tmp_path, monkeypatch)
     ]
     assert on_disk["cpu_model"] == (names[0] if names else None)
     assert on_disk["cores"] >= 1
-    np.testing.assert_allclose(
-        rows["core"]["second_loss"], rows["generic"]["second_loss"], rtol=1e-5
-    )
+    for name in ("core-xla", "generic"):
+        np.testing.assert_allclose(
+            rows["core"]["second_loss"], rows[name]["second_loss"], rtol=1e-5
+        )
+    assert on_disk["native_kernels"] == bench._native.status()
     # 20 rows: the finer stages (20, 16, 12, 8, 4) against halving (20, 10, 5).
     np.testing.assert_allclose(
         rows["core"]["second_loss"], rows["core-halving"]["second_loss"], rtol=1e-5
     )
     assert 20 in calls and halving(20) == (20, 10, 5)  # `core-halving` used them
     assert bench._recurrent._stages is bench._STAGES  # and they were put back
+    assert bench._recurrent._NATIVE_LSTM is True
     assert rows["core"]["second_loss"] != rows["core"]["first_loss"]
     ops = result["profile"]["ops"]
     assert 0 < len(ops) <= 6
     times = [op["ms_per_step"] for op in ops]
     assert times == sorted(times, reverse=True) and times[-1] > 0
-    assert any(op["name"].startswith("while") for op in ops), ops
+    loop = "ffi_call" if bench._native.available() else "while"
+    assert any(op["name"].startswith(loop) for op in ops), ops
     assert "costliest XLA ops" in stdout.getvalue()
 
 

@@ -1,0 +1,200 @@
+"""The static LSTM core's native CPU kernels (functorch_lite/_native/lstm.cc).
+
+References: the core's XLA loops in float64 (themselves checked against a
+float64 NumPy program and PyTorch in test_recurrent.py) and in float32, and
+the dynamic path. Every test that expects the kernels checks that the
+compiled program calls them, so a silent fallback to XLA fails it.
+"""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import tree_allclose
+
+import functorch_lite as fl
+from functorch_lite import _native, _recurrent
+
+X64 = jax.enable_x64(True)
+D_IN = 3
+needs_kernels = pytest.mark.skipif(
+    not _native.available(), reason=f"no native kernels: {_native.status()}"
+)
+
+
+def test_kernels_build_where_a_compiler_exists():
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler on this machine")
+    assert _native.available(), _native.status()
+    assert _native.status().startswith("built and loaded")
+
+
+def _problem(n, t, h, bi, layers, seed):
+    r = np.random.default_rng(seed)
+    layer = fl.nn.lstm(D_IN, h, num_layers=layers, bidirectional=bi)
+    params = layer.init(jax.random.key(seed))
+    count = layers * (2 if bi else 1)
+    xs = r.standard_normal((n, t, D_IN)).astype(np.float32)  # padding holds values
+    lengths = np.r_[1, t, r.integers(1, t + 1, max(n - 2, 0))][:n].astype(np.int32)
+    r.shuffle(lengths)
+    state = tuple(
+        (0.5 * r.standard_normal((count, n, h))).astype(np.float32) for _ in range(2)
+    )
+    width = h * (2 if bi else 1)
+    weights = r.standard_normal((n, t, width)).astype(np.float32)
+
+    def f(p, x, state):
+        out, (hn, cn) = layer.apply(p, x, jnp.asarray(lengths), initial_state=state)
+        return (
+            jnp.sum(jnp.asarray(weights, out.dtype) * out)
+            + jnp.sum(jnp.sin(hn))
+            + jnp.sum(cn**3)
+        )
+
+    return f, params, jnp.asarray(xs), tuple(map(jnp.asarray, state)), lengths
+
+
+def _calls_kernels(fn, *args) -> bool:
+    return "functorch_lite_FlLstm" in jax.jit(fn).lower(*args).as_text()
+
+
+def _f64(tree):
+    return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "n, t, h, bi, layers",
+    [
+        (5, 7, 16, False, 1),  # a row block of 4 and one of 1
+        (13, 11, 48, True, 1),  # reverse matmul's column tail; both directions
+        (1, 4, 32, False, 2),  # one row, two layers
+        (32, 20, 128, False, 1),  # the sequence workload's width
+    ],
+)
+def test_kernels_match_the_xla_core_and_float64(monkeypatch, n, t, h, bi, layers):
+    """Values and gradients (weights, inputs, initial state) of the kernels,
+    against the XLA core in float32 and in float64, and a zero gradient at
+    every padded input."""
+    f, params, xs, state, lengths = _problem(n, t, h, bi, layers, seed=n + h)
+    vg = jax.value_and_grad(f, argnums=(0, 1, 2))
+    assert _calls_kernels(vg, params, xs, state)
+    native = jax.jit(vg)(params, xs, state)
+    monkeypatch.setattr(_recurrent, "_NATIVE_LSTM", False)
+    vg_xla = jax.value_and_grad(f, argnums=(0, 1, 2))  # a new trace
+    assert not _calls_kernels(vg_xla, params, xs, state)
+    xla = jax.jit(vg_xla)(params, xs, state)
+    with X64:
+        exact = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(
+            *_f64((params, xs, state))
+        )
+    tree_allclose(native, xla, rtol=2e-5, atol=2e-5)
+    tree_allclose(_f64(native), exact, rtol=2e-5, atol=2e-5)
+    padded = np.arange(t)[None, :] >= lengths[:, None]
+    assert padded.any() and not np.any(np.asarray(native[1][1])[padded])
+
+
+@needs_kernels
+def test_kernels_differentiate_twice_and_vmap(monkeypatch):
+    """Differentiated again, the kernels' custom_jvp hands over to the XLA
+    loops, whose derivatives are known (a Hessian-vector product, a gradient
+    of a gradient norm); a vmap over lengths runs the kernels once per batch
+    member. Against the dynamic path."""
+    n, t, h = 6, 5, 16
+    f, params, xs, state, lengths = _problem(n, t, h, False, 1, seed=2)
+    tangent = jax.tree.map(jnp.ones_like, params)
+    layer = fl.nn.lstm(D_IN, h)
+
+    def g(p, x, n_, mode):
+        out, (hn, cn) = layer.apply(p, x, n_, mode=mode, initial_state=state)
+        return jnp.sum(out**2) + jnp.sum(jnp.sin(hn)) + jnp.sum(cn**3)
+
+    n_ = jnp.asarray(lengths)
+
+    def hvp(mode):
+        grad = jax.grad(lambda p: g(p, xs, n_, mode))
+        return jax.jvp(grad, (params,), (tangent,))[1]
+
+    def grad_of_grad_norm(mode):
+        return jax.grad(
+            lambda p: jnp.sum(jax.grad(g, argnums=1)(p, xs, n_, mode) ** 2)
+        )(params)
+
+    assert _calls_kernels(lambda: jax.grad(g)(params, xs, n_, "static"))
+    for fn in (hvp, grad_of_grad_norm):
+        tree_allclose(
+            jax.jit(fn, static_argnums=0)("static"),
+            jax.jit(fn, static_argnums=0)("dynamic"),
+            rtol=2e-4,
+            atol=2e-4,
+        )
+    lens = jnp.stack([n_, jnp.asarray([1, 1, 2, t, 3, 4])])
+
+    def batched(mode):
+        return jax.vmap(jax.grad(g, argnums=1), in_axes=(None, None, 0, None))(
+            params, xs, lens, mode
+        )
+
+    assert _calls_kernels(lambda: batched("static"))
+    np.testing.assert_allclose(
+        jax.jit(lambda: batched("static"))(),
+        jax.jit(lambda: batched("dynamic"))(),
+        rtol=2e-5,
+        atol=2e-5,
+    )
+
+
+@needs_kernels
+def test_kernels_are_deterministic_and_compile_once():
+    """Rows are split between threads; each row's arithmetic is the same
+    whichever thread runs it, so repeated calls agree to the bit. One
+    compiled program serves every length pattern."""
+    layer = fl.nn.lstm(D_IN, 32)
+    params = layer.init(jax.random.key(0))
+    xs = jax.random.normal(jax.random.key(1), (9, 12, D_IN))
+    f = fl.jit(jax.grad(lambda p, n: jnp.sum(layer.apply(p, xs, n)[0] ** 2)))
+    rng = np.random.default_rng(0)
+    lengths = jnp.asarray(rng.integers(1, 13, 9), jnp.int32)
+    first = f(params, lengths)
+    for _ in range(3):
+        tree_allclose(f(params, lengths), first, rtol=0, atol=0)
+    for _ in range(4):
+        f(params, jnp.asarray(rng.integers(1, 13, 9), jnp.int32))
+    assert f.stats.traces == 1 and f.stats.compiles == 1
+    assert _calls_kernels(lambda p: f(p, lengths), params)
+
+
+@pytest.mark.parametrize(
+    "env, why",
+    [
+        ({"CXX": "/nonexistent/c++"}, "no C++ compiler"),
+        ({"FUNCTORCH_LITE_NATIVE": "0"}, "turned off"),
+    ],
+)
+def test_without_kernels_the_xla_core_runs(monkeypatch, env, why):
+    """No compiler, or the kernels turned off: no error, the same results
+    from the XLA loops, and `status()` says why."""
+    f, params, xs, state, _ = _problem(5, 6, 16, False, 1, seed=0)
+    before = jax.jit(f)(params, xs, state)
+    monkeypatch.setattr(_native, "_state", {})  # as in a fresh process
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert not _native.available()
+    assert why in _native.status()
+    vf = jax.value_and_grad(f)  # a new trace
+    assert not _calls_kernels(vf, params, xs, state)
+    np.testing.assert_allclose(jax.jit(f)(params, xs, state), before, rtol=2e-5)
+
+
+def test_the_cached_library_is_named_for_its_compiler_and_cpu(monkeypatch, tmp_path):
+    """A cache shared between machines never loads code built for another
+    CPU (-march=native) or by another compiler."""
+    monkeypatch.setenv("FUNCTORCH_LITE_CACHE", str(tmp_path))
+    a = _native._library_path("g++ 12", "flags: avx512f")
+    assert a.parent == tmp_path
+    assert a == _native._library_path("g++ 12", "flags: avx512f")
+    assert a != _native._library_path("g++ 12", "flags: avx2")
+    assert a != _native._library_path("g++ 13", "flags: avx512f")
