@@ -15,12 +15,16 @@ loop and its reverse pass run to the batch's longest sequence, not to `T`, and
 one compiled program serves every length pattern. The LSTM's static mode has
 its own core (`_lstm_core`, at the end of this module) instead of the generic
 loop, because it measures faster: 2.4x on the sequence workload's training
-step with geometric lengths, 1.9x on lines of real text (bench/lstm_core.py,
-2026-12-07, bench/RESULTS.md). The generic loop recomputes each step's forward
-in its reverse pass and sums `weight_hh`'s gradient one small matmul per step;
-the core's forward stores each step's gate-gradient factors, its reverse loop
-does only the gate gradients and one matmul per step, and `weight_hh`'s
-gradient is one matmul over all steps. The dynamic mode is a Python
+step with geometric lengths, 1.9x on lines of real text, with its loops in XLA
+(bench/lstm_core.py, 2026-12-07, bench/RESULTS.md). The generic loop recomputes
+each step's forward in its reverse pass and sums `weight_hh`'s gradient one
+small matmul per step; the core's forward stores each step's gate-gradient
+factors, its reverse loop does only the gate gradients and one matmul per
+step, and `weight_hh`'s gradient is one matmul over all steps. On the CPU the
+core's two loops run as native kernels where they can (float32, a hidden size
+that is a multiple of 16, a C++ compiler; functorch_lite/_native), another
+1.33x-1.43x on the same step, which puts it ahead of PyTorch's oneDNN LSTM
+(bench/RESULTS.md). The dynamic mode is a Python
 loop over the padded length `T` (a static shape), one program per `T`. Rows past
 their own length keep their state and output zeros, in both modes.
 """
@@ -622,15 +626,16 @@ _permute.defvjp(_permute_fwd, _permute_bwd)
 
 
 def _stages(n: int) -> tuple[int, ...]:
-    """Batch sizes of the core's stages: N, then N/8 fewer (at least 4) each time.
+    """Batch sizes of the XLA loops' stages: N, then N/8 fewer (at least 4) each time.
 
+    (The native kernels follow the running rows exactly and need no stages.)
     Up to 8 rows run as one stage. Each stage is a loop of its own in the
     compiled program, so finer stages cost compile time (1.4 -> 3.2 s for the
     core of the sequence workload, 32 rows), but they follow the running
     rows more closely: there, the loops run 47% of the padded rows rather
     than 58% (42% are real), and the training step is 7-10% faster than
     with halving stages (32, 16, 8) (bench/RESULTS.md; bench/lstm_core.py
-    times both as `core` and `core-halving`).
+    times both as `core-xla` and `core-halving`).
     """
     if n <= 8:
         return (n,)
@@ -836,10 +841,13 @@ _lstm_core.defvjp(_lstm_core_fwd, _lstm_core_bwd)
 
 
 def _native_ok(*arrays: jax.Array) -> bool:
+    # The default backend: a process that computes on an accelerator does not
+    # build CPU kernels (a program lowered for the CPU there runs the XLA loops).
     return (
         _NATIVE_LSTM
         and all(a.dtype == jnp.float32 for a in arrays)
         and arrays[0].shape[-1] % 64 == 0  # 4H, H a multiple of 16
+        and jax.default_backend() == "cpu"
         and _native.available()
     )
 

@@ -32,13 +32,17 @@ def test_kernels_build_where_a_compiler_exists():
     assert _native.status().startswith("built and loaded")
 
 
-def _problem(n, t, h, bi, layers, seed):
+def _problem(n, t, h, bi, layers, seed, longest=None):
+    """A loss over an LSTM's outputs and final states; the longest length is
+    `t` unless `longest` is given (then every row ends before `t`)."""
+    longest = t if longest is None else longest
     r = np.random.default_rng(seed)
     layer = fl.nn.lstm(D_IN, h, num_layers=layers, bidirectional=bi)
     params = layer.init(jax.random.key(seed))
     count = layers * (2 if bi else 1)
     xs = r.standard_normal((n, t, D_IN)).astype(np.float32)  # padding holds values
-    lengths = np.r_[1, t, r.integers(1, t + 1, max(n - 2, 0))][:n].astype(np.int32)
+    lengths = np.r_[1, longest, r.integers(1, longest + 1, max(n - 2, 0))]
+    lengths = lengths[:n].astype(np.int32)
     r.shuffle(lengths)
     state = tuple(
         (0.5 * r.standard_normal((count, n, h))).astype(np.float32) for _ in range(2)
@@ -67,19 +71,23 @@ def _f64(tree):
 
 @needs_kernels
 @pytest.mark.parametrize(
-    "n, t, h, bi, layers",
+    "n, t, h, bi, layers, longest",
     [
-        (5, 7, 16, False, 1),  # a row block of 4 and one of 1
-        (13, 11, 48, True, 1),  # reverse matmul's column tail; both directions
-        (1, 4, 32, False, 2),  # one row, two layers
-        (32, 20, 128, False, 1),  # the sequence workload's width
+        (5, 7, 16, False, 1, None),  # a row block of 4 and one of 1
+        (13, 11, 48, True, 1, None),  # 48: the reverse matmul's narrow blocks only
+        (3, 9, 80, False, 1, 6),  # 80: a wide block and a narrow one; all end early
+        (2, 5, 16, True, 1, 3),  # a block of 2 rows, every row ends before T
+        (1, 4, 32, False, 2, None),  # one row, two layers
+        (32, 20, 128, False, 1, None),  # the sequence workload's width
     ],
 )
-def test_kernels_match_the_xla_core_and_float64(monkeypatch, n, t, h, bi, layers):
+def test_kernels_match_the_xla_core_and_float64(
+    monkeypatch, n, t, h, bi, layers, longest
+):
     """Values and gradients (weights, inputs, initial state) of the kernels,
     against the XLA core in float32 and in float64, and a zero gradient at
     every padded input."""
-    f, params, xs, state, lengths = _problem(n, t, h, bi, layers, seed=n + h)
+    f, params, xs, state, lengths = _problem(n, t, h, bi, layers, n + h, longest)
     vg = jax.value_and_grad(f, argnums=(0, 1, 2))
     assert _calls_kernels(vg, params, xs, state)
     native = jax.jit(vg)(params, xs, state)
@@ -148,6 +156,32 @@ def test_kernels_differentiate_twice_and_vmap(monkeypatch):
 
 
 @needs_kernels
+def test_second_derivative_through_the_reverse_kernel_only(monkeypatch):
+    """A forward-mode derivative of the gradient along the loss's weights
+    alone: the forward loop gets no tangent, so it runs as the kernel, and
+    the reverse loop's derivative runs the XLA loop over the factors the
+    kernel stored, past each row's length too. Against the XLA core."""
+    layer = fl.nn.lstm(D_IN, 16)
+    params = layer.init(jax.random.key(0))
+    xs = jax.random.normal(jax.random.key(1), (3, 4, D_IN))
+    lengths = jnp.asarray([4, 2, 1], jnp.int32)
+    weights = jnp.ones((3, 4, 16))
+
+    def loss(p, w):
+        out, (hn, cn) = layer.apply(p, xs, lengths)
+        return jnp.sum(w * out) + jnp.sum(cn**3) + jnp.sum(jnp.sin(hn))
+
+    def jvp_of_grad(w):
+        return jax.jvp(lambda w: jax.grad(loss)(params, w), (w,), (w,))
+
+    assert _calls_kernels(jvp_of_grad, weights)
+    native = jax.jit(jvp_of_grad)(weights)
+    monkeypatch.setattr(_recurrent, "_NATIVE_LSTM", False)
+    xla = jax.jit(lambda w: jvp_of_grad(w))(weights)  # a new trace
+    tree_allclose(native, xla, rtol=2e-5, atol=2e-6)
+
+
+@needs_kernels
 def test_kernels_are_deterministic_and_compile_once():
     """Rows are split between threads; each row's arithmetic is the same
     whichever thread runs it, so repeated calls agree to the bit. One
@@ -186,7 +220,8 @@ def test_without_kernels_the_xla_core_runs(monkeypatch, env, why):
     assert why in _native.status()
     vf = jax.value_and_grad(f)  # a new trace
     assert not _calls_kernels(vf, params, xs, state)
-    np.testing.assert_allclose(jax.jit(f)(params, xs, state), before, rtol=2e-5)
+    after = jax.jit(lambda *a: f(*a))(params, xs, state)  # a new trace
+    np.testing.assert_allclose(after, before, rtol=2e-5)
 
 
 def test_the_cached_library_is_named_for_its_compiler_and_cpu(monkeypatch, tmp_path):
@@ -198,3 +233,71 @@ def test_the_cached_library_is_named_for_its_compiler_and_cpu(monkeypatch, tmp_p
     assert a == _native._library_path("g++ 12", "flags: avx512f")
     assert a != _native._library_path("g++ 12", "flags: avx2")
     assert a != _native._library_path("g++ 13", "flags: avx512f")
+
+
+@needs_kernels
+def test_kernels_match_pytorch_packed_sequences():
+    """Against PyTorch's LSTM over packed sequences (the recurrent issue's
+    parity): outputs, final states and gradients, two bidirectional layers
+    with an initial state, float32. Skipped without torch."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    n, t, h = 6, 7, 16
+    module = torch.nn.LSTM(D_IN, h, num_layers=2, bidirectional=True, batch_first=True)
+    params = fl.interop.from_torch(module)
+    layer = fl.nn.lstm(D_IN, h, num_layers=2, bidirectional=True)
+    r = np.random.default_rng(3)
+    xs = r.standard_normal((n, t, D_IN)).astype(np.float32)
+    lengths = np.array([7, 1, 4, 6, 2, 7])
+    state = tuple(r.standard_normal((4, n, h)).astype(np.float32) for _ in range(2))
+
+    def loss(p, x):
+        out, (hn, cn) = layer.apply(p, x, jnp.asarray(lengths), initial_state=state)
+        return jnp.sum(out**2) + jnp.sum(hn**3) + jnp.sum(cn**2), (out, hn, cn)
+
+    vg = jax.value_and_grad(loss, (0, 1), has_aux=True)
+    assert _calls_kernels(lambda p, x: vg(p, x)[1], params, jnp.asarray(xs))
+    (val, (out, hn, cn)), (g_p, g_x) = jax.jit(vg)(params, jnp.asarray(xs))
+
+    xt = torch.tensor(xs, requires_grad=True)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(
+        xt, torch.tensor(lengths), batch_first=True, enforce_sorted=False
+    )
+    t_out, (t_hn, t_cn) = module(packed, tuple(torch.tensor(s) for s in state))
+    t_out, _ = torch.nn.utils.rnn.pad_packed_sequence(
+        t_out, batch_first=True, total_length=t
+    )
+    t_loss = (t_out**2).sum() + (t_hn**3).sum() + (t_cn**2).sum()
+    t_loss.backward()
+    np.testing.assert_allclose(val, t_loss.item(), rtol=1e-5)
+    np.testing.assert_allclose(out, t_out.detach().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(hn, t_hn.detach().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cn, t_cn.detach().numpy(), rtol=1e-5, atol=1e-5)
+    for key, p in module.named_parameters():
+        want = p.grad.numpy().T if key.startswith("weight") else p.grad.numpy()
+        np.testing.assert_allclose(g_p[key], want, rtol=1e-4, atol=1e-4, err_msg=key)
+    np.testing.assert_allclose(g_x, xt.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_a_nan_propagates_as_in_the_xla_loops(monkeypatch):
+    """A NaN in one row's input reaches that row's later outputs and its final
+    state, and no other row, as in the XLA loops (the kernels' exp clamps its
+    argument, and must not clamp a NaN into a number)."""
+    layer = fl.nn.lstm(D_IN, 16)
+    params = layer.init(jax.random.key(0))
+    xs = np.asarray(jax.random.normal(jax.random.key(1), (3, 5, D_IN))).copy()
+    xs[1, 2, 0] = np.nan
+    lengths = jnp.asarray([5, 4, 3], jnp.int32)
+
+    def run(p, x):
+        return layer.apply(p, x, lengths)
+
+    assert _calls_kernels(run, params, jnp.asarray(xs))
+    native = jax.jit(run)(params, jnp.asarray(xs))
+    monkeypatch.setattr(_recurrent, "_NATIVE_LSTM", False)
+    xla = jax.jit(lambda p, x: run(p, x))(params, jnp.asarray(xs))  # a new trace
+    for a, b in zip(jax.tree.leaves(native), jax.tree.leaves(xla), strict=True):
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+    out = np.asarray(native[0])
+    assert np.isnan(out[1, 2:4]).all() and not np.isnan(out[[0, 2]]).any()

@@ -12,16 +12,18 @@ higher derivatives).
 The source is compiled once per machine with the C++ compiler that `$CXX`
 names (default `c++`), with `-march=native`, into a cache directory
 (`$FUNCTORCH_LITE_CACHE`, else `$XDG_CACHE_HOME/functorch_lite`, else
-`~/.cache/functorch_lite`); the file's name hashes the source, the compiler,
-jaxlib's version and the CPU's features, so a cache shared between machines
-never loads code built for another CPU. Where no compiler is found or the build
-fails, `available()` is False and the XLA core runs (no error: the results
-are the same; `status()` says why). `FUNCTORCH_LITE_NATIVE=0` turns the
-kernels off.
+`~/.cache/functorch_lite`). The file's name hashes the source, the compiler,
+jaxlib's version, the CPU's features and the C library's version, so a cache
+shared between machines never loads code built for another CPU. Where no
+compiler is found or the build fails, `available()` is False and the XLA core
+runs (no error, and the same results to float32 rounding; `status()` says
+why). `FUNCTORCH_LITE_NATIVE=0` turns the kernels off. A process whose
+default backend is not the CPU does not build them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -58,13 +60,14 @@ def _cache_dir() -> Path:
 
 
 def _cpu_features() -> str:
-    """What `-march=native` depends on: the CPU's model and feature flags."""
+    """The CPU's model and flags (`-march=native`) and the C library's version."""
     try:
         with open("/proc/cpuinfo") as f:
             lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
-        return "".join(sorted(set(lines)))
+        cpu = "".join(sorted(set(lines)))
     except OSError:
-        return platform.processor()
+        cpu = platform.processor()
+    return cpu + repr(platform.libc_ver())
 
 
 def _library_path(compiler: str, cpu: str) -> Path:
@@ -93,10 +96,11 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         return None, f"{cxx} --version failed: {e}"
     out = _library_path(version, _cpu_features())
     if not out.exists():
+        # Build into a temporary file and rename: processes that build at once
+        # (test workers) each load a whole library.
+        tmp = None
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
-            # Build into a temporary file and rename: processes that build at
-            # once (test workers) each load a whole library.
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
             os.close(fd)
             cmd = [cxx, *_FLAGS, "-isystem", jax.ffi.include_dir(), str(_SOURCE)]
@@ -104,11 +108,15 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
                 [*cmd, "-o", tmp], capture_output=True, text=True, timeout=600
             )
             if done.returncode:
-                os.unlink(tmp)
                 return None, f"build failed: {' '.join(cmd)}\n{done.stderr[-2000:]}"
             os.replace(tmp, out)
+            tmp = None
         except (OSError, subprocess.SubprocessError) as e:
             return None, f"build failed: {e}"
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
     try:
         lib = ctypes.cdll.LoadLibrary(str(out))
         for name in _TARGETS:

@@ -1,26 +1,31 @@
 // The static LSTM core's two loops as XLA CPU custom calls (XLA's FFI).
 //
 // Why native code: XLA's CPU backend runs each step of a recurrent loop as
-// 20-odd small kernels, 1-6 us each, around one small matmul; PyTorch's oneDNN
-// runs the whole step as one primitive (bench/RESULTS.md, "Why torch's padded
-// LSTM is still ahead"). Here one call runs every step of the loop: per step,
-// the recurrent matmul, the gates and the state update in one pass over the
-// hidden units, with the weights of a block of units kept in L1 across rows,
-// and only over the rows still running (rows come sorted longest first).
+// 20-odd small kernels, 1-6 us each, around one small matmul, where PyTorch's
+// oneDNN runs the whole LSTM as one primitive (bench/RESULTS.md). Here one
+// call runs a whole loop. Per step and block of hidden units: the recurrent
+// matmul with the block's weights packed to stay in L1 across rows, then the
+// gates and the state update while the pre-activations are still in
+// registers. Only the rows still running are computed (rows come sorted
+// longest first), and rows, being independent sequences, are split between
+// the calling thread and XLA's CPU thread pool with no synchronization
+// between steps.
 //
 // The layout and the stored factors are those of `_lstm_forward` and
-// `_lstm_core_bwd` in functorch_lite/_recurrent.py, which stay the reference
-// (and the path for float64, accelerators and higher derivatives).
+// `_lstm_reverse` in functorch_lite/_recurrent.py, which stay the reference
+// (and the path for float64, other platforms and higher derivatives).
 // Built at first use with the machine's C++ compiler (functorch_lite/_native/
-// __init__.py), with -march=native: GCC vector extensions give AVX-512,
-// AVX2 or SSE code from the same source.
+// __init__.py) and -march=native: GCC's vector extensions give AVX-512 or
+// AVX2 code from the same source.
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
+#include <string>
 #include <thread>
 
 #include <immintrin.h>
@@ -62,8 +67,10 @@ inline vf bcast(const float* p) {
 // exp(x) for float32: x = n ln2 + r with |r| <= ln2 / 2, a degree-7 polynomial
 // for exp(r) (the Cephes coefficients), and 2^n built in the exponent bits.
 inline vf vexp(vf x) {
-  x = x < splat(88.3762626647949f) ? x : splat(88.3762626647949f);
-  x = x > splat(-87.3365447504f) ? x : splat(-87.3365447504f);
+  // Clamped so that 2^n stays a normal float; a NaN fails both tests and
+  // passes through (NaN in, NaN out, as in XLA).
+  x = x > splat(88.3762626647949f) ? splat(88.3762626647949f) : x;
+  x = x < splat(-87.3365447504f) ? splat(-87.3365447504f) : x;
   vf fx = x * 1.44269504088896341f + 0.5f;
   vi n = __builtin_convertvector(fx, vi);
   vf nf = __builtin_convertvector(n, vf);
@@ -162,6 +169,7 @@ inline void forward_block(const float* pre, const float* bias, const float* wp,
 float* pack_forward(const float* w, int64_t hid) {
   const int64_t g = 4 * hid;
   float* wp = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * g * hid));
+  if (wp == nullptr) return nullptr;
   for (int64_t j = 0; j < hid; j += kW)
     for (int64_t kk = 0; kk < hid; ++kk)
       for (int q = 0; q < 4; ++q)
@@ -198,8 +206,16 @@ void forward(const float* proj, const float* bias, const float* wp,
       const int64_t from = std::max<int64_t>(r0, std::min<int64_t>(m, r1));
       if (from == r1) continue;
       std::memset(y + from * hid, 0, sizeof(float) * (r1 - from) * hid);
-      if (kStore)  // never read past a row's length; zero, not garbage
-        std::memset(tft + from * 2 * hid, 0, sizeof(float) * (r1 - from) * 2 * hid);
+      if (kStore) {
+        // [to_c, f] = [0, 1]: past its length a row's state gradients pass
+        // through unchanged. The reverse kernel never reads these, but the
+        // XLA reverse loop may (`_reverse_dispatch_jvp`, in a second
+        // derivative whose tangents reach only the reverse pass).
+        for (int64_t r = from; r < r1; ++r) {
+          std::memset(tft + r * 2 * hid, 0, sizeof(float) * hid);
+          std::fill(tft + r * 2 * hid + hid, tft + (r + 1) * 2 * hid, 1.0f);
+        }
+      }
     }
     if (m == 0) continue;
     const float* hprev = t ? ys + (t - 1) * n * hid : h0;
@@ -270,6 +286,7 @@ void reverse_cols(const float* dg, const float* wt, float* dh, int64_t m,
 float* pack_reverse(const float* w, int64_t hid) {
   const int64_t g = 4 * hid;
   float* wt = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * g * hid));
+  if (wt == nullptr) return nullptr;
   for (int64_t j = 0; j < hid;) {
     const int64_t width = j + 4 * kW <= hid ? 4 * kW : kW;
     for (int64_t kk = 0; kk < g; ++kk)
@@ -329,11 +346,33 @@ class FlushDenormals {
   unsigned saved_;
 };
 
-ffi::Error check_shapes(int64_t hid) {
+// The shapes the Python side promises (functorch_lite/_recurrent.py,
+// `_native_forward` and `_native_reverse`), checked before any pointer
+// arithmetic relies on them.
+template <typename B>
+bool shaped(const B& b, std::initializer_list<int64_t> dims) {
+  auto d = b.dimensions();
+  if (d.size() != dims.size()) return false;
+  int64_t i = 0;
+  for (int64_t v : dims)
+    if (d[i++] != v) return false;
+  return true;
+}
+
+ffi::Error bad_shapes(const char* what) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                    std::string("functorch_lite LSTM kernel: ") + what);
+}
+
+ffi::Error check_hidden(int64_t hid) {
   if (hid % kW != 0)
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "functorch_lite LSTM kernel: hidden size must be a multiple of the vector width");
+    return bad_shapes("the hidden size must be a multiple of the vector width");
   return ffi::Error::Success();
+}
+
+ffi::Error out_of_memory() {
+  return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                    "functorch_lite LSTM kernel: out of memory for the packed weights");
 }
 
 // Runs run(0), ..., run(chunks - 1) on the calling thread and XLA's CPU
@@ -372,16 +411,21 @@ ffi::Error forward_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> proj,
                         ffi::ResultBuffer<ffi::F32> hn, ffi::ResultBuffer<ffi::F32> cn,
                         float* k, float* tf) {
   auto dims = proj.dimensions();
+  if (dims.size() != 3 || dims[2] % 4) return bad_shapes("proj must be (T, N, 4H)");
   const int64_t t_len = dims[0], n = dims[1], hid = dims[2] / 4;
-  if (auto e = check_shapes(hid); e.failure()) return e;
+  if (!shaped(bias, {4 * hid}) || !shaped(w, {hid, 4 * hid}) ||
+      !shaped(h0, {n, hid}) || !shaped(c0, {n, hid}) || !shaped(lengths, {n}))
+    return bad_shapes("forward: inputs do not match proj (T, N, 4H)");
+  if (auto e = check_hidden(hid); e.failure()) return e;
   std::memcpy(hn->typed_data(), h0.typed_data(), h0.size_bytes());
   std::memcpy(cn->typed_data(), c0.typed_data(), c0.size_bytes());
   float* wp = pack_forward(w.typed_data(), hid);
-  parallel_chunks(pool, chunks_for(pool, n), [&](int chunk) {
+  if (wp == nullptr) return out_of_memory();
+  const int chunks = chunks_for(pool, n);
+  parallel_chunks(pool, chunks, [&](int chunk) {
     forward<kStore>(proj.typed_data(), bias.typed_data(), wp, h0.typed_data(),
                     lengths.typed_data(), t_len, n, hid, ys->typed_data(),
-                    hn->typed_data(), cn->typed_data(), k, tf, chunk,
-                    chunks_for(pool, n));
+                    hn->typed_data(), cn->typed_data(), k, tf, chunk, chunks);
   });
   std::free(wp);
   return ffi::Error::Success();
@@ -418,13 +462,19 @@ ffi::Error Reverse(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k,
                    ffi::ResultBuffer<ffi::F32> d_proj, ffi::ResultBuffer<ffi::F32> dh0,
                    ffi::ResultBuffer<ffi::F32> dc0) {
   auto dims = k.dimensions();
+  if (dims.size() != 3 || dims[2] % 4) return bad_shapes("k must be (T, N, 4H)");
   const int64_t t_len = dims[0], n = dims[1], hid = dims[2] / 4;
-  if (auto e = check_shapes(hid); e.failure()) return e;
+  if (!shaped(tf, {t_len, n, 2 * hid}) || !shaped(w, {hid, 4 * hid}) ||
+      !shaped(d_ys, {t_len, n, hid}) || !shaped(d_hn, {n, hid}) ||
+      !shaped(d_cn, {n, hid}) || !shaped(lengths, {n}))
+    return bad_shapes("reverse: inputs do not match k (T, N, 4H)");
+  if (auto e = check_hidden(hid); e.failure()) return e;
   if (d_proj->typed_data() != k.typed_data())
     std::memcpy(d_proj->typed_data(), k.typed_data(), k.size_bytes());
   std::memcpy(dh0->typed_data(), d_hn.typed_data(), d_hn.size_bytes());
   std::memcpy(dc0->typed_data(), d_cn.typed_data(), d_cn.size_bytes());
   float* wt = pack_reverse(w.typed_data(), hid);
+  if (wt == nullptr) return out_of_memory();
   const int chunks = chunks_for(pool, n);
   parallel_chunks(pool, chunks, [&](int chunk) {
     reverse(d_proj->typed_data(), tf.typed_data(), wt, d_ys.typed_data(),
