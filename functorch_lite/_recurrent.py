@@ -867,12 +867,7 @@ def _native_forward(proj, bias, w_hh, h0, c0, lengths, store: bool):
     outs = [spec((t, *h0.shape)), spec(h0.shape), spec(c0.shape)]
     if store:
         outs += [spec(proj.shape), spec((t, n, 2 * h0.shape[-1]))]
-    # With `store`, the factors `k` go in place of `proj` (output 3).
-    call = _ffi(
-        "FlLstmForwardStore" if store else "FlLstmForward",
-        outs,
-        {0: 3} if store else None,
-    )
+    call = _ffi("FlLstmForwardStore" if store else "FlLstmForward", outs, None)
     res = call(proj, bias, w_hh, h0, c0, lengths.astype(jnp.int32))
     return (*res[:3], tuple(res[3:])) if store else tuple(res)
 

@@ -207,6 +207,8 @@ void forward(const float* proj, const float* bias, const float* wp,
       if (from == r1) continue;
       std::memset(y + from * hid, 0, sizeof(float) * (r1 - from) * hid);
       if (kStore) {
+        // No gate gradients past a row's length: zero factors.
+        std::memset(kt + from * g, 0, sizeof(float) * (r1 - from) * g);
         // [to_c, f] = [0, 1]: past its length a row's state gradients pass
         // through unchanged. The reverse kernel never reads these, but the
         // XLA reverse loop may (`_reverse_dispatch_jvp`, in a second
@@ -219,7 +221,7 @@ void forward(const float* proj, const float* bias, const float* wp,
     }
     if (m == 0) continue;
     const float* hprev = t ? ys + (t - 1) * n * hid : h0;
-    const float* pre = (kStore ? k : proj) + t * n * g;  // k aliases proj
+    const float* pre = proj + t * n * g;
     for (int64_t j = 0; j < hid; j += kW) {
       const float* w = wp + j * g;
       for (int64_t b = 0; b * kRows < m; ++b) {
@@ -440,16 +442,14 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> proj,
                              nullptr, nullptr);
 }
 
-// `k` aliases `proj` (the caller's input_output_aliases): the loop reads each
-// step's projection and writes that step's factors in its place.
+// `k`, the factors, is a buffer of its own: aliased to `proj`, it made XLA
+// copy the projection first (0.6 ms of the 9.7 ms training step).
 ffi::Error ForwardStore(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> proj,
                         ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> w,
                         ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
                         ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> ys,
                         ffi::ResultBuffer<ffi::F32> hn, ffi::ResultBuffer<ffi::F32> cn,
                         ffi::ResultBuffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> tf) {
-  if (k->typed_data() != proj.typed_data())
-    std::memcpy(k->typed_data(), proj.typed_data(), proj.size_bytes());
   return forward_impl<true>(pool, proj, bias, w, h0, c0, lengths, ys, hn, cn,
                             k->typed_data(), tf->typed_data());
 }
