@@ -74,11 +74,11 @@ def _f64(tree):
     "n, t, h, bi, layers, longest",
     [
         (5, 7, 16, False, 1, None),  # a row block of 4 and one of 1
-        (13, 11, 48, True, 1, None),  # 48: the reverse matmul's narrow blocks only
+        (13, 6, 48, True, 1, None),  # 48: the reverse matmul's narrow blocks only
         (3, 9, 80, False, 1, 6),  # 80: a wide block and a narrow one; all end early
         (2, 5, 16, True, 1, 3),  # a block of 2 rows, every row ends before T
         (1, 4, 32, False, 2, None),  # one row, two layers
-        (32, 20, 128, False, 1, None),  # the sequence workload's width
+        (20, 8, 128, False, 1, None),  # the sequence workload's width
     ],
 )
 def test_kernels_match_the_xla_core_and_float64(
