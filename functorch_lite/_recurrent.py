@@ -880,52 +880,37 @@ def _native_reverse(k, tf, w_hh, d_ys, d_hn, d_cn, lengths):
     return tuple(call(k, tf, w_hh, d_ys, d_hn, d_cn, lengths.astype(jnp.int32)))
 
 
+def _kernel_or_xla(native: Callable, xla: Callable) -> Callable:
+    """`native` where the program is lowered for the CPU, `xla` elsewhere.
+
+    Differentiated through `xla`: the kernels have no derivative rules.
+    """
+
+    @jax.custom_jvp
+    def run(*args):
+        return lax.platform_dependent(*args, cpu=native, default=xla)
+
+    run.defjvp(lambda primals, tangents: jax.jvp(xla, primals, tangents))
+    return run
+
+
+_FORWARD = {
+    store: _kernel_or_xla(
+        functools.partial(_native_forward, store=store),
+        functools.partial(_lstm_forward, store=store),
+    )
+    for store in (False, True)
+}
+_REVERSE = _kernel_or_xla(_native_reverse, _lstm_reverse)
+
+
 def _forward_loops(proj, bias, w_hh, h0, c0, lengths, store: bool):
     if not _native_ok(proj, bias, w_hh, h0, c0):
         return _lstm_forward(proj, bias, w_hh, h0, c0, lengths, store=store)
-    return _forward_dispatch(proj, bias, w_hh, h0, c0, lengths, store)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
-def _forward_dispatch(proj, bias, w_hh, h0, c0, lengths, store):
-    return lax.platform_dependent(
-        proj,
-        bias,
-        w_hh,
-        h0,
-        c0,
-        lengths,
-        cpu=functools.partial(_native_forward, store=store),
-        default=functools.partial(_lstm_forward, store=store),
-    )
-
-
-@_forward_dispatch.defjvp
-def _forward_dispatch_jvp(store, primals, tangents):
-    return jax.jvp(functools.partial(_lstm_forward, store=store), primals, tangents)
+    return _FORWARD[store](proj, bias, w_hh, h0, c0, lengths)
 
 
 def _reverse_loops(k, tf, w_hh, d_ys, d_hn, d_cn, lengths):
     if not _native_ok(k, tf, w_hh, d_ys, d_hn, d_cn):
         return _lstm_reverse(k, tf, w_hh, d_ys, d_hn, d_cn, lengths)
-    return _reverse_dispatch(k, tf, w_hh, d_ys, d_hn, d_cn, lengths)
-
-
-@jax.custom_jvp
-def _reverse_dispatch(k, tf, w_hh, d_ys, d_hn, d_cn, lengths):
-    return lax.platform_dependent(
-        k,
-        tf,
-        w_hh,
-        d_ys,
-        d_hn,
-        d_cn,
-        lengths,
-        cpu=_native_reverse,
-        default=_lstm_reverse,
-    )
-
-
-@_reverse_dispatch.defjvp
-def _reverse_dispatch_jvp(primals, tangents):
-    return jax.jvp(_lstm_reverse, primals, tangents)
+    return _REVERSE(k, tf, w_hh, d_ys, d_hn, d_cn, lengths)

@@ -211,7 +211,7 @@ void forward(const float* proj, const float* bias, const float* wp,
         std::memset(kt + from * g, 0, sizeof(float) * (r1 - from) * g);
         // [to_c, f] = [0, 1]: past its length a row's state gradients pass
         // through unchanged. The reverse kernel never reads these, but the
-        // XLA reverse loop may (`_reverse_dispatch_jvp`, in a second
+        // XLA reverse loop may (`_REVERSE`'s derivative, in a second
         // derivative whose tangents reach only the reverse pass).
         for (int64_t r = from; r < r1; ++r) {
           std::memset(tft + r * 2 * hid, 0, sizeof(float) * hid);
