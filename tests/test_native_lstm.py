@@ -295,3 +295,27 @@ def test_a_nan_propagates_as_in_the_xla_loops(monkeypatch):
         np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
     out = np.asarray(native[0])
     assert np.isnan(out[1, 2:4]).all() and not np.isnan(out[[0, 2]]).any()
+
+
+def test_jax_export_needs_the_kernels_off(monkeypatch):
+    """`jax.export` refuses custom calls without compatibility guarantees, so a
+    program that calls the kernels cannot be serialized; with the kernels off
+    (and the traced-value checks, whose host callbacks export cannot
+    serialize either) it exports, and the exported program runs."""
+    layer = fl.nn.lstm(D_IN, 16)
+    params = layer.init(jax.random.key(0))
+    xs = jax.random.normal(jax.random.key(1), (2, 4, D_IN))
+    lengths = jnp.asarray([4, 2], jnp.int32)
+    monkeypatch.setenv("FUNCTORCH_LITE_CHECKS", "0")
+    f = jax.jit(lambda p, x, n: layer.apply(p, x, n)[0])
+    if _native.available():
+        with pytest.raises(ValueError, match="functorch_lite_FlLstm"):
+            jax.export.export(f)(params, xs, lengths)
+    expected = f(params, xs, lengths)
+    monkeypatch.setattr(_native, "_state", {})  # as in a fresh process
+    monkeypatch.setenv("FUNCTORCH_LITE_NATIVE", "0")
+    g = jax.jit(lambda p, x, n: layer.apply(p, x, n)[0])  # a new trace
+    exported = jax.export.export(g)(params, xs, lengths)
+    np.testing.assert_allclose(
+        exported.call(params, xs, lengths), expected, rtol=2e-5, atol=2e-6
+    )
