@@ -248,6 +248,15 @@ def _direction(
     t_max: int,
 ) -> tuple[jax.Array, tuple]:
     """Run one direction over `seq` (N, T, D_in); rows stop at their length."""
+    if mode == "static":
+        # Under `shard_map`, every input varies over the mesh axes that any
+        # of them varies over: the loops' custom rules then see inputs and
+        # cotangents of one type, and JAX's own rule for that cast sums the
+        # gradients of replicated inputs (the weights, say) over those axes.
+        names = sorted(p)
+        seq, lengths, *rest = _vary_alike(seq, lengths, *state, *(p[k] for k in names))
+        state = tuple(rest[: len(state)])
+        p = dict(zip(names, rest[len(state) :], strict=True))
     if mode == "static" and cell is _lstm_cell and _FUSED_LSTM:
         return _lstm_static(seq, p, state, lengths)
     proj = dense(seq, p["weight_ih"]) + _row(p["bias_ih"] + p["bias_hh"])
@@ -852,6 +861,25 @@ def _native_ok(*arrays: jax.Array) -> bool:
     )
 
 
+def _varying(a: jax.Array) -> frozenset:
+    """The manual mesh axes (`shard_map`) that `a` varies over."""
+    return jax.typeof(a).manual_axis_type.varying
+
+
+def _vary_alike(*arrays: jax.Array, like: tuple = ()) -> tuple:
+    """`arrays`, each cast to vary over the manual mesh axes of all of them.
+
+    Those of `like` too; a no-op outside `shard_map`.
+    """
+    axes = frozenset().union(*map(_varying, arrays + tuple(like)))
+    return tuple(
+        lax.pcast(a, tuple(sorted(axes - _varying(a))), to="varying")
+        if axes - _varying(a)
+        else a
+        for a in arrays
+    )
+
+
 def _ffi(name: str, outs: list, aliases: dict | None):
     return jax.ffi.ffi_call(
         f"functorch_lite_{name}",
@@ -868,7 +896,10 @@ def _native_forward(proj, bias, w_hh, h0, c0, lengths, store: bool):
     if store:
         outs += [spec(proj.shape), spec((t, n, 2 * h0.shape[-1]))]
     call = _ffi("FlLstmForwardStore" if store else "FlLstmForward", outs, None)
-    res = call(proj, bias, w_hh, h0, c0, lengths.astype(jnp.int32))
+    args = (proj, bias, w_hh, h0, c0, lengths.astype(jnp.int32))
+    # The kernel's results vary over no mesh axis; the XLA loops' vary as
+    # their inputs do, and `platform_dependent` needs both alike.
+    res = _vary_alike(*call(*args), like=args)
     return (*res[:3], tuple(res[3:])) if store else tuple(res)
 
 
@@ -877,7 +908,8 @@ def _native_reverse(k, tf, w_hh, d_ys, d_hn, d_cn, lengths):
     call = _ffi(
         "FlLstmReverse", [spec(k.shape), spec(d_hn.shape), spec(d_cn.shape)], {0: 0}
     )
-    return tuple(call(k, tf, w_hh, d_ys, d_hn, d_cn, lengths.astype(jnp.int32)))
+    args = (k, tf, w_hh, d_ys, d_hn, d_cn, lengths.astype(jnp.int32))
+    return _vary_alike(*call(*args), like=args)
 
 
 def _kernel_or_xla(native: Callable, xla: Callable) -> Callable:

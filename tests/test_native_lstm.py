@@ -319,3 +319,47 @@ def test_jax_export_needs_the_kernels_off(monkeypatch):
     np.testing.assert_allclose(
         exported.call(params, xs, lengths), expected, rtol=2e-5, atol=2e-6
     )
+
+
+@pytest.mark.parametrize(
+    "kind, native", [("lstm", True), ("lstm", False), ("rnn", False)]
+)
+def test_static_recurrent_layers_under_shard_map(monkeypatch, kind, native):
+    """The static LSTM (kernels or XLA loops) and RNN (the generic bounded
+    loop) inside the user's own `shard_map`, weights replicated and the batch
+    split over a mesh axis: the gradient of the psum'd loss is the
+    single-program gradient (the loops' custom rules see inputs that vary
+    over the axis, and JAX's own rules sum the replicated weights'
+    gradients)."""
+    if native and not _native.available():
+        pytest.skip(f"no native kernels: {_native.status()}")
+    monkeypatch.setattr(_recurrent, "_NATIVE_LSTM", native)
+    layer = (fl.nn.lstm if kind == "lstm" else fl.nn.rnn)(D_IN, 16)
+    params = layer.init(jax.random.key(0))
+    n = 2 * jax.device_count()
+    xs = jax.random.normal(jax.random.key(1), (n, 5, D_IN))
+    lengths = jnp.asarray(np.resize([5, 2, 3, 1], n), jnp.int32)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("b",))
+    spec = jax.sharding.PartitionSpec
+
+    def loss(p, x, n_):
+        return jnp.sum(layer.apply(p, x, n_)[0] ** 2)
+
+    def local(p, x, n_):
+        return jax.lax.psum(loss(p, x, n_), "b")
+
+    sharded = jax.jit(
+        jax.shard_map(
+            jax.grad(local),
+            mesh=mesh,
+            in_specs=(spec(), spec("b"), spec("b")),
+            out_specs=spec(),
+        )
+    )
+    assert _calls_kernels(sharded, params, xs, lengths) == native
+    tree_allclose(
+        sharded(params, xs, lengths),
+        jax.jit(jax.grad(loss))(params, xs, lengths),
+        rtol=1e-5,
+        atol=1e-6,
+    )
