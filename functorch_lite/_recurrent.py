@@ -23,7 +23,7 @@ factors, its reverse loop does only the gate gradients and one matmul per
 step, and `weight_hh`'s gradient is one matmul over all steps. On the CPU the
 core's two loops run as native kernels where they can (float32, a hidden size
 that is a multiple of 16, a C++ compiler; functorch_lite/_native), another
-1.33x-1.43x on the same step, which puts it ahead of PyTorch's oneDNN LSTM
+1.32x-1.50x on the same step, which puts it ahead of PyTorch's oneDNN LSTM
 (bench/RESULTS.md). The dynamic mode is a Python
 loop over the padded length `T` (a static shape), one program per `T`. Rows past
 their own length keep their state and output zeros, in both modes.

@@ -363,3 +363,30 @@ def test_static_recurrent_layers_under_shard_map(monkeypatch, kind, native):
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+@needs_kernels
+def test_kernels_refuse_shapes_they_do_not_expect():
+    """The kernels check every buffer's shape before touching memory: a call
+    that breaks the Python side's promise fails with the kernel's message
+    rather than reading or writing out of bounds."""
+    t, n, h = 3, 2, 16
+    f32 = jnp.float32
+    spec = jax.ShapeDtypeStruct
+    call = jax.ffi.ffi_call(
+        "functorch_lite_FlLstmReverse",
+        [spec((t, n, 4 * h), f32), spec((n, h), f32), spec((n, h), f32)],
+    )
+    good = (
+        jnp.zeros((t, n, 4 * h)),
+        jnp.zeros((t, n, 2 * h)),
+        jnp.zeros((h, 4 * h)),
+        jnp.zeros((t, n, h)),
+        jnp.zeros((n, h)),
+        jnp.zeros((n, h)),
+        jnp.ones((n,), jnp.int32),
+    )
+    jax.block_until_ready(call(*good))
+    bad = (good[0], jnp.zeros((t, n, h)), *good[2:])  # tf too narrow
+    with pytest.raises(Exception, match="functorch_lite LSTM kernel: reverse"):
+        jax.block_until_ready(call(*bad))

@@ -416,8 +416,9 @@ ffi::Error forward_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> proj,
   if (dims.size() != 3 || dims[2] % 4) return bad_shapes("proj must be (T, N, 4H)");
   const int64_t t_len = dims[0], n = dims[1], hid = dims[2] / 4;
   if (!shaped(bias, {4 * hid}) || !shaped(w, {hid, 4 * hid}) ||
-      !shaped(h0, {n, hid}) || !shaped(c0, {n, hid}) || !shaped(lengths, {n}))
-    return bad_shapes("forward: inputs do not match proj (T, N, 4H)");
+      !shaped(h0, {n, hid}) || !shaped(c0, {n, hid}) || !shaped(lengths, {n}) ||
+      !shaped(*ys, {t_len, n, hid}) || !shaped(*hn, {n, hid}) || !shaped(*cn, {n, hid}))
+    return bad_shapes("forward: inputs or results do not match proj (T, N, 4H)");
   if (auto e = check_hidden(hid); e.failure()) return e;
   std::memcpy(hn->typed_data(), h0.typed_data(), h0.size_bytes());
   std::memcpy(cn->typed_data(), c0.typed_data(), c0.size_bytes());
@@ -450,6 +451,10 @@ ffi::Error ForwardStore(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> proj,
                         ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> ys,
                         ffi::ResultBuffer<ffi::F32> hn, ffi::ResultBuffer<ffi::F32> cn,
                         ffi::ResultBuffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> tf) {
+  auto d = proj.dimensions();
+  if (d.size() != 3 || !shaped(*k, {d[0], d[1], d[2]}) ||
+      !shaped(*tf, {d[0], d[1], d[2] / 2}))
+    return bad_shapes("forward: k must be (T, N, 4H) and tf (T, N, 2H)");
   return forward_impl<true>(pool, proj, bias, w, h0, c0, lengths, ys, hn, cn,
                             k->typed_data(), tf->typed_data());
 }
@@ -466,8 +471,10 @@ ffi::Error Reverse(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k,
   const int64_t t_len = dims[0], n = dims[1], hid = dims[2] / 4;
   if (!shaped(tf, {t_len, n, 2 * hid}) || !shaped(w, {hid, 4 * hid}) ||
       !shaped(d_ys, {t_len, n, hid}) || !shaped(d_hn, {n, hid}) ||
-      !shaped(d_cn, {n, hid}) || !shaped(lengths, {n}))
-    return bad_shapes("reverse: inputs do not match k (T, N, 4H)");
+      !shaped(d_cn, {n, hid}) || !shaped(lengths, {n}) ||
+      !shaped(*d_proj, {t_len, n, 4 * hid}) || !shaped(*dh0, {n, hid}) ||
+      !shaped(*dc0, {n, hid}))
+    return bad_shapes("reverse: inputs or results do not match k (T, N, 4H)");
   if (auto e = check_hidden(hid); e.failure()) return e;
   if (d_proj->typed_data() != k.typed_data())
     std::memcpy(d_proj->typed_data(), k.typed_data(), k.size_bytes());
