@@ -24,7 +24,9 @@ processes under each XLA CPU option that routes matmuls to another library
 (XNNPACK, YNNPACK, oneDNN) or changes threading.
 
 With `--interleaved ROUNDS`, the specialized programs, the fused step (also with
-`static_method="scan"`) and a `lax.switch` over the specialized steps are timed
+`static_method="scan"`, and with the loop's reverse pass recomputing each step
+rather than storing its residuals, as it did before 2026-12-07's sixth session)
+and a `lax.switch` over the specialized steps are timed
 in turn, round after round, and the ratio to the specialized programs is taken
 within each round (see `_interleaved`): on a shared machine whose speed drifts,
 this is what settles a 5% target.
@@ -58,6 +60,7 @@ import optax
 from jax import lax
 
 import functorch_lite as fl
+from functorch_lite import _loop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -287,9 +290,14 @@ def _switch_call(depths: np.ndarray) -> Callable[[], Any]:
 
 
 def _fused_call(
-    depths: np.ndarray, static_method: str = "bounded"
+    depths: np.ndarray, static_method: str = "bounded", residuals: bool = True
 ) -> Callable[[], Any]:
-    """The library: one `make_fused_step` call over all `depths`, fed as an array."""
+    """The library: one `make_fused_step` call over all `depths`, fed as an array.
+
+    `residuals=False` traces the loop's reverse pass as it was before it
+    stored each step's residuals: storing carries and recomputing each middle
+    layer's forward (`functorch_lite/_loop.py`).
+    """
     x, y, params = _data()
     net = fl.models.DynamicNet(D_IN, H, D_OUT, static_method=static_method)
     opt = optax.sgd(LR, momentum=MOMENTUM)
@@ -302,6 +310,11 @@ def _fused_call(
     )
     state = opt.init(params)
     d = jnp.asarray(depths)
+    _loop._STORE_RESIDUALS = residuals
+    try:  # the flag is read when the step is traced: trace it now
+        jax.block_until_ready(fused(params, state, x, y, d))
+    finally:
+        _loop._STORE_RESIDUALS = True
     return lambda: fused(params, state, x, y, d)
 
 
@@ -316,8 +329,10 @@ def _interleaved(depths: np.ndarray, rounds: int) -> dict[str, Any]:
     Each round times every program once (the order rotating) and takes the
     ratio of `fused` (and `switch`, and `fused-scan`: the fused step with
     `static_method="scan"`, whose reverse pass is JAX's own and stores the
-    body's residuals rather than recomputing them) to the specialized programs
-    weighted by the depths' frequencies in that same round; drift between
+    body's residuals through `lax.cond`, and `fused-recompute`: the fused
+    step whose loop stores carries and recomputes each step in its reverse
+    pass) to the specialized programs weighted by the depths' frequencies in
+    that same round; drift between
     rounds cancels. Also `fused` at each constant depth (`fused@d`), against
     `unrolled@d`: what a step of the library's loop costs beyond the
     straight-line program.
@@ -330,13 +345,16 @@ def _interleaved(depths: np.ndarray, rounds: int) -> dict[str, Any]:
     calls["fused"] = _fused_call(depths)
     calls["switch"] = _switch_call(depths)
     calls["fused-scan"] = _fused_call(depths, "scan")
+    calls["fused-recompute"] = _fused_call(depths, residuals=False)
     for d in range(4):
         calls[f"fused@{d}"] = _fused_call(np.full(loop, d, np.int32))
     for call in calls.values():
         jax.block_until_ready(call())
     names = list(calls)
     times: dict[str, list[float]] = {n: [] for n in names}
-    ratios: dict[str, list[float]] = {"fused": [], "switch": [], "fused-scan": []}
+    ratios: dict[str, list[float]] = {
+        n: [] for n in ("fused", "switch", "fused-scan", "fused-recompute")
+    }
     for r in range(rounds):
         row = {}
         for name in names[r % len(names) :] + names[: r % len(names)]:

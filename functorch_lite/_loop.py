@@ -6,27 +6,37 @@ the final carry and the number of steps run. It is reverse-mode differentiable,
 and its gradient is that of the unrolled loop that ran exactly as many steps as
 the forward pass did.
 
-How the reverse pass works (`jax.custom_vjp`, documented JAX only):
+How the reverse pass works (`jax.custom_vjp`):
 
-* The forward pass stores carries, not the body's internals. The backward pass
-  walks the steps in reverse; at each step it calls `jax.vjp` on the body at the
-  stored carry (one recomputed body forward per step) and pulls the cotangent
-  back. Parameters that the body closes over are made explicit inputs with
-  `jax.closure_convert`, and their cotangents are summed over the steps (weight
-  sharing). Non-float carry leaves (counters, masks) ride along: they are stored
-  and replayed, but carry no cotangent. Storing the body's own residuals instead
-  would save that recomputation (3 to 17% of a DynamicNet step, measured in
-  bench/RESULTS.md), but no documented JAX mechanism tells which residuals of a
-  pullback are loop-invariant, and `jax.vjp`'s pullback is not even laid out the
-  same way in two traces of one body (jax 0.10), so a layout probed once is not
-  safe to reuse.
-* `checkpoints=None`: every carry is stored. When `max_steps` carries fit in
-  `_DIRECT_BYTES`, the forward pass writes them into one `(max_steps, ...)`
-  buffer (the fastest form). Past that, allocating and filling that buffer would
-  cost time in `max_steps` on every call, so the forward pass stores nothing
-  and the backward pass first replays the forward into the smallest of a few
-  buffer sizes (powers of 4) that holds the steps actually run: time grows with
-  the steps run, memory stays bounded by `max_steps`.
+* When every step's residuals fit in `_DIRECT_BYTES` (`checkpoints=None`),
+  the forward pass stores them. It traces one step and its pullback
+  (`jax.vjp`) once, and closure-converts the pullback with `jax.make_jaxpr`
+  (as `jax.closure_convert` does): the values it closes over are the step's
+  residuals (the carry a matmul needs, an activation's mask or slope), and
+  the converted pullback takes them as arguments. The forward loop writes
+  each residual into a `(max_steps, ...)` buffer; residuals that are the
+  body's closed-over weights, or that depend on no per-step value (found from
+  the traced step's jaxpr), are kept once. The backward pass walks the steps
+  in reverse and calls the converted pullback on the residuals stored at each
+  step. Both come from the one trace, so they always agree. No forward step
+  is recomputed: on DynamicNet that recomputation was most of what the
+  static path cost over the specialized programs (bench/RESULTS.md).
+* Otherwise the forward pass stores carries, not the body's internals. The
+  backward pass walks the steps in reverse; at each step it calls `jax.vjp`
+  on the body at the stored carry (one recomputed body forward per step) and
+  pulls the cotangent back.
+* Either way, parameters that the body closes over are made explicit inputs
+  (`_hoist`), and their cotangents are summed over the steps (weight
+  sharing). Non-float carry leaves (counters, masks) ride along: they are
+  stored and replayed, but carry no cotangent.
+* `checkpoints=None` with residuals over the budget: every carry is stored.
+  When `max_steps` carries fit in `_DIRECT_BYTES`, the forward pass writes
+  them into one `(max_steps, ...)` buffer. Past that, allocating and filling
+  that buffer would cost time in `max_steps` on every call, so the forward
+  pass stores nothing and the backward pass first replays the forward into
+  the smallest of a few buffer sizes (powers of 4) that holds the steps
+  actually run: time grows with the steps run, memory stays bounded by
+  `max_steps`.
 * `checkpoints=k`: segments. With `S = ceil(max_steps / k)`, the forward pass
   keeps the carry at every `S`-th step (at most `k` of them); the backward pass
   replays one segment at a time into an `S`-step buffer and pulls back through
@@ -60,6 +70,9 @@ __all__ = ["bounded_while"]
 # past it, store the first carries within _FIRST_BYTES and replay the rest.
 _DIRECT_BYTES = 4 * 2**20
 _FIRST_BYTES = 2**20
+# Store each step's residuals rather than its carry when all of them fit
+# `_DIRECT_BYTES` (tests and benchmarks turn it off to compare).
+_STORE_RESIDUALS = True
 
 
 def _is_float(x: Any) -> bool:
@@ -504,10 +517,174 @@ def _reverse(
     return out[1:]
 
 
+class _Tape:
+    """One step and its pullback, from one trace (see the module docstring).
+
+    Static (a `custom_vjp` residual's aux data, compared by identity).
+    `source[j]` says where the pullback's residual `j` comes from in the
+    backward pass: `("step", m)` the `m`-th per-step buffer; `("const", m)`
+    the `m`-th float const (a weight the body closes over, never stored);
+    `("fixed", m)` the `m`-th residual that depends on no per-step value
+    (kept once, not per step).
+    """
+
+    def __init__(self, fn, pullback, out_shape, source, step_avals, fixed_avals):
+        self.fn = fn  # (i, *fl, *nl, *consts, *x) -> (*outputs, *residuals)
+        self.pullback = pullback  # (cotangents, *residuals) -> (d_f, d_k, d_x)
+        self.out_tree = jax.tree.structure(out_shape)
+        self.y_avals = out_shape[2:]  # the step's outputs: (float, other)
+        self.source = source
+        self.step_avals = step_avals
+        self.fixed_avals = fixed_avals
+
+    def step_bytes(self) -> int:
+        return sum(math.prod(a.shape) * a.dtype.itemsize for a in self.step_avals)
+
+
+jax.tree_util.register_static(_Tape)
+
+
+def _per_step_vars(jaxpr: Any, per_step: set) -> set:
+    """The variables of `jaxpr` that depend on any variable in `per_step`."""
+    dependent = set(per_step)
+    for eqn in jaxpr.eqns:
+        if any(
+            not isinstance(v, jax.extend.core.Literal) and v in dependent
+            for v in eqn.invars
+        ):
+            dependent.update(eqn.outvars)
+    return dependent
+
+
+def _tape(spec: _Spec, fl: tuple, nl: tuple, body_k: tuple, xs: tuple) -> _Tape:
+    """Trace one step together with its pullback, once; see `_Tape`."""
+    kf, kn = body_k
+
+    def step_and_pullback(i, f, n, kf_, kn_, x):
+        def one(f_: tuple, k_: tuple, xf_: tuple) -> tuple:
+            (out_f, out_n), (y_f, y_n) = spec.step(i, f_, n, (xf_, x[1]), (k_, kn_))
+            return (out_f, y_f), (out_n, y_n)
+
+        (out_f, y_f), pullback, (out_n, y_n) = jax.vjp(one, f, kf_, x[0], has_aux=True)
+        # The values the pullback closes over are the step's residuals.
+        converted, residuals = _hoist(pullback, (out_f, y_f))
+        box.append(converted)
+        return (out_f, out_n, y_f, y_n), residuals
+
+    box: list = []
+    i0 = jnp.int32(0)
+    closed, out_shape = jax.make_jaxpr(step_and_pullback, return_shape=True)(
+        i0, fl, nl, kf, kn, _x_at(xs, i0)
+    )
+    (pullback,) = box
+    n_out = jax.tree.structure(out_shape[0]).num_leaves
+    jaxpr = closed.jaxpr
+    n_f, n_n, n_kf, n_kn = len(fl), len(nl), len(kf), len(kn)
+    invars = jaxpr.invars
+    const_vars = invars[1 + n_f + n_n : 1 + n_f + n_n + n_kf]
+    per_step = invars[: 1 + n_f + n_n] + invars[1 + n_f + n_n + n_kf + n_kn :]
+    dependent = _per_step_vars(jaxpr, set(per_step))
+    source, step_avals, fixed_avals = [], [], []
+    for v, aval in zip(jaxpr.outvars[n_out:], closed.out_avals[n_out:], strict=True):
+        if not isinstance(v, jax.extend.core.Literal) and v in const_vars:
+            source.append(("const", const_vars.index(v)))
+        elif not isinstance(v, jax.extend.core.Literal) and v in dependent:
+            source.append(("step", len(step_avals)))
+            step_avals.append(aval)
+        else:
+            source.append(("fixed", len(fixed_avals)))
+            fixed_avals.append(aval)
+    return _Tape(
+        jax.extend.core.jaxpr_as_fun(closed),
+        pullback,
+        out_shape[0],
+        tuple(source),
+        tuple(step_avals),
+        tuple(fixed_avals),
+    )
+
+
+def _forward_taped(
+    spec: _Spec, tape: _Tape, fl, nl, body_k, cond_k, xs
+) -> tuple[tuple, tuple, jax.Array, tuple, list, list]:
+    """The forward pass that stores each step's pullback residuals."""
+    n_out = tape.out_tree.num_leaves
+    bufs = [jnp.zeros((spec.max_steps, *a.shape), a.dtype) for a in tape.step_avals]
+    fixed = [jnp.zeros(a.shape, a.dtype) for a in tape.fixed_avals]
+    ys = tuple(
+        tuple(jnp.zeros((spec.max_steps, *a.shape), a.dtype) for a in part)
+        for part in tape.y_avals
+    )
+    flat_k = jax.tree.leaves(body_k)
+
+    def c(state: tuple) -> jax.Array:
+        t, fl_, nl_, _, _, _ = state
+        return spec.keep_going(t, fl_, nl_, cond_k)
+
+    def b(state: tuple) -> tuple:
+        t, fl_, nl_, bufs_, fixed_, ys_ = state
+        flat = tape.fn(t, *fl_, *nl_, *flat_k, *jax.tree.leaves(_x_at(xs, t)))
+        out_f, out_n, y_f, y_n = jax.tree.unflatten(tape.out_tree, flat[:n_out])
+        kinds = [kind for kind, _ in tape.source]
+        per_step = [x for x, k in zip(flat[n_out:], kinds, strict=True) if k == "step"]
+        fixed_ = [x for x, k in zip(flat[n_out:], kinds, strict=True) if k == "fixed"]
+        ys_ = tuple(
+            tuple(_write(list(buf), t, list(part)))
+            for buf, part in zip(ys_, (y_f, y_n), strict=True)
+        )
+        return (
+            t + 1,
+            tuple(out_f),
+            tuple(out_n),
+            _write(bufs_, t, per_step),
+            fixed_,
+            ys_,
+        )
+
+    init = (jnp.int32(0), fl, nl, bufs, fixed, ys)
+    t, fl, nl, bufs, fixed, ys = _while_any_mode(c, b, init, spec.max_steps)
+    return fl, nl, t, ys, bufs, fixed
+
+
+def _reverse_taped(
+    spec: _Spec,
+    tape: _Tape,
+    bufs: list,
+    fixed: list,
+    count: Any,
+    state: tuple,
+    body_k: tuple,
+    ct_ys: tuple,
+) -> tuple:
+    """Pull the cotangents back through `count` steps from their stored pullbacks."""
+
+    def b(st: tuple) -> tuple:
+        t, ct_fl_, ct_k_, ct_xs_ = st
+        t = t - 1
+        stored = _read(bufs, t)
+        pick = {"step": stored, "fixed": fixed, "const": body_k[0]}
+        leaves = [pick[kind][m] for kind, m in tape.source]
+        ct_y_t = tuple(_read(list(ct_ys), t))
+        d_fl, d_k, d_x = tape.pullback((ct_fl_, ct_y_t), *leaves)
+        ct_xs_ = tuple(_write(list(ct_xs_), t, list(d_x)))
+        return t, d_fl, jax.tree.map(jnp.add, ct_k_, d_k), ct_xs_
+
+    out = _while_any_mode(lambda st: st[0] > 0, b, (count, *state), spec.max_steps)
+    return out[1:]
+
+
 def _loop_fwd(
     spec: _Spec, fl: tuple, nl: tuple, body_k: tuple, cond_k: tuple, xs: tuple
 ):
-    _, stores = _plan(spec, fl, nl)
+    strategy, stores = _plan(spec, fl, nl)
+    if strategy == "direct" and _STORE_RESIDUALS:
+        tape = _tape(spec, fl, nl, body_k, xs)
+        if spec.max_steps * tape.step_bytes() <= _DIRECT_BYTES:
+            out_fl, out_nl, steps, ys, bufs, fixed = _forward_taped(
+                spec, tape, fl, nl, body_k, cond_k, xs
+            )
+            residuals = (tape, bufs, fixed, steps, body_k, cond_k, xs, nl)
+            return (out_fl, out_nl, steps, *ys), residuals
     out_fl, out_nl, steps, ys, bufs = _forward(
         spec,
         fl,
@@ -526,9 +703,11 @@ def _loop_fwd(
 
 
 def _loop_bwd(spec: _Spec, residuals: tuple, cts: tuple):
-    bufs, steps, body_k, cond_k, xs, fl, nl = residuals
     ct_fl = tuple(cts[0])
     ct_ys = tuple(cts[3])
+    if isinstance(residuals[0], _Tape):
+        return _loop_bwd_taped(spec, residuals, ct_fl, ct_ys)
+    bufs, steps, body_k, cond_k, xs, fl, nl = residuals
     ct_k = jax.tree.map(jnp.zeros_like, body_k[0])
     ct_xs = tuple(jnp.zeros_like(x) for x in xs[0])
     n_float = len(fl)
@@ -581,6 +760,26 @@ def _loop_bwd(spec: _Spec, residuals: tuple, cts: tuple):
             *state,
         )
     ct_fl, ct_k, ct_xs = state
+    none = lambda tree: tuple(None for _ in tree)  # noqa: E731
+    return (
+        ct_fl,
+        none(nl),
+        (ct_k, none(body_k[1])),
+        none(cond_k),
+        (ct_xs, none(xs[1])),
+    )
+
+
+def _loop_bwd_taped(spec: _Spec, residuals: tuple, ct_fl: tuple, ct_ys: tuple):
+    tape, bufs, fixed, steps, body_k, cond_k, xs, nl = residuals
+    state = (
+        ct_fl,
+        jax.tree.map(jnp.zeros_like, body_k[0]),
+        tuple(jnp.zeros_like(x) for x in xs[0]),
+    )
+    ct_fl, ct_k, ct_xs = _reverse_taped(
+        spec, tape, bufs, fixed, steps, state, body_k, ct_ys
+    )
     none = lambda tree: tuple(None for _ in tree)  # noqa: E731
     return (
         ct_fl,

@@ -16,11 +16,13 @@ one compiled program serves every length pattern. The LSTM's static mode has
 its own core (`_lstm_core`, at the end of this module) instead of the generic
 loop, because it measures faster: 2.4x on the sequence workload's training
 step with geometric lengths, 1.9x on lines of real text, with its loops in XLA
-(bench/lstm_core.py, 2026-12-07, bench/RESULTS.md). The generic loop recomputes
-each step's forward in its reverse pass and sums `weight_hh`'s gradient one
-small matmul per step; the core's forward stores each step's gate-gradient
-factors, its reverse loop does only the gate gradients and one matmul per
-step, and `weight_hh`'s gradient is one matmul over all steps. On the CPU the
+(bench/lstm_core.py, 2026-12-07, bench/RESULTS.md). The generic loop, at that
+workload's size, stores carries rather than residuals (they exceed the loop's
+4 MiB budget), so it recomputes each step's forward in its reverse pass, and
+it sums `weight_hh`'s gradient one small matmul per step; the core's forward
+stores each step's gate-gradient factors, its reverse loop does only the gate
+gradients and one matmul per step, and `weight_hh`'s gradient is one matmul
+over all steps. On the CPU the
 core's two loops run as native kernels where they can (float32, a hidden size
 that is a multiple of 16, a C++ compiler; functorch_lite/_native), another
 1.32x-1.50x on the same step, which puts it ahead of PyTorch's oneDNN LSTM
@@ -572,9 +574,11 @@ def rnn(
 # projection, and everything around them is time-major and in sorted row order
 # from the start: a profile of the step (bench/RESULTS.md) showed zero fills,
 # transposes and scatters taking a third of it. The generic loop
-# instead recomputes each step's forward in the reverse pass and sums `weight_hh`'s
-# gradient one small matmul per step. Both loops run to the batch's longest
-# sequence, and run as `_while_any_mode`, so the core can be differentiated again.
+# instead recomputes each step's forward in the reverse pass (when its residuals
+# exceed the loop's budget, as they do at the sequence workload's size) and sums
+# `weight_hh`'s gradient one small matmul per step. Both loops run to the
+# batch's longest sequence, and run as `_while_any_mode`, so the core can be
+# differentiated again.
 
 
 def _lstm_static(

@@ -448,9 +448,13 @@ def while_loop(
       still true raises `RuntimeError`.
 
     `checkpoints` trades memory for time in the static mode's gradient.
-    `None` stores the carry at every step: the fastest, with memory growing
-    with `max_steps` (for large carries only the first steps and a checkpoint
-    every `sqrt(max_steps)` steps are kept, and longer runs replay segments).
+    `None` is the fastest, with memory growing with `max_steps`: while all
+    `max_steps` steps' residuals (what the body's derivative needs, such as
+    its input and an activation's slope) fit in 4 MiB, each step's are
+    stored and the backward pass recomputes nothing; past that, the carry at
+    every step is stored and each step's forward recomputed in the backward
+    pass (for large carries only the first steps and a checkpoint every
+    `sqrt(max_steps)` steps are kept, and longer runs replay segments).
     An int `k` keeps at most `k` carries (one every `ceil(max_steps / k)`
     steps) and recomputes each segment during the backward pass: memory
     `O(k + max_steps / k)` carries, one extra forward pass, the same gradients.

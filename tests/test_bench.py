@@ -335,6 +335,8 @@ def test_peak_gap_measures_the_reference_step(tmp_path):
     np.testing.assert_allclose(switch_losses, fused_losses, rtol=1e-5)
     scan_losses = gap._fused_call(depths, "scan")()[2]
     np.testing.assert_allclose(scan_losses, fused_losses, rtol=1e-5)
+    recompute_losses = gap._fused_call(depths, residuals=False)()[2]
+    np.testing.assert_allclose(recompute_losses, fused_losses, rtol=1e-5)
 
     with contextlib.redirect_stdout(io.StringIO()) as out:
         assert gap.main(["--repeats", "1", "--loop", "3", "--out", str(tmp_path)]) == 0

@@ -15,6 +15,7 @@ from helpers import tree_allclose
 from jax.test_util import check_grads
 
 import functorch_lite as fl
+from functorch_lite import _loop
 
 X64 = jax.enable_x64(True)
 
@@ -311,15 +312,23 @@ def _grad_temp_bytes(max_steps, checkpoints, carry_shape=(64, 64)):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
-def test_saved_carry_memory_is_pinned():
-    """checkpoints=None stores one carry per step (16 KiB each here), no more."""
+def test_saved_memory_is_pinned(monkeypatch):
+    """checkpoints=None stores each step's residuals while all of them fit the
+    4 MiB budget: for `tanh(c @ w)` the carry, `tanh` and `1 - tanh` (three
+    16 KiB arrays a step, no recomputed forward); past the budget, or with
+    residuals off, one carry per step."""
     carry = 64 * 64 * 4
-    for m in (32, 128):
+    bounds = {32: 3, 128: 1}  # 32 * 48 KiB fits 4 MiB, 128 * 48 KiB does not
+    for m, per_step in bounds.items():
         temp = _grad_temp_bytes(m, None)
-        assert m * carry <= temp <= m * carry + 24 * carry, (m, temp)
+        assert m * per_step * carry <= temp <= (m * per_step + 24) * carry, (m, temp)
+    monkeypatch.setattr(_loop, "_STORE_RESIDUALS", False)
+    temp = _grad_temp_bytes(32, None)
+    assert 32 * carry <= temp <= (32 + 24) * carry, temp
 
 
-def test_checkpointed_memory_grows_with_k_not_max_steps():
+def test_checkpointed_memory_grows_with_k_not_max_steps(monkeypatch):
+    monkeypatch.setattr(_loop, "_STORE_RESIDUALS", False)  # carries at both sizes
     carry = 64 * 64 * 4
     full = [_grad_temp_bytes(m, None) for m in (64, 256)]
     assert full[1] > full[0] + 150 * carry  # grows with max_steps
@@ -433,3 +442,119 @@ def test_maml_gradient_through_a_make_step_step():
             grads[method] = jax.grad(meta)(params)
         tree_allclose(grads["bounded"], grads["scan"], rtol=1e-11, atol=1e-13)
         assert float(jnp.abs(grads["bounded"]["middle_linear"]["weight"]).sum()) > 0
+
+
+# --- stored residuals --------------------------------------------------------
+
+
+def _tanh_grad_hlo(m: int) -> str:
+    w = jnp.ones((8, 8), jnp.float32) * 0.1
+
+    def loss(w, h0):
+        h = fl.while_loop(
+            lambda c: jnp.sum(c) > 0.0, lambda c: jnp.tanh(c @ w), h0, max_steps=m
+        )
+        return jnp.sum(h)
+
+    return jax.jit(jax.grad(loss)).lower(w, jnp.ones((4, 8))).compile().as_text()
+
+
+def test_reverse_pass_recomputes_no_forward_step(monkeypatch):
+    """With residuals stored, the compiled gradient evaluates `tanh` once (the
+    forward loop); storing carries, the reverse loop evaluates it again."""
+    assert _tanh_grad_hlo(16).count(" tanh(") == 1
+    monkeypatch.setattr(_loop, "_STORE_RESIDUALS", False)
+    assert _tanh_grad_hlo(16).count(" tanh(") == 2
+
+
+@jax.custom_vjp
+def _clipped_square(x):
+    return x * x
+
+
+_clipped_square.defvjp(
+    lambda x: (x * x, x), lambda x, g: (jnp.clip(2.0 * x * g, -1.0, 1.0),)
+)
+
+
+def _mixed_scan(w, u, b, h0, xs, n):
+    """A body with everything a pullback can hold: closed-over weights, an
+    integer counter in the carry, the step index, a per-step input and output,
+    a mask, a user `custom_vjp`, and a constant made inside the body."""
+
+    def body(i, carry, x):
+        h, count = carry
+        pre = h @ w + x @ u + (b * (i + 1).astype(h.dtype))[None, :]
+        h = jnp.where(pre > 0, pre, 0.1 * pre) + jnp.full(h.shape, 0.01, h.dtype)
+        h = jnp.tanh(h) + 0.1 * _clipped_square(h)
+        return (h, count + 1), jnp.sum(h * h, axis=-1)
+
+    (h, count), ys = _loop.bounded_scan(
+        body, (h0, jnp.int32(0)), xs, length=n, max_steps=xs.shape[0]
+    )
+    weights = jnp.arange(1, ys.shape[0] + 1, dtype=ys.dtype)
+    return jnp.sum(h) + jnp.sum(ys * weights[:, None]) + count.astype(h.dtype)
+
+
+def _mixed_unrolled(w, u, b, h0, xs, n):
+    h, total = h0, 0.0
+    for i in range(n):
+        pre = h @ w + xs[i] @ u + (b * (i + 1))[None, :]
+        h = jnp.where(pre > 0, pre, 0.1 * pre) + 0.01
+        h = jnp.tanh(h) + 0.1 * _clipped_square(h)
+        total = total + (i + 1) * jnp.sum(h * h)
+    return jnp.sum(h) + total + n
+
+
+@pytest.mark.parametrize("n", [0, 1, 4, 6])
+def test_stored_residuals_match_recomputation_and_unrolled(key, n, monkeypatch):
+    with X64:
+        ks = jax.random.split(key, 5)
+        args = (
+            0.4 * jax.random.normal(ks[0], (5, 5)),
+            0.4 * jax.random.normal(ks[1], (3, 5)),
+            0.1 * jax.random.normal(ks[2], (5,)),
+            jax.random.normal(ks[3], (2, 5)),
+            jax.random.normal(ks[4], (6, 2, 3)),
+        )
+        argnums = (0, 1, 2, 3, 4)
+        ref = jax.grad(_mixed_unrolled, argnums)(*args, n)
+        stored = jax.jit(jax.grad(_mixed_scan, argnums), static_argnums=5)(*args, n)
+        traced_n = jax.jit(jax.grad(_mixed_scan, argnums))(*args, n)
+        monkeypatch.setattr(_loop, "_STORE_RESIDUALS", False)
+        recomputed = jax.jit(jax.grad(_mixed_scan, argnums))(*args, n)
+        tree_allclose(stored, ref, rtol=1e-12, atol=1e-12)
+        tree_allclose(traced_n, ref, rtol=1e-12, atol=1e-12)
+        tree_allclose(recomputed, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_stored_residuals_second_order_and_vmap(key):
+    """Grad of grad and vmap through the stored-residual path, against the
+    unrolled loop."""
+    with X64:
+        ks = jax.random.split(key, 5)
+        w, u, b, h0, xs = (
+            0.4 * jax.random.normal(ks[0], (5, 5)),
+            0.4 * jax.random.normal(ks[1], (3, 5)),
+            0.1 * jax.random.normal(ks[2], (5,)),
+            jax.random.normal(ks[3], (2, 5)),
+            jax.random.normal(ks[4], (6, 2, 3)),
+        )
+
+        def outer(f):
+            return lambda w: jnp.sum(jax.grad(f)(w, u, b, h0, xs, 4) ** 2)
+
+        tree_allclose(
+            jax.jit(jax.grad(outer(_mixed_scan)))(w),
+            jax.grad(outer(_mixed_unrolled))(w),
+            rtol=1e-10,
+            atol=1e-12,
+        )
+        h0s = jnp.stack([h0, h0 + 1.0, -h0])
+        g = jax.jit(jax.vmap(jax.grad(_mixed_scan, 3), (None, None, None, 0, None, 0)))(
+            w, u, b, h0s, xs, jnp.array([0, 3, 6], jnp.int32)
+        )
+        for r, n in enumerate((0, 3, 6)):
+            tree_allclose(
+                g[r], jax.grad(_mixed_unrolled, 3)(w, u, b, h0s[r], xs, n), rtol=1e-12
+            )
