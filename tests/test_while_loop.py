@@ -558,3 +558,41 @@ def test_stored_residuals_second_order_and_vmap(key):
             tree_allclose(
                 g[r], jax.grad(_mixed_unrolled, 3)(w, u, b, h0s[r], xs, n), rtol=1e-12
             )
+
+
+def test_nested_loops_store_residuals_and_match_unrolled(key):
+    """An inner loop inside the outer body: the inner loop's own stored
+    residuals become the outer step's residuals. Gradient and Hessian against
+    the unrolled loops, float64."""
+
+    def nested(w, h, n, m):
+        def outer_body(c):
+            inner = fl.repeat(lambda d: jnp.tanh(d @ w), c, m, max_n=4)
+            return inner * 0.9 + 0.1
+
+        return jnp.sum(fl.repeat(outer_body, h, n, max_n=3) ** 2)
+
+    def unrolled(w, h, n, m):
+        for _ in range(n):
+            c = h
+            for _ in range(m):
+                c = jnp.tanh(c @ w)
+            h = c * 0.9 + 0.1
+        return jnp.sum(h**2)
+
+    with X64:
+        w = 0.5 * jax.random.normal(key, (4, 4))
+        h = jax.random.normal(jax.random.key(1), (2, 4))
+        for n, m in [(0, 2), (2, 3), (3, 4), (1, 0)]:
+            tree_allclose(
+                jax.jit(jax.grad(nested, (0, 1)), static_argnums=(2, 3))(w, h, n, m),
+                jax.grad(unrolled, (0, 1))(w, h, n, m),
+                rtol=1e-12,
+                atol=1e-14,
+            )
+        tree_allclose(
+            jax.jit(jax.hessian(nested), static_argnums=(2, 3))(w, h, 2, 3),
+            jax.hessian(unrolled)(w, h, 2, 3),
+            rtol=1e-10,
+            atol=1e-12,
+        )
