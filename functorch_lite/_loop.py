@@ -14,13 +14,16 @@ How the reverse pass works (`jax.custom_vjp`):
   (as `jax.closure_convert` does): the values it closes over are the step's
   residuals (the carry a matmul needs, an activation's mask or slope), and
   the converted pullback takes them as arguments. The forward loop writes
-  each residual into a `(max_steps, ...)` buffer; residuals that are the
-  body's closed-over weights, or that depend on no per-step value (found from
-  the traced step's jaxpr), are kept once. The backward pass walks the steps
-  in reverse and calls the converted pullback on the residuals stored at each
-  step. Both come from the one trace, so they always agree. No forward step
-  is recomputed: on DynamicNet that recomputation was most of what the
-  static path cost over the specialized programs (bench/RESULTS.md).
+  each residual into a `(max_steps, ...)` buffer, except those that are the
+  step's own inputs (the body's closed-over weights, the step's slice of the
+  per-step inputs), which the backward pass reads where they already are,
+  and those that depend on no per-step value (found from the traced step's
+  jaxpr), which are kept once; the budget counts everything kept. The
+  backward pass walks the steps in reverse and calls the converted pullback
+  on each step's residuals. Both come from the one trace, so they always
+  agree. No forward step is recomputed: on DynamicNet that recomputation was
+  most of what the static path cost over the specialized programs
+  (bench/RESULTS.md).
 * Otherwise the forward pass stores carries, not the body's internals. The
   backward pass walks the steps in reverse; at each step it calls `jax.vjp`
   on the body at the stored carry (one recomputed body forward per step) and
@@ -522,10 +525,12 @@ class _Tape:
 
     Static (a `custom_vjp` residual's aux data, compared by identity).
     `source[j]` says where the pullback's residual `j` comes from in the
-    backward pass: `("step", m)` the `m`-th per-step buffer; `("const", m)`
-    the `m`-th float const (a weight the body closes over, never stored);
-    `("fixed", m)` the `m`-th residual that depends on no per-step value
-    (kept once, not per step).
+    backward pass: `("step", m)` the `m`-th per-step buffer; `("fixed", m)`
+    the `m`-th residual that depends on no per-step value (kept once, not
+    per step); or, never stored, an input of the step itself: `("kf", m)`
+    or `("kn", m)` the `m`-th float or other const (a weight the body closes
+    over), `("xf", m)` or `("xn", m)` the `m`-th leaf of the step's slice of
+    the per-step inputs.
     """
 
     def __init__(self, fn, pullback, out_shape, source, step_avals, fixed_avals):
@@ -537,8 +542,12 @@ class _Tape:
         self.step_avals = step_avals
         self.fixed_avals = fixed_avals
 
-    def step_bytes(self) -> int:
-        return sum(math.prod(a.shape) * a.dtype.itemsize for a in self.step_avals)
+    def stored_bytes(self, max_steps: int) -> int:
+        """What the forward pass keeps for the backward pass, in bytes."""
+        size = lambda a: math.prod(a.shape) * a.dtype.itemsize  # noqa: E731
+        return max_steps * sum(map(size, self.step_avals)) + sum(
+            map(size, self.fixed_avals)
+        )
 
 
 jax.tree_util.register_static(_Tape)
@@ -581,13 +590,21 @@ def _tape(spec: _Spec, fl: tuple, nl: tuple, body_k: tuple, xs: tuple) -> _Tape:
     jaxpr = closed.jaxpr
     n_f, n_n, n_kf, n_kn = len(fl), len(nl), len(kf), len(kn)
     invars = jaxpr.invars
-    const_vars = invars[1 + n_f + n_n : 1 + n_f + n_n + n_kf]
-    per_step = invars[: 1 + n_f + n_n] + invars[1 + n_f + n_n + n_kf + n_kn :]
+    n_xf = sum(spec.x.is_float)
+    start = 1 + n_f + n_n
+    inputs = {  # the step's own inputs, which the backward pass has anyway
+        "kf": invars[start : start + n_kf],
+        "kn": invars[start + n_kf : start + n_kf + n_kn],
+        "xf": invars[start + n_kf + n_kn : start + n_kf + n_kn + n_xf],
+        "xn": invars[start + n_kf + n_kn + n_xf :],
+    }
+    per_step = invars[:start] + inputs["xf"] + inputs["xn"]
     dependent = _per_step_vars(jaxpr, set(per_step))
+    where = {v: (kind, m) for kind, vs in inputs.items() for m, v in enumerate(vs)}
     source, step_avals, fixed_avals = [], [], []
     for v, aval in zip(jaxpr.outvars[n_out:], closed.out_avals[n_out:], strict=True):
-        if not isinstance(v, jax.extend.core.Literal) and v in const_vars:
-            source.append(("const", const_vars.index(v)))
+        if not isinstance(v, jax.extend.core.Literal) and v in where:
+            source.append(where[v])
         elif not isinstance(v, jax.extend.core.Literal) and v in dependent:
             source.append(("step", len(step_avals)))
             step_avals.append(aval)
@@ -654,6 +671,7 @@ def _reverse_taped(
     count: Any,
     state: tuple,
     body_k: tuple,
+    xs: tuple,
     ct_ys: tuple,
 ) -> tuple:
     """Pull the cotangents back through `count` steps from their stored pullbacks."""
@@ -661,8 +679,15 @@ def _reverse_taped(
     def b(st: tuple) -> tuple:
         t, ct_fl_, ct_k_, ct_xs_ = st
         t = t - 1
-        stored = _read(bufs, t)
-        pick = {"step": stored, "fixed": fixed, "const": body_k[0]}
+        xf_t, xn_t = _x_at(xs, t)
+        pick = {
+            "step": _read(bufs, t),
+            "fixed": fixed,
+            "kf": body_k[0],
+            "kn": body_k[1],
+            "xf": xf_t,
+            "xn": xn_t,
+        }
         leaves = [pick[kind][m] for kind, m in tape.source]
         ct_y_t = tuple(_read(list(ct_ys), t))
         d_fl, d_k, d_x = tape.pullback((ct_fl_, ct_y_t), *leaves)
@@ -679,7 +704,7 @@ def _loop_fwd(
     strategy, stores = _plan(spec, fl, nl)
     if strategy == "direct" and _STORE_RESIDUALS:
         tape = _tape(spec, fl, nl, body_k, xs)
-        if spec.max_steps * tape.step_bytes() <= _DIRECT_BYTES:
+        if tape.stored_bytes(spec.max_steps) <= _DIRECT_BYTES:
             out_fl, out_nl, steps, ys, bufs, fixed = _forward_taped(
                 spec, tape, fl, nl, body_k, cond_k, xs
             )
@@ -759,7 +784,11 @@ def _loop_bwd(spec: _Spec, residuals: tuple, cts: tuple):
             functools.partial(segments, bufs[1], stores[1][1]),
             *state,
         )
-    ct_fl, ct_k, ct_xs = state
+    return _cotangents(*state, nl, body_k, cond_k, xs)
+
+
+def _cotangents(ct_fl, ct_k, ct_xs, nl, body_k, cond_k, xs) -> tuple:
+    """`_loop`'s cotangents: `None` for every non-float input."""
     none = lambda tree: tuple(None for _ in tree)  # noqa: E731
     return (
         ct_fl,
@@ -777,17 +806,8 @@ def _loop_bwd_taped(spec: _Spec, residuals: tuple, ct_fl: tuple, ct_ys: tuple):
         jax.tree.map(jnp.zeros_like, body_k[0]),
         tuple(jnp.zeros_like(x) for x in xs[0]),
     )
-    ct_fl, ct_k, ct_xs = _reverse_taped(
-        spec, tape, bufs, fixed, steps, state, body_k, ct_ys
-    )
-    none = lambda tree: tuple(None for _ in tree)  # noqa: E731
-    return (
-        ct_fl,
-        none(nl),
-        (ct_k, none(body_k[1])),
-        none(cond_k),
-        (ct_xs, none(xs[1])),
-    )
+    state = _reverse_taped(spec, tape, bufs, fixed, steps, state, body_k, xs, ct_ys)
+    return _cotangents(*state, nl, body_k, cond_k, xs)
 
 
 _loop.defvjp(_loop_fwd, _loop_bwd)

@@ -596,3 +596,38 @@ def test_nested_loops_store_residuals_and_match_unrolled(key):
             rtol=1e-10,
             atol=1e-12,
         )
+
+
+def test_residuals_made_from_weights_count_against_the_budget(monkeypatch):
+    """A residual computed from the weights alone (here `0.5 * w`, 4 MiB) is
+    kept once, and counts against the 4 MiB budget: with it the loop stores
+    carries, and the compiled gradient needs no more memory than the
+    recomputing loop. An index array the body closes over is read where it
+    is, not copied."""
+    w = jnp.eye(1024, dtype=jnp.float32) * 0.3
+    idx = jnp.arange(1024, dtype=jnp.int32)[::-1]
+
+    def loss(w, h0):
+        h = fl.repeat(lambda h: jnp.tanh(h[:, idx] @ (0.5 * w)), h0, 3, max_n=16)
+        return jnp.sum(h)
+
+    def temp() -> int:
+        compiled = jax.jit(jax.grad(loss)).lower(w, jnp.ones((2, 1024))).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    stored = temp()
+    monkeypatch.setattr(_loop, "_STORE_RESIDUALS", False)
+    recomputed = temp()
+    assert stored <= recomputed + 2**16, (stored, recomputed)
+    with X64:
+        h0 = jax.random.normal(jax.random.key(0), (2, 1024))
+        w64 = w.astype(jnp.float64)
+        g = jax.grad(loss)(w64, h0)
+
+        def unrolled(w):
+            h = h0
+            for _ in range(3):
+                h = jnp.tanh(h[:, idx] @ (0.5 * w))
+            return jnp.sum(h)
+
+        tree_allclose(g, jax.grad(unrolled)(w64), rtol=1e-12, atol=1e-14)
