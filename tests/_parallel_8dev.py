@@ -288,3 +288,41 @@ def test_async_steps_do_not_deadlock():
     for i in range(300):
         params, opt_state, loss = dp(params, opt_state, x, y, i % 4)
     assert np.isfinite(float(loss))
+
+
+def test_while_loop_with_different_step_counts_per_device():
+    """`fl.while_loop` inside the user's `shard_map`, each device's rows
+    stopping after a different number of steps, with the replicated weight
+    cast to vary before the loop as docs/scaling-out.md says: the gradient is
+    the single-program one (without the cast, the weight's gradient would be
+    `psum`'d inside the reverse loop once per step, and the devices would
+    wait for each other)."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("b",))
+    w = 0.9 * jax.random.normal(jax.random.key(0), (3, 3))
+    x = (
+        jax.random.normal(jax.random.key(1), (DEVICES, 3))
+        * jnp.linspace(0.2, 3.0, DEVICES)[:, None]
+    )
+
+    def run(w, h):
+        return fl.while_loop(
+            lambda c: jnp.sum(c**2) > 0.1,
+            lambda c: 0.8 * (c @ w) / (1.0 + jnp.sum(c * c)),
+            h,
+            max_steps=8,
+            return_steps=True,
+        )
+
+    def local(w, h):
+        out, _ = run(jax.lax.pcast(w, "b", to="varying"), h)
+        return jax.lax.psum(jnp.sum(out**2), "b")
+
+    sharded = jax.jit(
+        jax.shard_map(jax.grad(local), mesh=mesh, in_specs=(P(), P("b")), out_specs=P())
+    )
+    steps = [int(run(w, x[i : i + 1])[1]) for i in range(DEVICES)]
+    assert len(set(steps)) > 1, steps  # the devices do run different step counts
+    expected = jax.grad(
+        lambda w: sum(jnp.sum(run(w, x[i : i + 1])[0] ** 2) for i in range(DEVICES))
+    )(w)
+    tree_allclose(sharded(w, x), expected, rtol=1e-5, atol=1e-6)
