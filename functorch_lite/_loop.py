@@ -129,6 +129,14 @@ def _hoist(fn: Callable, *example: Any) -> tuple[Callable, list]:
     return converted, list(closed.consts)
 
 
+def _output_buffers(spec: Any, y_avals: tuple) -> tuple:
+    """Zeroed `(max_steps, ...)` buffers for the per-step outputs `(float, other)`."""
+    return tuple(
+        tuple(jnp.zeros((spec.max_steps, *a.shape), a.dtype) for a in part)
+        for part in y_avals
+    )
+
+
 def _read(bufs: list, index: jax.Array) -> list:
     return [lax.dynamic_index_in_dim(b, index, 0, keepdims=False) for b in bufs]
 
@@ -430,10 +438,7 @@ def _forward(
         y_avals = jax.eval_shape(
             lambda f, n: spec.step(start, f, n, _x_at(xs, start), body_k)[1], fl, nl
         )
-        ys = tuple(
-            tuple(jnp.zeros((spec.max_steps, *a.shape), a.dtype) for a in part)
-            for part in y_avals
-        )
+        ys = _output_buffers(spec, y_avals)
     else:
         ys = ((), ())
 
@@ -628,10 +633,7 @@ def _forward_taped(
     n_out = tape.out_tree.num_leaves
     bufs = [jnp.zeros((spec.max_steps, *a.shape), a.dtype) for a in tape.step_avals]
     fixed = [jnp.zeros(a.shape, a.dtype) for a in tape.fixed_avals]
-    ys = tuple(
-        tuple(jnp.zeros((spec.max_steps, *a.shape), a.dtype) for a in part)
-        for part in tape.y_avals
-    )
+    ys = _output_buffers(spec, tape.y_avals)
     flat_k = jax.tree.leaves(body_k)
 
     def c(state: tuple) -> jax.Array:
@@ -733,8 +735,6 @@ def _loop_bwd(spec: _Spec, residuals: tuple, cts: tuple):
     if isinstance(residuals[0], _Tape):
         return _loop_bwd_taped(spec, residuals, ct_fl, ct_ys)
     bufs, steps, body_k, cond_k, xs, fl, nl = residuals
-    ct_k = jax.tree.map(jnp.zeros_like, body_k[0])
-    ct_xs = tuple(jnp.zeros_like(x) for x in xs[0])
     n_float = len(fl)
     strategy, stores = _plan(spec, fl, nl)
     zero = jnp.int32(0)
@@ -771,7 +771,7 @@ def _loop_bwd(spec: _Spec, residuals: tuple, cts: tuple):
         bound = -(-spec.max_steps // every)
         return _while_any_mode(lambda st: st[0] > 0, seg, (n_seg, *state), bound)[1:]
 
-    state = (ct_fl, ct_k, ct_xs)
+    state = _start_cotangents(ct_fl, body_k, xs)
     if strategy == "direct":
         state = pull(bufs[0], zero, steps, spec.max_steps, *state)
     elif strategy == "segments":
@@ -785,6 +785,15 @@ def _loop_bwd(spec: _Spec, residuals: tuple, cts: tuple):
             *state,
         )
     return _cotangents(*state, nl, body_k, cond_k, xs)
+
+
+def _start_cotangents(ct_fl: tuple, body_k: tuple, xs: tuple) -> tuple:
+    """`(ct_fl, zeros for the float consts, zeros for the float per-step inputs)`."""
+    return (
+        ct_fl,
+        jax.tree.map(jnp.zeros_like, body_k[0]),
+        tuple(jnp.zeros_like(x) for x in xs[0]),
+    )
 
 
 def _cotangents(ct_fl, ct_k, ct_xs, nl, body_k, cond_k, xs) -> tuple:
@@ -801,11 +810,7 @@ def _cotangents(ct_fl, ct_k, ct_xs, nl, body_k, cond_k, xs) -> tuple:
 
 def _loop_bwd_taped(spec: _Spec, residuals: tuple, ct_fl: tuple, ct_ys: tuple):
     tape, bufs, fixed, steps, body_k, cond_k, xs, nl = residuals
-    state = (
-        ct_fl,
-        jax.tree.map(jnp.zeros_like, body_k[0]),
-        tuple(jnp.zeros_like(x) for x in xs[0]),
-    )
+    state = _start_cotangents(ct_fl, body_k, xs)
     state = _reverse_taped(spec, tape, bufs, fixed, steps, state, body_k, xs, ct_ys)
     return _cotangents(*state, nl, body_k, cond_k, xs)
 
