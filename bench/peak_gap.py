@@ -31,8 +31,13 @@ in turn, round after round, and the ratio to the specialized programs is taken
 within each round (see `_interleaved`): on a shared machine whose speed drifts,
 this is what settles a 5% target.
 
+With `--profile DEPTHS` (for example `0,1`), the specialized program and the fused
+step at each constant depth run under jax.profiler, and the XLA ops that take the
+most time per step are listed for both (see `_profile`): where the loop's cost over
+the straight-line program goes.
+
     python bench/peak_gap.py [--repeats 5] [--flags] [--interleaved 15]
-                             [--out bench/results]
+                             [--profile 0,1] [--out bench/results]
 
 Prints a table and writes `<out>/peak-gap-<timestamp>.json`. Timings are medians
 of `--repeats`, with the spread; every figure is relative to the peak measured
@@ -48,6 +53,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -322,6 +328,55 @@ def _fused(depths: np.ndarray, repeats: int) -> dict[str, float]:
     return _time(_fused_call(depths), repeats, len(depths))
 
 
+def _profile_ops(call: Callable[[], Any], steps: int, top: int) -> dict[str, Any]:
+    """Run `call` (which runs `steps` training steps) twice under jax.profiler.
+
+    CPU only: each XLA op's events are summed over the threads that run the
+    program's ops, per step; a `while` op's time includes its body's ops, which
+    are listed too. Ops on the two cores can overlap, so the times need not add
+    up to the step.
+    """
+    jax.block_until_ready(call())
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            for _ in range(2):
+                jax.block_until_ready(call())
+        (trace,) = Path(folder).rglob("*.xplane.pb")
+        data = jax.profiler.ProfileData.from_file(str(trace))
+    totals: dict[str, list[float]] = {}
+    for plane in data.planes:
+        for line in plane.lines:
+            if line.name == "python":
+                continue
+            for event in line.events:
+                if event.name.startswith(("Threadpool", "end:", "ThunkExecutor")):
+                    continue  # bookkeeping, or the whole program
+                total = totals.setdefault(event.name, [0.0, 0.0])
+                total[0] += event.duration_ns / 1e3 / (2 * steps)
+                total[1] += 1 / (2 * steps)
+    kernels = sum(
+        v[0] for k, v in totals.items() if not k.startswith(("while", "Slinky"))
+    )
+    ops = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "kernel_us_per_step": kernels,
+        "ops": [
+            {"name": k, "us_per_step": round(v[0], 3), "per_step": round(v[1], 3)}
+            for k, v in ops
+        ],
+    }
+
+
+def _profile(depths: list[int], loop: int, top: int = 25) -> dict[str, Any]:
+    """The specialized program and the fused step at each constant depth, profiled."""
+    out: dict[str, Any] = {}
+    for depth in depths:
+        out[f"unrolled@{depth}"] = _profile_ops(_unrolled_call(depth, loop), loop, top)
+        fused = _fused_call(np.full(loop, depth, np.int32))
+        out[f"fused@{depth}"] = _profile_ops(fused, loop, top)
+    return out
+
+
 def _interleaved(depths: np.ndarray, rounds: int) -> dict[str, Any]:
     """Target 1a, settled on a noisy machine: the specialized programs, the fused
     step and a `lax.switch` over specialized steps, timed in turn in every round.
@@ -443,6 +498,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also time the specialized programs, the fused step and a switch "
         "over specialized steps in turn, ROUNDS rounds (target 1a)",
     )
+    p.add_argument(
+        "--profile",
+        default="",
+        metavar="DEPTHS",
+        help="comma-separated depths: profile the specialized program and the "
+        "fused step at each (the XLA ops that take the most time per step)",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     if args.repeats < 1 or args.loop < 1:
@@ -550,6 +612,24 @@ def main(argv: list[str] | None = None) -> int:
                 f"[{r['min']:.3f}-{r['max']:.3f}]"
             )
 
+    profile = None
+    if args.profile:
+        try:
+            profile_depths = [int(d) for d in args.profile.split(",")]
+        except ValueError:
+            raise SystemExit(
+                f"--profile takes depths like 0,1; got {args.profile!r}."
+            ) from None
+        profile = _profile(profile_depths, loop)
+        for name, prof in profile.items():
+            print(
+                f"\nprofile {name}: {prof['kernel_us_per_step']:.1f} us/step in "
+                "kernels (not while loops); the costliest ops, us/step (calls/step):"
+            )
+            for op in prof["ops"]:
+                name, us, n = op["name"], op["us_per_step"], op["per_step"]
+                print(f"  {name:44} {us:8.2f} ({n:g})")
+
     flag_results = []
     if args.flags:
         print(f"\n{'XLA_FLAGS':72} {'x@W1 us':>8} {'d0 us':>7} {'d3 us':>7}")
@@ -579,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
                 "bound": bound,
                 "flags": flag_results,
                 "interleaved": interleaved,
+                "profile": profile,
                 "loop": loop,
                 "repeats": args.repeats,
             },
