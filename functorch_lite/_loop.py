@@ -51,8 +51,9 @@ Higher order: the forward and backward rules are themselves loops, run by
 `_while_any_mode`: a `lax.while_loop` whose own derivative rule (`custom_jvp`)
 is that of an equivalent `lax.scan` over the bound. So `grad(grad(f))`, a
 Hessian-vector product by double reverse, MAML-style gradients through an inner
-training step, and forward-over-reverse (`jax.hessian`) all work; only pure
-forward mode (`jax.jvp` of the loop itself) does not (`jax.custom_vjp`).
+training step, and forward-over-reverse (`jax.hessian`) all work, also under
+`vmap` with a count per row (`_while_as_scan` says how); only pure forward mode
+(`jax.jvp` of the loop itself) does not (`jax.custom_vjp`).
 """
 
 from __future__ import annotations
@@ -203,11 +204,54 @@ def _while_jvp(body: Callable, cond: Callable, bound: int, init, body_k, cond_k)
     return lax.while_loop(c, b, (jnp.int32(0), init))[1]
 
 
+# `_any_row(flag)`: `flag` itself, except under `vmap`, where it is whether any
+# row's flag is set, one value for the whole batch. A primitive so that its
+# batching rule can see the batch axis and reduce over it.
+_any_row_p = jax.extend.core.Primitive("functorch_lite_any_row")
+_any_row_p.def_impl(lambda flag: flag)
+_any_row_p.def_abstract_eval(lambda flag: flag)
+jax.interpreters.mlir.register_lowering(
+    _any_row_p, jax.interpreters.mlir.lower_fun(lambda flag: flag, False)
+)
+
+
+def _any_row_batched(args: tuple, dims: tuple) -> tuple:
+    (flag,), (dim,) = args, dims
+    if dim is None:
+        return _any_row_p.bind(flag), None
+    return _any_row_p.bind(jnp.any(flag, axis=dim)), None
+
+
+jax.interpreters.batching.primitive_batchers[_any_row_p] = _any_row_batched
+
+
+def _keep_unless(active: jax.Array, new: Any, old: Any) -> Any:
+    """`new` where `active`, else `old`, leaf by leaf (`active` is a bool scalar)."""
+    return jax.tree.map(lambda a, b: lax.select(active, a, b), new, old)
+
+
 def _while_as_scan(body: Callable, cond: Callable, bound: int, init, body_k, cond_k):
+    """The loop as a `lax.scan` of `bound` steps that skips the finished ones.
+
+    A step runs under `lax.cond` on whether any row is still running, never on a
+    batched predicate: `vmap` would turn such a `cond` into a select whose
+    operands pass through `stop_gradient`, and when the `cond` is already a JVP
+    that puts `stop_gradient` on tangents, which reverse mode cannot transpose
+    (grad of grad of a vmapped loop). Within the step, the finished rows keep
+    their carry through a select, and their inputs to `body` are cut from
+    differentiation, so that whatever `body` computes on them (an `inf`, a
+    `nan`) cannot reach a gradient.
+    """
+
     def step(state: tuple, _: None) -> tuple:
         active, x = state
         active = active & cond(x, *cond_k)
-        x = lax.cond(active, lambda x_: body(x_, *body_k), lambda x_: x_, x)
+
+        def run(x: Any) -> Any:
+            safe = _keep_unless(active, (x, body_k), lax.stop_gradient((x, body_k)))
+            return _keep_unless(active, body(safe[0], *safe[1]), x)
+
+        x = lax.cond(_any_row_p.bind(active), run, lambda x_: x_, x)
         return (active, x), None
 
     (_, out), _ = lax.scan(step, (jnp.bool_(True), init), None, length=bound)

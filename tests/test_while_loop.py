@@ -129,6 +129,51 @@ def test_checkpoints_float32_gradients_close(key):
     tree_allclose(g0, g3, rtol=1e-6, atol=1e-7)
 
 
+def test_second_order_through_a_vmapped_loop_with_per_example_counts():
+    """grad of grad, and the Hessian, of a loss over a vmapped `while_loop` whose
+    rows run different step counts, against each row's loop unrolled alone.
+
+    The rows that finish first keep going through the batch's steps. Row 0
+    starts at 0, where `sqrt(h * w)` has an infinite derivative, and runs no step:
+    its share of the gradient must be exactly what running no step gives, not a
+    `nan` from the steps it skips. A PRNG key rides in the carry.
+    """
+    with X64:
+        xs = jnp.array([0.0, 0.4, 0.9, 1.7])
+        ns = (0, 1, 3, 5)
+
+        def looped(w, x, n):
+            def body(c):
+                i, h, k = c
+                k, sub = jax.random.split(k)
+                noise = 1e-3 * jax.random.normal(sub, dtype=jnp.float64)
+                return i + 1, jnp.sqrt(h * w) + noise * w, k
+
+            init = (0, x, jax.random.key(3))
+            _, h, _ = fl.while_loop(lambda c: c[0] < n, body, init, max_steps=6)
+            return h**2 + h
+
+        def unrolled(w, x, n):  # each row alone, exactly its n steps
+            h, k = x, jax.random.key(3)
+            for _ in range(n):
+                k, sub = jax.random.split(k)
+                noise = 1e-3 * jax.random.normal(sub, dtype=jnp.float64)
+                h = jnp.sqrt(h * w) + noise * w
+            return h**2 + h
+
+        def batched(w):
+            return jnp.sum(jax.vmap(looped, (None, 0, 0))(w, xs, jnp.array(ns)))
+
+        def reference(w):
+            return sum(unrolled(w, x, n) for x, n in zip(xs, ns, strict=True))
+
+        w = jnp.float64(0.8)
+        for order in (jax.grad, lambda f: jax.grad(jax.grad(f)), jax.hessian):
+            got, want = order(batched)(w), order(reference)(w)
+            assert np.isfinite(got), got
+            np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
 def test_halting_under_vmap_each_example_stops_on_its_own(key):
     """A halting loop: each example of the vmap batch stops at its own step."""
     with X64:
