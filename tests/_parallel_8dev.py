@@ -326,3 +326,30 @@ def test_while_loop_with_different_step_counts_per_device():
         lambda w: sum(jnp.sum(run(w, x[i : i + 1])[0] ** 2) for i in range(DEVICES))
     )(w)
     tree_allclose(sharded(w, x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_second_order_through_a_loop_inside_shard_map():
+    """Grad of grad of a vmapped `fl.while_loop` inside the user's `shard_map`,
+    every device running the same count (docs/scaling-out.md): the
+    single-program second derivative."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("b",))
+    xs = jnp.linspace(0.1, 1.5, 2 * DEVICES)
+
+    def loss(w, x, n):
+        def body(c):
+            i, h = c
+            return i + 1, jnp.tanh(h * w) + 0.1 * w
+
+        _, h = fl.while_loop(lambda c: c[0] < n, body, (0, x), max_steps=6)
+        return h**2
+
+    def second(w, xs, n):
+        g = jax.grad(lambda w: jnp.sum(jax.vmap(loss, (None, 0, None))(w, xs, n)))
+        return jax.grad(g)(w)
+
+    sharded = jax.jit(
+        jax.shard_map(second, mesh=mesh, in_specs=(P(), P("b"), P()), out_specs=P())
+    )
+    w, n = jnp.float32(0.7), jnp.int32(4)
+    placed = jax.device_put(xs, jax.sharding.NamedSharding(mesh, P("b")))
+    np.testing.assert_allclose(sharded(w, placed, n), second(w, xs, n), rtol=1e-5)
