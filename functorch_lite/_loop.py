@@ -58,6 +58,7 @@ training step, and forward-over-reverse (`jax.hessian`) all work, also under
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable
@@ -98,6 +99,39 @@ def _write(bufs: list, index: jax.Array, leaves: list) -> list:
         lax.dynamic_update_index_in_dim(b, x, index, 0)
         for b, x in zip(bufs, leaves, strict=True)
     ]
+
+
+def _axis_env() -> tuple[tuple[Any, int], ...]:
+    """The named axes bound where we trace (`vmap(axis_name=...)`), with sizes.
+
+    Private JAX (`jax._src.core.get_axis_env`); without it, none.
+    """
+    try:
+        from jax._src import core  # noqa: PLC0415
+
+        sizes = core.get_axis_env().axis_sizes
+    except (ImportError, AttributeError):  # pragma: no cover - another JAX
+        return ()
+    return tuple((name, size) for name, size in sizes.items() if isinstance(size, int))
+
+
+def _bind_axes(axes: tuple[tuple[Any, int], ...]) -> Any:
+    """Bind `axes` again (a context manager), as where the loop was traced.
+
+    The backward rule of a `custom_vjp` under `vmap(..., axis_name=...)` runs
+    outside that `vmap`'s scope, where its axis name is unbound, yet the loop
+    body's collectives (`jax.lax.pmean(h, "batch")`) are traced there again
+    (their transposes, and the steps the reverse pass replays). Private JAX
+    (`jax._src.core.extend_axis_env_nd`); without it, nothing is bound.
+    """
+    if not axes:
+        return contextlib.nullcontext()
+    try:
+        from jax._src import core  # noqa: PLC0415
+
+        return core.extend_axis_env_nd(axes)
+    except (ImportError, AttributeError):  # pragma: no cover - another JAX
+        return contextlib.nullcontext()
 
 
 def _hoist(fn: Callable, *example: Any) -> tuple[Callable, list]:
@@ -306,6 +340,7 @@ class _Spec(NamedTuple):
     x: _Split
     y: _Split
     body_k_float: tuple[bool, ...]
+    axes: tuple[tuple[Any, int], ...] = ()  # named axes bound when traced
 
     def step(self, i: Any, fl: tuple, nl: tuple, x: tuple, body_k: tuple) -> tuple:
         """One step on split values: `((fl, nl), (y float, y other))`.
@@ -397,6 +432,7 @@ def _run(cond, body, carry, xs, *, max_steps, checkpoints):
         _Split.of(x0),
         _Split.of(y_shape),
         k_float,
+        _axis_env(),
     )
     fl, nl = spec.carry.split(carry)
     xs_split = spec.x.split(xs)
@@ -774,6 +810,11 @@ def _loop_fwd(
 
 
 def _loop_bwd(spec: _Spec, residuals: tuple, cts: tuple):
+    with _bind_axes(spec.axes):
+        return _loop_bwd_unbound(spec, residuals, cts)
+
+
+def _loop_bwd_unbound(spec: _Spec, residuals: tuple, cts: tuple):
     ct_fl = tuple(cts[0])
     ct_ys = tuple(cts[3])
     if isinstance(residuals[0], _Tape):

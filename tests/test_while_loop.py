@@ -174,6 +174,43 @@ def test_second_order_through_a_vmapped_loop_with_per_example_counts():
             np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
+def test_collectives_in_the_body_under_a_named_vmap():
+    """A body that calls `jax.lax.pmean` over a `vmap` axis name: the value, the
+    gradient and grad of grad equal the unrolled loop's. The reverse pass runs
+    outside that vmap's scope, where the axis name had been unbound."""
+    with X64:
+        xs = jnp.linspace(0.1, 1.0, 4)
+
+        def looped(w, x, n):
+            def body(c):
+                i, h = c
+                h = jnp.tanh(h * w)
+                return i + 1, h - 0.5 * jax.lax.pmean(h, "batch")
+
+            _, h = fl.while_loop(lambda c: c[0] < n, body, (0, x), max_steps=5)
+            return jnp.sum(h**2)
+
+        def unrolled(w, x, n):
+            h = x
+            for _ in range(n):
+                h = jnp.tanh(h * w)
+                h = h - 0.5 * jax.lax.pmean(h, "batch")
+            return jnp.sum(h**2)
+
+        def total(fun):
+            def loss(w):
+                per_row = jax.vmap(fun, (None, 0, None), axis_name="batch")
+                return jnp.sum(per_row(w, xs, 3))
+
+            return loss
+
+        w = jnp.float64(0.7)
+        for order in (lambda f: f, jax.grad, lambda f: jax.grad(jax.grad(f))):
+            np.testing.assert_allclose(
+                order(total(looped))(w), order(total(unrolled))(w), rtol=1e-12
+            )
+
+
 def test_halting_under_vmap_each_example_stops_on_its_own(key):
     """A halting loop: each example of the vmap batch stops at its own step."""
     with X64:
