@@ -419,6 +419,10 @@ def bounded_scan(
 def _run(cond, body, carry, xs, *, max_steps, checkpoints):
     i0 = jnp.int32(0)
     x0 = jax.tree.map(lambda a: a[0], xs)
+    # Inside `shard_map`, a replicated carry that the body makes vary (a
+    # per-device weight) varies from the start, so that the body is traced,
+    # and hoisted, with the carry type every step has.
+    carry = _align_carry(lambda c: body(i0, c, x0)[0], carry)
     body_c, body_k = _hoist(body, i0, carry, x0)
     cond_c, cond_k = _hoist(cond, i0, carry)
     y_shape = jax.eval_shape(lambda c, x: body(i0, c, x)[1], carry, x0)
