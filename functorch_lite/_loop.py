@@ -134,17 +134,77 @@ def _bind_axes(axes: tuple[tuple[Any, int], ...]) -> Any:
         return contextlib.nullcontext()
 
 
-def _hoist(fn: Callable, *example: Any) -> tuple[Callable, list]:
+def _lift_pvary(jaxpr: Any, consts: list) -> tuple[Any, list]:
+    """Move the body's casts of replicated closed-over values out of the loop.
+
+    Inside `shard_map`, a closed-over weight that does not vary over the mesh
+    meets a carry that does, and JAX casts it (`pvary`) in the body. Its
+    transpose is a `psum`, which then runs inside the reverse loop, once per
+    step: devices that run different step counts wait on each other forever.
+    A const whose every use is one such cast is cast once here instead, before
+    the loop, and the casts leave the body; its gradient is summed once, after
+    the loop. Casts inside nested calls of the body are left where they are.
+    """
+    var = jax.extend.core.Var
+    uses: dict[Any, list] = {v: [] for v in jaxpr.constvars}
+    for eqn in jaxpr.eqns:
+        for v in eqn.invars:
+            if isinstance(v, var) and v in uses:
+                uses[v].append(eqn)
+    outs = {v for v in jaxpr.outvars if isinstance(v, var)}
+    lift: dict[Any, tuple] = {}
+    for v, eqns in uses.items():
+        axes = {tuple(e.params.get("axes", ())) for e in eqns}
+        if (
+            eqns
+            and v not in outs
+            and all(e.primitive.name == "pvary" and len(e.invars) == 1 for e in eqns)
+            and len(axes) == 1
+        ):
+            lift[v] = axes.pop()
+    if not lift:
+        return jaxpr, consts
+    consts = [
+        lax.pcast(c, lift[v], to="varying") if v in lift else c
+        for v, c in zip(jaxpr.constvars, consts, strict=True)
+    ]
+
+    def lifted(e: Any) -> bool:
+        return (
+            e.primitive.name == "pvary"
+            and len(e.invars) == 1
+            and isinstance(e.invars[0], var)
+            and e.invars[0] in lift
+        )
+
+    renamed = {}
+    for e in filter(lifted, jaxpr.eqns):
+        renamed.update(zip(e.outvars, e.invars, strict=True))
+
+    def sub(xs: list) -> list:
+        return [renamed.get(x, x) if isinstance(x, var) else x for x in xs]
+
+    eqns = [e.replace(invars=sub(e.invars)) for e in jaxpr.eqns if not lifted(e)]
+    return jaxpr.replace(eqns=eqns, outvars=sub(jaxpr.outvars)), consts
+
+
+def _hoist(
+    fn: Callable, *example: Any, lift_pvary: bool = False
+) -> tuple[Callable, list]:
     """Closure-convert `fn`: return `(converted, consts)`, every const hoisted.
 
     `converted(*args, *consts)` computes `fn(*args)`. Unlike
     `jax.closure_convert`, integer tracers are hoisted too, so that no rule
-    below closes over a tracer of an outer transformation.
+    below closes over a tracer of an outer transformation. With `lift_pvary`,
+    inside `shard_map`, see `_lift_pvary`.
     """
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*example)
     in_tree = jax.tree.structure(example)
     out_tree = jax.tree.structure(out_shape)
-    jaxpr, n_consts = closed.jaxpr, len(closed.consts)
+    jaxpr, consts = closed.jaxpr, list(closed.consts)
+    if lift_pvary and jax.sharding.get_abstract_mesh().manual_axes:
+        jaxpr, consts = _lift_pvary(jaxpr, consts)
+    n_consts = len(consts)
 
     def converted(*args_and_consts: Any) -> Any:
         args, consts = (
@@ -161,7 +221,7 @@ def _hoist(fn: Callable, *example: Any) -> tuple[Callable, list]:
         )(*flat)
         return jax.tree.unflatten(out_tree, out)
 
-    return converted, list(closed.consts)
+    return converted, consts
 
 
 def _output_buffers(spec: Any, y_avals: tuple) -> tuple:
@@ -423,7 +483,7 @@ def _run(cond, body, carry, xs, *, max_steps, checkpoints):
     # per-device weight) varies from the start, so that the body is traced,
     # and hoisted, with the carry type every step has.
     carry = _align_carry(lambda c: body(i0, c, x0)[0], carry)
-    body_c, body_k = _hoist(body, i0, carry, x0)
+    body_c, body_k = _hoist(body, i0, carry, x0, lift_pvary=True)
     cond_c, cond_k = _hoist(cond, i0, carry)
     y_shape = jax.eval_shape(lambda c, x: body(i0, c, x)[1], carry, x0)
     k_float = tuple(_is_float(k) for k in body_k)

@@ -290,13 +290,15 @@ def test_async_steps_do_not_deadlock():
     assert np.isfinite(float(loss))
 
 
-def test_while_loop_with_different_step_counts_per_device():
+@pytest.mark.parametrize("cast", [True, False])
+def test_while_loop_with_different_step_counts_per_device(cast):
     """`fl.while_loop` inside the user's `shard_map`, each device's rows
-    stopping after a different number of steps, with the replicated weight
-    cast to vary before the loop as docs/scaling-out.md says: the gradient is
-    the single-program one (without the cast, the weight's gradient would be
-    `psum`'d inside the reverse loop once per step, and the devices would
-    wait for each other)."""
+    stopping after a different number of steps: the gradient is the
+    single-program one. The replicated weight's cast to vary over the mesh
+    (which the loop's body gets from JAX, and whose transpose sums the
+    gradient over the devices) runs once, before the loop, whether the user
+    writes it there (`cast`) or not: inside the reverse loop it would sum once
+    per step, and the devices would wait for each other forever."""
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("b",))
     w = 0.9 * jax.random.normal(jax.random.key(0), (3, 3))
     x = (
@@ -314,7 +316,7 @@ def test_while_loop_with_different_step_counts_per_device():
         )
 
     def local(w, h):
-        out, _ = run(jax.lax.pcast(w, "b", to="varying"), h)
+        out, _ = run(jax.lax.pcast(w, "b", to="varying") if cast else w, h)
         return jax.lax.psum(jnp.sum(out**2), "b")
 
     sharded = jax.jit(
