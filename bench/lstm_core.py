@@ -66,6 +66,7 @@ from functorch_lite import _native, _recurrent
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+import _op_times  # noqa: E402
 from peers import protocol  # noqa: E402
 from workloads import sequence  # noqa: E402
 
@@ -130,39 +131,23 @@ def _geometric_lines(max_len: int, mean: float = 38.0) -> list[str]:
 
 
 def _profile(run: dict, block: int, top: int) -> dict[str, Any]:
-    """`block` steps of a warm variant under jax.profiler: time per XLA op.
-
-    CPU only: sums each op's events over XLA's CPU worker threads, per step; a `while`
-    op's time includes the ops of its body, which are listed too (with their
-    count per step). Ops on the two threads can overlap, so the times do not
-    add up to the step.
-    """
+    """`block` steps of a warm variant under jax.profiler: time per XLA op
+    (`_op_times.op_times`, CPU only)."""
     state, batches = run["state"], run["batches"]
-    with tempfile.TemporaryDirectory() as folder:
-        with jax.profiler.trace(folder):
-            for i in range(block):
-                tok, n = batches[i % len(batches)]
-                state[0], state[1], loss = run["step"](state[0], state[1], tok, n)
-            jax.block_until_ready(loss)
-        (trace,) = Path(folder).rglob("*.xplane.pb")
-        data = jax.profiler.ProfileData.from_file(str(trace))
-    totals: dict[str, list[float]] = {}
-    for plane in data.planes:
-        for line in plane.lines:
-            if not line.name.startswith("tf_XLAEigen"):
-                continue  # XLA's CPU worker threads run the program's ops
-            for event in line.events:
-                if event.name.startswith("ThunkExecutor"):
-                    continue  # the whole program, not one op
-                total = totals.setdefault(event.name, [0.0, 0.0])
-                total[0] += event.duration_ns / 1e6 / block
-                total[1] += 1 / block
-    ops = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+
+    def steps() -> Any:
+        loss = None
+        for i in range(block):
+            tok, n = batches[i % len(batches)]
+            state[0], state[1], loss = run["step"](state[0], state[1], tok, n)
+        return loss
+
+    totals = _op_times.op_times(steps, block)
     return {
         "steps": block,
         "ops": [
-            {"name": k, "ms_per_step": round(v[0], 4), "per_step": round(v[1], 2)}
-            for k, v in ops
+            {"name": k, "ms_per_step": round(v[0] / 1e3, 4), "per_step": round(v[1], 2)}
+            for k, v in _op_times.costliest(totals, top)
         ],
     }
 

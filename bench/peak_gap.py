@@ -53,7 +53,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -70,6 +69,7 @@ from functorch_lite import _loop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _op_times  # noqa: E402
 from workloads.dynamicnet import (  # noqa: E402
     DEFAULT_OUT,
     LR,
@@ -329,40 +329,23 @@ def _fused(depths: np.ndarray, repeats: int) -> dict[str, float]:
 
 
 def _profile_ops(call: Callable[[], Any], steps: int, top: int) -> dict[str, Any]:
-    """Run `call` (which runs `steps` training steps) twice under jax.profiler.
-
-    CPU only: each XLA op's events are summed over the threads that run the
-    program's ops, per step; a `while` op's time includes its body's ops, which
-    are listed too. Ops on the two cores can overlap, so the times need not add
-    up to the step.
-    """
+    """Run `call` (which runs `steps` training steps) twice under jax.profiler:
+    the ops that take the most time per step (`_op_times.op_times`)."""
     jax.block_until_ready(call())
-    with tempfile.TemporaryDirectory() as folder:
-        with jax.profiler.trace(folder):
-            for _ in range(2):
-                jax.block_until_ready(call())
-        (trace,) = Path(folder).rglob("*.xplane.pb")
-        data = jax.profiler.ProfileData.from_file(str(trace))
-    totals: dict[str, list[float]] = {}
-    for plane in data.planes:
-        for line in plane.lines:
-            if line.name == "python":
-                continue
-            for event in line.events:
-                if event.name.startswith(("Threadpool", "end:", "ThunkExecutor")):
-                    continue  # bookkeeping, or the whole program
-                total = totals.setdefault(event.name, [0.0, 0.0])
-                total[0] += event.duration_ns / 1e3 / (2 * steps)
-                total[1] += 1 / (2 * steps)
+
+    def twice() -> Any:
+        jax.block_until_ready(call())
+        return call()
+
+    totals = _op_times.op_times(twice, 2 * steps)
     kernels = sum(
         v[0] for k, v in totals.items() if not k.startswith(("while", "Slinky"))
     )
-    ops = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
     return {
         "kernel_us_per_step": kernels,
         "ops": [
             {"name": k, "us_per_step": round(v[0], 3), "per_step": round(v[1], 3)}
-            for k, v in ops
+            for k, v in _op_times.costliest(totals, top)
         ],
     }
 
