@@ -58,7 +58,6 @@ training step, and forward-over-reverse (`jax.hessian`) all work, also under
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from collections.abc import Callable
@@ -104,7 +103,8 @@ def _write(bufs: list, index: jax.Array, leaves: list) -> list:
 def _axis_env() -> tuple[tuple[Any, int], ...]:
     """The named axes bound where we trace (`vmap(axis_name=...)`), with sizes.
 
-    Private JAX (`jax._src.core.get_axis_env`); without it, none.
+    For `_loop_bwd`'s error. Private JAX (`jax._src.core.get_axis_env`);
+    without it, none.
     """
     try:
         from jax._src import core  # noqa: PLC0415
@@ -113,25 +113,6 @@ def _axis_env() -> tuple[tuple[Any, int], ...]:
     except (ImportError, AttributeError):  # pragma: no cover - another JAX
         return ()
     return tuple((name, size) for name, size in sizes.items() if isinstance(size, int))
-
-
-def _bind_axes(axes: tuple[tuple[Any, int], ...]) -> Any:
-    """Bind `axes` again (a context manager), as where the loop was traced.
-
-    The backward rule of a `custom_vjp` under `vmap(..., axis_name=...)` runs
-    outside that `vmap`'s scope, where its axis name is unbound, yet the loop
-    body's collectives (`jax.lax.pmean(h, "batch")`) are traced there again
-    (their transposes, and the steps the reverse pass replays). Private JAX
-    (`jax._src.core.extend_axis_env_nd`); without it, nothing is bound.
-    """
-    if not axes:
-        return contextlib.nullcontext()
-    try:
-        from jax._src import core  # noqa: PLC0415
-
-        return core.extend_axis_env_nd(axes)
-    except (ImportError, AttributeError):  # pragma: no cover - another JAX
-        return contextlib.nullcontext()
 
 
 def _lift_pvary(jaxpr: Any, consts: list) -> tuple[Any, list]:
@@ -874,11 +855,27 @@ def _loop_fwd(
 
 
 def _loop_bwd(spec: _Spec, residuals: tuple, cts: tuple):
-    with _bind_axes(spec.axes):
-        return _loop_bwd_unbound(spec, residuals, cts)
+    try:
+        return _loop_bwd_traced(spec, residuals, cts)
+    except NameError as err:
+        # The backward rule of a `custom_vjp` under `vmap(..., axis_name=...)`
+        # runs outside that vmap's scope, where a collective of the body
+        # (`jax.lax.pmean(h, "batch")`) finds its axis name unbound. Binding
+        # it again gives the right gradient only when every row runs the same
+        # step count: a row that has stopped still feeds the collective in the
+        # forward pass, a path our reverse pass does not follow. So say so.
+        if not spec.axes or "unbound axis name" not in str(err):
+            raise
+        names = ", ".join(repr(name) for name, _ in spec.axes)
+        raise NotImplementedError(
+            "while_loop: reverse mode through a loop whose body calls a collective "
+            f"over the named axis {names} of an enclosing `vmap` is not supported. "
+            "Move the collective out of the loop body, or write the loop with "
+            "`jax.lax.scan` (static_method='scan' for the library's models)."
+        ) from None
 
 
-def _loop_bwd_unbound(spec: _Spec, residuals: tuple, cts: tuple):
+def _loop_bwd_traced(spec: _Spec, residuals: tuple, cts: tuple):
     ct_fl = tuple(cts[0])
     ct_ys = tuple(cts[3])
     if isinstance(residuals[0], _Tape):
