@@ -581,12 +581,17 @@ def _forward(
             if every == 1:
                 bs = _write(bs, slot, [*fl_, *nl_])
             else:
-                bs = lax.cond(
-                    t % every == 0,
-                    lambda bs_, slot=slot: _write(bs_, slot, [*fl_, *nl_]),
-                    lambda bs_: bs_,
-                    bs,
-                )
+                # Under `vmap` rows may be at different steps: the branch runs
+                # when any row stores, and each row keeps its old slot unless
+                # it does (a `cond` on the batched flag would not transpose
+                # once differentiated again; see `_while_as_scan`).
+                now = t % every == 0
+
+                def store(bs_: list, slot: Any = slot, now: Any = now) -> list:
+                    old = _read(bs_, slot)
+                    return _write(bs_, slot, _keep_unless(now, [*fl_, *nl_], old))
+
+                bs = lax.cond(_any_row_p.bind(now), store, lambda bs_: bs_, bs)
             new_bufs.append(bs)
         i = start + t
         (fl_, nl_), y = spec.step(i, fl_, nl_, _x_at(xs, i), body_k)

@@ -129,7 +129,8 @@ def test_checkpoints_float32_gradients_close(key):
     tree_allclose(g0, g3, rtol=1e-6, atol=1e-7)
 
 
-def test_second_order_through_a_vmapped_loop_with_per_example_counts():
+@pytest.mark.parametrize("checkpoints", [None, 2])
+def test_second_order_through_a_vmapped_loop_with_per_example_counts(checkpoints):
     """grad of grad, and the Hessian, of a loss over a vmapped `while_loop` whose
     rows run different step counts, against each row's loop unrolled alone.
 
@@ -150,7 +151,9 @@ def test_second_order_through_a_vmapped_loop_with_per_example_counts():
                 return i + 1, jnp.sqrt(h * w) + noise * w, k
 
             init = (0, x, jax.random.key(3))
-            _, h, _ = fl.while_loop(lambda c: c[0] < n, body, init, max_steps=6)
+            _, h, _ = fl.while_loop(
+                lambda c: c[0] < n, body, init, max_steps=6, checkpoints=checkpoints
+            )
             return h**2 + h
 
         def unrolled(w, x, n):  # each row alone, exactly its n steps
