@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -98,21 +99,6 @@ def _write(bufs: list, index: jax.Array, leaves: list) -> list:
         lax.dynamic_update_index_in_dim(b, x, index, 0)
         for b, x in zip(bufs, leaves, strict=True)
     ]
-
-
-def _axis_env() -> tuple[tuple[Any, int], ...]:
-    """The named axes bound where we trace (`vmap(axis_name=...)`), with sizes.
-
-    For `_loop_bwd`'s error. Private JAX (`jax._src.core.get_axis_env`);
-    without it, none.
-    """
-    try:
-        from jax._src import core  # noqa: PLC0415
-
-        sizes = core.get_axis_env().axis_sizes
-    except (ImportError, AttributeError):  # pragma: no cover - another JAX
-        return ()
-    return tuple((name, size) for name, size in sizes.items() if isinstance(size, int))
 
 
 def _lift_pvary(jaxpr: Any, consts: list) -> tuple[Any, list]:
@@ -381,7 +367,6 @@ class _Spec(NamedTuple):
     x: _Split
     y: _Split
     body_k_float: tuple[bool, ...]
-    axes: tuple[tuple[Any, int], ...] = ()  # named axes bound when traced
 
     def step(self, i: Any, fl: tuple, nl: tuple, x: tuple, body_k: tuple) -> tuple:
         """One step on split values: `((fl, nl), (y float, y other))`.
@@ -477,7 +462,6 @@ def _run(cond, body, carry, xs, *, max_steps, checkpoints):
         _Split.of(x0),
         _Split.of(y_shape),
         k_float,
-        _axis_env(),
     )
     fl, nl = spec.carry.split(carry)
     xs_split = spec.x.split(xs)
@@ -869,12 +853,13 @@ def _loop_bwd(spec: _Spec, residuals: tuple, cts: tuple):
         # it again gives the right gradient only when every row runs the same
         # step count: a row that has stopped still feeds the collective in the
         # forward pass, a path our reverse pass does not follow. So say so.
-        if not spec.axes or "unbound axis name" not in str(err):
+        found = re.search(r"unbound axis name: (\S+?)\.?(?:\s|$)", str(err))
+        if found is None:
             raise
-        names = ", ".join(repr(name) for name, _ in spec.axes)
         raise NotImplementedError(
             "while_loop: reverse mode through a loop whose body calls a collective "
-            f"over the named axis {names} of an enclosing `vmap` is not supported. "
+            f"over the named axis {found.group(1)!r} of an enclosing `vmap` is not "
+            "supported. "
             "Move the collective out of the loop body, or write the loop with "
             "`jax.lax.scan` (static_method='scan' for the library's models)."
         ) from None
