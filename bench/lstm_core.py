@@ -67,6 +67,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import _op_times  # noqa: E402
+import _xla_threads  # noqa: E402
 from peers import protocol  # noqa: E402
 from workloads import sequence  # noqa: E402
 
@@ -171,7 +172,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metavar="N",
         help="trace `core` with jax.profiler and list its N costliest XLA ops",
     )
+    p.add_argument(
+        "--xla-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="start JAX's CPU runtime with N threads instead of one per core "
+        "(bench/_xla_threads.py); the peers keep every core",
+    )
     args = p.parse_args(argv)
+    _xla_threads.start(args.xla_threads)
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         if v not in VARIANTS:
@@ -276,6 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0]),
         **protocol.environment(),
+        **_xla_threads.record(),
         "native_kernels": _native.status(),
         "config": {
             "batch": args.batch,

@@ -70,6 +70,7 @@ from functorch_lite import _loop
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _op_times  # noqa: E402
+import _xla_threads  # noqa: E402
 from workloads.dynamicnet import (  # noqa: E402
     DEFAULT_OUT,
     LR,
@@ -488,10 +489,19 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated depths: profile the specialized program and the "
         "fused step at each (the XLA ops that take the most time per step)",
     )
+    p.add_argument(
+        "--xla-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="start JAX's CPU runtime with N threads instead of one per core "
+        "(bench/_xla_threads.py)",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     if args.repeats < 1 or args.loop < 1:
         raise SystemExit("--repeats and --loop must be >= 1.")
+    _xla_threads.start(args.xla_threads)
     loop = args.loop
 
     device = jax.devices()[0]

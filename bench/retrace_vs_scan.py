@@ -63,6 +63,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _report  # noqa: E402
+import _xla_threads  # noqa: E402
 from workloads import dynamicnet, sequence  # noqa: E402
 from workloads.dynamicnet import (  # noqa: E402
     DEFAULT_OUT,
@@ -191,6 +192,14 @@ def _parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="write the PNG (needs matplotlib, the `bench` extra)",
+    )
+    p.add_argument(
+        "--xla-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="start JAX's CPU runtime with N threads instead of one per core "
+        "(bench/_xla_threads.py); the peers keep every core",
     )
     p.add_argument(
         "--quiet", action="store_true", help="no progress bar (shown on a terminal)"
@@ -322,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """
     args = _parser().parse_args(argv)
     cfg = _config(args)
+    _xla_threads.start(args.xla_threads)
     device = dynamicnet._select_device(args.backend)
     peak_size = args.peak_size or (8192 if device.platform == "gpu" else 2048)
     name = args.name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")

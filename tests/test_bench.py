@@ -8,6 +8,8 @@ import importlib.util
 import io
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -421,3 +423,62 @@ def test_fit_overhead_trains_the_same_params_both_ways(tmp_path):
         assert r["ratio_to_bare"] > 0
     saved = json.loads((tmp_path / "fit-overhead.json").read_text())
     assert saved["rows"] == result["rows"] and saved["cores"] >= 1
+
+
+_XLA_THREADS_PROBE = """
+import collections, json, os, sys
+sys.path.insert(0, sys.argv[1])
+import _xla_threads
+record = _xla_threads.start(1)
+import jax.numpy as jnp
+(jnp.ones((256, 256)) @ jnp.ones((256, 256))).block_until_ready()
+tasks = os.listdir("/proc/self/task")
+names = collections.Counter(
+    open(f"/proc/self/task/{t}/comm").read().strip() for t in tasks
+)
+masks = {tuple(sorted(os.sched_getaffinity(int(t)))) for t in tasks}
+try:
+    _xla_threads.start(1)
+    again = None
+except SystemExit as err:
+    again = str(err)
+print(json.dumps({"record": record, "names": names, "masks": sorted(masks),
+                  "again": again, "cores": sorted(os.sched_getaffinity(0))}))
+"""
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs Linux and at least 2 cores",
+)
+def test_xla_threads_starts_the_cpu_runtime_with_one_thread():
+    """bench/_xla_threads.py (`--xla-threads 1`): XLA's CPU pool gets one thread,
+    while every thread of the process may still run on every core."""
+    probe = subprocess.run(
+        [sys.executable, "-c", _XLA_THREADS_PROBE, str(BENCH)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("XLA_")},
+    )
+    got = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert got["record"]["xla_cpu_threads"] == 1
+    pool = [n for n in got["names"] if "XLAEigen" in n]
+    if not pool:
+        pytest.skip(f"no XLA pool thread found by name in {sorted(got['names'])}")
+    assert sum(got["names"][n] for n in pool) == 1, got["names"]
+    assert got["masks"] == [got["cores"]]  # nothing left pinned
+    assert "already started" in got["again"]
+
+
+def test_xla_threads_rejects_a_count_it_cannot_give():
+    sys.path.insert(0, str(BENCH))
+    import _xla_threads  # noqa: PLC0415
+
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("needs os.sched_getaffinity")
+    cores = len(os.sched_getaffinity(0))
+    for bad in (0, cores + 1):
+        with pytest.raises(SystemExit, match=f"expected 1 to {cores}.*got {bad}"):
+            _xla_threads.start(bad)
+    assert _xla_threads.start(None)["xla_cpu_threads"] is None

@@ -73,6 +73,7 @@ BENCH = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BENCH))
 
 import _plain_jax  # noqa: E402
+import _xla_threads  # noqa: E402
 from _report import Progress  # noqa: E402
 from peers import protocol  # noqa: E402
 
@@ -708,6 +709,7 @@ def _environment(device: Any, torch_status: dict[str, Any]) -> dict[str, Any]:
             list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         ),
         "persistent_compilation_cache": jax.config.jax_compilation_cache_dir or None,
+        **_xla_threads.record(),
     }
 
 
