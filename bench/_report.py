@@ -227,13 +227,14 @@ def _rows(results: dict, max_depth: int) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _xla_threads_note(env: dict) -> str:
+def _xla_threads_note(env: dict, peers: bool) -> str:
     threads = env.get("xla_cpu_threads")
     if not threads:
         return ""
     return (
         f" JAX's CPU runtime ran {threads} thread(s) (`--xla-threads {threads}`, "
-        "bench/_xla_threads.py) instead of one per core; the peers had every core."
+        "bench/_xla_threads.py) instead of one per core"
+        + ("; the peers had every core." if peers else ".")
     )
 
 
@@ -424,7 +425,7 @@ def markdown(results: dict) -> str:
         f"optax {env['optax']}, numpy {env['numpy']}, {_framework_versions(env)}, "
         f"functorch_lite {env['functorch_lite']}. Peers marked * ran alone, each in "
         "its own fresh process, with their frameworks' default threads."
-        + _xla_threads_note(env),
+        + _xla_threads_note(env, bool(cfg.get("peers"))),
         "",
         f"Workload: DynamicNet N={cfg['n']}, D_in={cfg['d_in']}, H={cfg['d_hidden']}, "
         f"D_out={cfg['d_out']}, {cfg['loss']}, {cfg['optimizer']}; depth uniform in "

@@ -38,7 +38,8 @@ the padded positions are real.
     python bench/lstm_core.py [--lengths text|geometric] [--batch 32]
                               [--max-len 80] [--hidden 128] [--repeats 7]
                               [--block 20] [--peers torch-padded,torch-packed]
-                              [--profile N] [--out bench/results]
+                              [--profile N] [--xla-threads N]
+                              [--out bench/results]
 
 `--profile N` traces `block` steps of `core` with jax.profiler after the timed
 rounds and lists its N costliest XLA ops, in ms per step (also in the JSON).
@@ -172,14 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metavar="N",
         help="trace `core` with jax.profiler and list its N costliest XLA ops",
     )
-    p.add_argument(
-        "--xla-threads",
-        type=int,
-        default=None,
-        metavar="N",
-        help="start JAX's CPU runtime with N threads instead of one per core "
-        "(bench/_xla_threads.py); the peers keep every core",
-    )
+    _xla_threads.add_argument(p)
     args = p.parse_args(argv)
     _xla_threads.start(args.xla_threads)
     variants = [v for v in args.variants.split(",") if v]

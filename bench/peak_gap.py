@@ -36,8 +36,11 @@ step at each constant depth run under jax.profiler, and the XLA ops that take th
 most time per step are listed for both (see `_profile`): where the loop's cost over
 the straight-line program goes.
 
+With `--xla-threads N`, JAX's CPU runtime starts with N threads instead of one
+per core (bench/_xla_threads.py).
+
     python bench/peak_gap.py [--repeats 5] [--flags] [--interleaved 15]
-                             [--profile 0,1] [--out bench/results]
+                             [--profile 0,1] [--xla-threads 1] [--out bench/results]
 
 Prints a table and writes `<out>/peak-gap-<timestamp>.json`. Timings are medians
 of `--repeats`, with the spread; every figure is relative to the peak measured
@@ -489,14 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated depths: profile the specialized program and the "
         "fused step at each (the XLA ops that take the most time per step)",
     )
-    p.add_argument(
-        "--xla-threads",
-        type=int,
-        default=None,
-        metavar="N",
-        help="start JAX's CPU runtime with N threads instead of one per core "
-        "(bench/_xla_threads.py)",
-    )
+    _xla_threads.add_argument(p)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     if args.repeats < 1 or args.loop < 1:

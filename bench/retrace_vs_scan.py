@@ -29,6 +29,7 @@ Usage:
   python bench/retrace_vs_scan.py --workload dynamicnet --peers none
   python bench/retrace_vs_scan.py --out DIR --name NAME --backend cpu|gpu
   python bench/retrace_vs_scan.py --depths 3,8 --steps 10,100 --no-plot
+  python bench/retrace_vs_scan.py --xla-threads 1   # JAX's CPU runtime on one thread
   (tiny sizes for tests: --n 4 --d-in 8 --hidden 6 --d-out 3; see --help)
 
 Writes <out>/<name>.json (every figure, versions, device), <name>.md (summary with
@@ -193,14 +194,7 @@ def _parser() -> argparse.ArgumentParser:
         default=True,
         help="write the PNG (needs matplotlib, the `bench` extra)",
     )
-    p.add_argument(
-        "--xla-threads",
-        type=int,
-        default=None,
-        metavar="N",
-        help="start JAX's CPU runtime with N threads instead of one per core "
-        "(bench/_xla_threads.py); the peers keep every core",
-    )
+    _xla_threads.add_argument(p)
     p.add_argument(
         "--quiet", action="store_true", help="no progress bar (shown on a terminal)"
     )

@@ -426,17 +426,18 @@ def test_fit_overhead_trains_the_same_params_both_ways(tmp_path):
 
 
 _XLA_THREADS_PROBE = """
-import collections, json, os, sys
+import collections, contextlib, json, os, sys
 sys.path.insert(0, sys.argv[1])
 import _xla_threads
 record = _xla_threads.start(1)
 import jax.numpy as jnp
 (jnp.ones((256, 256)) @ jnp.ones((256, 256))).block_until_ready()
-tasks = os.listdir("/proc/self/task")
-names = collections.Counter(
-    open(f"/proc/self/task/{t}/comm").read().strip() for t in tasks
-)
-masks = {tuple(sorted(os.sched_getaffinity(int(t)))) for t in tasks}
+names, masks = collections.Counter(), set()
+for t in os.listdir("/proc/self/task"):
+    with contextlib.suppress(OSError):  # a thread that has ended meanwhile
+        name = open(f"/proc/self/task/{t}/comm").read().strip()
+        masks.add(tuple(sorted(os.sched_getaffinity(int(t)))))
+        names[name] += 1
 try:
     _xla_threads.start(1)
     again = None
@@ -448,7 +449,9 @@ print(json.dumps({"record": record, "names": names, "masks": sorted(masks),
 
 
 @pytest.mark.skipif(
-    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    not hasattr(os, "sched_setaffinity")
+    or not os.path.isdir("/proc/self/task")
+    or len(os.sched_getaffinity(0)) < 2,
     reason="needs Linux and at least 2 cores",
 )
 def test_xla_threads_starts_the_cpu_runtime_with_one_thread():
@@ -458,9 +461,10 @@ def test_xla_threads_starts_the_cpu_runtime_with_one_thread():
         [sys.executable, "-c", _XLA_THREADS_PROBE, str(BENCH)],
         capture_output=True,
         text=True,
-        check=True,
+        timeout=300,
         env={k: v for k, v in os.environ.items() if not k.startswith("XLA_")},
     )
+    assert probe.returncode == 0, probe.stderr[-2000:]
     got = json.loads(probe.stdout.strip().splitlines()[-1])
     assert got["record"]["xla_cpu_threads"] == 1
     pool = [n for n in got["names"] if "XLAEigen" in n]
@@ -471,14 +475,40 @@ def test_xla_threads_starts_the_cpu_runtime_with_one_thread():
     assert "already started" in got["again"]
 
 
-def test_xla_threads_rejects_a_count_it_cannot_give():
-    sys.path.insert(0, str(BENCH))
+def test_xla_threads_rejects_a_count_it_cannot_give(monkeypatch):
+    if not hasattr(os, "sched_getaffinity") or not os.path.isdir("/proc/self/task"):
+        pytest.skip("needs Linux")
+    monkeypatch.syspath_prepend(str(BENCH))
     import _xla_threads  # noqa: PLC0415
 
-    if not hasattr(os, "sched_getaffinity"):
-        pytest.skip("needs os.sched_getaffinity")
     cores = len(os.sched_getaffinity(0))
     for bad in (0, cores + 1):
         with pytest.raises(SystemExit, match=f"expected 1 to {cores}.*got {bad}"):
             _xla_threads.start(bad)
+    jax.devices()  # this process's JAX runs already, so it is too late
+    with pytest.raises(SystemExit, match="already started"):
+        _xla_threads.start(1)
     assert _xla_threads.start(None)["xla_cpu_threads"] is None
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity")
+    or not os.path.isdir("/proc/self/task")
+    or len(os.sched_getaffinity(0)) < 2,
+    reason="needs Linux and at least 2 cores",
+)
+def test_retrace_vs_scan_records_xla_threads(tmp_path):
+    """`--xla-threads 1` reaches the run's JSON and its markdown report."""
+    tiny = [a for a in TINY if a != ",".join(PEERS)]
+    tiny[tiny.index("--peers") + 1 : tiny.index("--peers") + 1] = ["none"]
+    cmd = [sys.executable, str(BENCH / "retrace_vs_scan.py"), *tiny, "--quiet"]
+    cmd += ["--strategies", "static", "--no-plot", "--xla-threads", "1"]
+    run = subprocess.run(
+        [*cmd, "--out", str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    env = json.loads((tmp_path / "tiny.json").read_text())["env"]
+    assert env["xla_cpu_threads"] == 1 and env["cpu_count"] >= 2
+    report = (tmp_path / "tiny.md").read_text()
+    assert "JAX's CPU runtime ran 1 thread(s) (`--xla-threads 1`" in report
+    assert "the peers had every core" not in report  # --peers none
