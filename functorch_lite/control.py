@@ -383,7 +383,7 @@ def _repeat_scan(body: Callable, carry: Any, n: jax.Array, max_n: int) -> Any:
     def step(c: Any, i: jax.Array) -> tuple[Any, None]:
         return lax.cond(i < n, lambda c_: body(i, c_), lambda c_: c_, c), None
 
-    carry, _ = lax.scan(step, carry, jnp.arange(max_n, dtype=jnp.int32))
+    carry, _ = lax.scan(step, carry, _step_indices(max_n))
     return carry
 
 
@@ -395,8 +395,18 @@ def _repeat_masked(body: Callable, carry: Any, n: jax.Array, max_n: int) -> Any:
         keep = i < n
         return jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, c), None
 
-    carry, _ = lax.scan(step, carry, jnp.arange(max_n, dtype=jnp.int32))
+    carry, _ = lax.scan(step, carry, _step_indices(max_n))
     return carry
+
+
+def _step_indices(max_n: int) -> np.ndarray:
+    """The step indices `0, ..., max_n - 1`, as a constant of the program.
+
+    `jnp.arange` would be an iota computed when the program runs; fed to
+    `lax.scan` as its per-step input, it made the whole DynamicNet step 1.29x
+    slower on one XLA thread (bench/RESULTS.md, "One XLA thread").
+    """
+    return np.arange(max_n, dtype=np.int32)
 
 
 def _check_cond_output(cond_fun: Callable, carry: Any, *, where: str) -> None:

@@ -182,3 +182,32 @@ def test_dynamic_mode_rejects_traced_n():
         TypeError, match=r"must be a concrete Python int in the dynamic path"
     ):
         f(2)
+
+
+@pytest.mark.parametrize("method", ["scan", "masked"])
+def test_scan_methods_index_steps_with_a_constant(method):
+    """The step indices fed to `lax.scan` are a constant of the program, not an
+    iota computed when it runs (which made the DynamicNet step 1.29x slower on
+    one XLA thread; bench/RESULTS.md)."""
+    w = jnp.eye(3)
+
+    def f(h, n):
+        return fl.control.repeat(
+            lambda c: jnp.tanh(c @ w), h, n, max_n=4, static_method=method
+        )
+
+    jaxpr = jax.make_jaxpr(jax.grad(lambda h, n: f(h, n).sum()))(jnp.ones(3), 2)
+
+    def primitives(jx):
+        for eqn in jx.eqns:
+            yield eqn.primitive.name
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, tuple | list) else [value]:
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        sub = sub.jaxpr
+                    if isinstance(sub, jax.extend.core.Jaxpr):
+                        yield from primitives(sub)
+
+    names = set(primitives(jaxpr.jaxpr))
+    assert "scan" in names
+    assert "iota" not in names, sorted(names)
