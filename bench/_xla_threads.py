@@ -12,7 +12,7 @@ gives the pool one thread too, but keeps the whole process on one core.
 Why a benchmark wants this: on the 2-core Intel Xeon of 2026-12-07, DynamicNet's
 small steps ran 9-27% faster on one XLA thread than on JAX's default two
 (bench/RESULTS.md, "One XLA thread"), while the LSTM core's native kernels,
-which split rows over XLA's threads, ran 1.45x slower.
+which split rows over XLA's threads, ran 1.38x slower.
 """
 
 from __future__ import annotations

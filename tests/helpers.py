@@ -129,3 +129,16 @@ def torch_dynamic_net(params: Any, dtype: Any = None) -> Any:
                 torch.from_numpy(np.array(params[name]["bias"], np.float64))
             )
     return model.to(dtype)
+
+
+def primitives(jaxpr: Any) -> set[str]:
+    """Every primitive name in `jaxpr`, sub-jaxprs (loops, conds, custom rules) too."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    names |= primitives(inner)
+    return names

@@ -425,6 +425,12 @@ def test_fit_overhead_trains_the_same_params_both_ways(tmp_path):
     assert saved["rows"] == result["rows"] and saved["cores"] >= 1
 
 
+_LINUX_2_CORES = pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity")
+    or not os.path.isdir("/proc/self/task")
+    or len(os.sched_getaffinity(0)) < 2,
+    reason="needs Linux and at least 2 cores",
+)
 _XLA_THREADS_PROBE = """
 import collections, contextlib, json, os, sys
 sys.path.insert(0, sys.argv[1])
@@ -448,12 +454,7 @@ print(json.dumps({"record": record, "names": names, "masks": sorted(masks),
 """
 
 
-@pytest.mark.skipif(
-    not hasattr(os, "sched_setaffinity")
-    or not os.path.isdir("/proc/self/task")
-    or len(os.sched_getaffinity(0)) < 2,
-    reason="needs Linux and at least 2 cores",
-)
+@_LINUX_2_CORES
 def test_xla_threads_starts_the_cpu_runtime_with_one_thread():
     """bench/_xla_threads.py (`--xla-threads 1`): XLA's CPU pool gets one thread,
     while every thread of the process may still run on every core."""
@@ -491,16 +492,11 @@ def test_xla_threads_rejects_a_count_it_cannot_give(monkeypatch):
     assert _xla_threads.start(None)["xla_cpu_threads"] is None
 
 
-@pytest.mark.skipif(
-    not hasattr(os, "sched_setaffinity")
-    or not os.path.isdir("/proc/self/task")
-    or len(os.sched_getaffinity(0)) < 2,
-    reason="needs Linux and at least 2 cores",
-)
+@_LINUX_2_CORES
 def test_retrace_vs_scan_records_xla_threads(tmp_path):
     """`--xla-threads 1` reaches the run's JSON and its markdown report."""
-    tiny = [a for a in TINY if a != ",".join(PEERS)]
-    tiny[tiny.index("--peers") + 1 : tiny.index("--peers") + 1] = ["none"]
+    tiny = list(TINY)
+    tiny[tiny.index("--peers") + 1] = "none"
     cmd = [sys.executable, str(BENCH / "retrace_vs_scan.py"), *tiny, "--quiet"]
     cmd += ["--strategies", "static", "--no-plot", "--xla-threads", "1"]
     run = subprocess.run(

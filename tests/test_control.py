@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tree_allclose
+from helpers import primitives, tree_allclose
 from jax.test_util import check_grads
 
 import functorch_lite as fl
@@ -198,16 +198,6 @@ def test_scan_methods_index_steps_with_a_constant(method):
 
     jaxpr = jax.make_jaxpr(jax.grad(lambda h, n: f(h, n).sum()))(jnp.ones(3), 2)
 
-    def primitives(jx):
-        for eqn in jx.eqns:
-            yield eqn.primitive.name
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, tuple | list) else [value]:
-                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                        sub = sub.jaxpr
-                    if isinstance(sub, jax.extend.core.Jaxpr):
-                        yield from primitives(sub)
-
-    names = set(primitives(jaxpr.jaxpr))
+    names = primitives(jaxpr.jaxpr)
     assert "scan" in names
     assert "iota" not in names, sorted(names)

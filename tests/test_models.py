@@ -10,6 +10,7 @@ import pytest
 from helpers import (
     dynamic_net_forward_np,
     dynamic_net_grads_np,
+    primitives,
     to_f64,
     tree_allclose,
 )
@@ -386,19 +387,6 @@ def test_two_layer_net_init_is_standard_normal(key):
     assert not np.isin(np.asarray(other["w1"]).ravel()[:1000], flat1).all()
 
 
-def _primitives(jaxpr):
-    """Every primitive name in `jaxpr`, sub-jaxprs (loops, conds, custom rules) too."""
-    names = set()
-    for eqn in jaxpr.eqns:
-        names.add(eqn.primitive.name)
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, tuple | list) else (value,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    names |= _primitives(inner)
-    return names
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_static_method_selects_the_loop(key, method, monkeypatch):
     """`DynamicNet(static_method=m)` really runs `m`'s loop: the three compute
@@ -410,7 +398,7 @@ def test_static_method_selects_the_loop(key, method, monkeypatch):
     params = net.init(key)
     x, _ = _data(key)
     jaxpr = jax.make_jaxpr(lambda p, x, d: net.apply(p, x, d))(params, x, 2).jaxpr
-    prims = _primitives(jaxpr)
+    prims = primitives(jaxpr)
     expected = {
         # A while loop of exactly `depth` iterations, no scan.
         "bounded": ({"while"}, {"scan", "cond"}),
