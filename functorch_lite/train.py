@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from functorch_lite import _checks, checkpoint
 from functorch_lite._checks import check_bool, check_int
@@ -79,6 +80,7 @@ def make_step(
     skip_unused: bool | Callable[..., Any] = False,
     guard: bool = False,
     has_aux: bool = False,
+    specialize: Mapping[str, int] | None = None,
 ) -> Compiled:
     """Build one compiled optimizer step from a loss and an optax optimizer.
 
@@ -123,6 +125,9 @@ def make_step(
         Costs one pass over the gradients and the state per step.
       has_aux: `loss_fn` returns `(loss, aux)` (metrics, say); the step then
         returns `(params, opt_state, loss, aux)`.
+      specialize: `{name: count}`: the int argument `name` takes the values
+        `0..count-1`, and the one compile holds a branch for each, traced with
+        the Python int as the dynamic path would (see `make_fused_step`).
 
     Optimizers that need extra arguments (`optax.GradientTransformationExtraArgs`:
     `optax.contrib.reduce_on_plateau`, `optax.lbfgs`) get `value=loss`,
@@ -173,6 +178,9 @@ def make_step(
             "make_step: `skip_unused` must be a bool or a callable returning a tree "
             f"of bools; got {skip_unused!r}."
         )
+    branch_on = _check_specialize(
+        specialize, loss_params, static_argnames, where="make_step"
+    )
     step = _optimizer_update(
         loss_fn,
         optimizer,
@@ -180,6 +188,7 @@ def make_step(
         skip_unused=skip_unused,
         guard=guard,
         has_aux=has_aux,
+        specialize=branch_on,
     )
     step.__signature__ = _step_signature(loss_sig, loss_params)  # type: ignore[attr-defined]
     step.__name__ = "step"
@@ -267,32 +276,109 @@ def _optimizer_update(
     skip_unused: bool | Callable[..., Any] = False,
     guard: bool = False,
     has_aux: bool = False,
+    specialize: tuple[str, int, int] | None = None,
 ) -> Callable[..., tuple]:
-    """The body shared by `make_step`, `make_fused_step` and `make_update`."""
+    """The body shared by `make_step`, `make_fused_step` and `make_update`.
+
+    `specialize=(name, count, position)`: the argument `name` (passed by name,
+    or at `position` in `batch`) is an int scalar in `range(count)`; the loss
+    and its gradient are traced once per value, with the Python int, and
+    `lax.switch` picks the branch (the optimizer update stays outside the
+    switch, so the branches only read the params).
+    """
     extra_args = isinstance(optimizer, optax.GradientTransformationExtraArgs)
 
     def update(params: Any, opt_state: Any, *batch: Any, **kwargs: Any) -> tuple:
         _check_opt_state(optimizer, params, opt_state, where)
+        if specialize is None:
+            loss, grads, aux = loss_and_grads(params, batch, kwargs)
+            return finish(params, opt_state, loss, grads, aux, batch, kwargs)
+        name, count, position = specialize
+        if name in kwargs:
+            kwargs = dict(kwargs)
+            index = kwargs.pop(name)
 
-        def value(p: Any) -> Any:
-            out = loss_fn(p, *batch, **kwargs)
-            if has_aux:
-                if not isinstance(out, tuple | list) or len(out) != 2:
-                    raise TypeError(
-                        f"{where}: with has_aux=True, `loss_fn` must return a pair "
-                        f"(loss, aux); got {type(out).__name__}."
-                    )
-                return out[0], out[1]
-            if isinstance(out, tuple | list):
+            def at(k: int, b: tuple, kw: dict) -> tuple:
+                return b, {**kw, name: k}
+        else:
+            index, batch = batch[position], batch[:position] + batch[position + 1 :]
+
+            def at(k: int, b: tuple, kw: dict) -> tuple:
+                return (*b[:position], k, *b[position:]), kw
+
+        if jnp.ndim(index) != 0 or not jnp.issubdtype(
+            jnp.result_type(index), jnp.integer
+        ):
+            raise TypeError(
+                f"{where}: `{name}`, named in `specialize`, must be an int scalar; "
+                f"got {jnp.result_type(index)}{list(jnp.shape(index))}."
+            )
+        index = _checks.check_traced_range(
+            index,
+            0,
+            count - 1,
+            where=where,
+            name=name,
+            fix=f"It picks one of the {count} branches of `specialize`.",
+        )
+
+        def grad_at(k: int) -> Callable:
+            return lambda p, b, kw: loss_and_grads(p, *at(k, b, kw))
+
+        def value_at(k: int) -> Callable:
+            return lambda p, b, kw: value(p, *at(k, b, kw))[0]
+
+        branches = [grad_at(k) for k in range(count)]
+        loss, grads, aux = lax.switch(index, branches, params, batch, kwargs)
+
+        def value_fn(p: Any) -> Any:
+            fns = [value_at(k) for k in range(count)]
+            return lax.switch(index, fns, p, batch, kwargs)
+
+        def read_by_branch(_: Any, params: Any) -> Any:
+            # `skip_unused=True`: the leaves the chosen branch reads.
+            read = [
+                _leaves_read(lambda p, k=k: value_at(k)(p, batch, kwargs), params)
+                for k in range(count)
+            ]
+            return jax.tree.map(lambda *r: jnp.asarray(r)[index], *read)
+
+        # `skip_unused`'s callable sees the arguments as passed.
+        full_batch, full_kwargs = at(index, batch, kwargs)
+        return finish(
+            params,
+            opt_state,
+            loss,
+            grads,
+            aux,
+            full_batch,
+            full_kwargs,
+            value_fn,
+            read_by_branch,
+        )
+
+    def value(p: Any, batch: tuple, kwargs: dict) -> Any:
+        out = loss_fn(p, *batch, **kwargs)
+        if has_aux:
+            if not isinstance(out, tuple | list) or len(out) != 2:
                 raise TypeError(
-                    f"{where}: `loss_fn` returned a {type(out).__name__} of "
-                    f"{len(out)} items; it must return a float scalar. If it "
-                    "returns (loss, metrics), pass has_aux=True: the step then "
-                    "returns the metrics too."
+                    f"{where}: with has_aux=True, `loss_fn` must return a pair "
+                    f"(loss, aux); got {type(out).__name__}."
                 )
-            return out, None
+            return out[0], out[1]
+        if isinstance(out, tuple | list):
+            raise TypeError(
+                f"{where}: `loss_fn` returned a {type(out).__name__} of "
+                f"{len(out)} items; it must return a float scalar. If it "
+                "returns (loss, metrics), pass has_aux=True: the step then "
+                "returns the metrics too."
+            )
+        return out, None
 
-        loss, pullback, aux = jax.vjp(value, params, has_aux=True)
+    def loss_and_grads(params: Any, batch: tuple, kwargs: dict) -> tuple:
+        loss, pullback, aux = jax.vjp(
+            lambda p: value(p, batch, kwargs), params, has_aux=True
+        )
         if jnp.shape(loss) != () or not jnp.issubdtype(
             jnp.result_type(loss), jnp.floating
         ):
@@ -302,6 +388,21 @@ def _optimizer_update(
                 "`.sum()` or `.mean()`."
             )
         (grads,) = pullback(jnp.ones_like(loss))
+        return loss, grads, aux
+
+    def finish(
+        params: Any,
+        opt_state: Any,
+        loss: Any,
+        grads: Any,
+        aux: Any,
+        batch: tuple,
+        kwargs: dict,
+        value_fn: Callable | None = None,
+        read_by: Callable[[Callable, Any], Any] = _leaves_read,
+    ) -> tuple:
+        if value_fn is None:
+            value_fn = lambda p: value(p, batch, kwargs)[0]  # noqa: E731
         if extra_args:
             # reduce_on_plateau reads `value`; lbfgs reads `value`, `grad` and
             # `value_fn`; every other transformation ignores them.
@@ -311,14 +412,14 @@ def _optimizer_update(
                 params,
                 value=loss,
                 grad=grads,
-                value_fn=lambda p: value(p)[0],
+                value_fn=value_fn,
             )
         else:
             updates, new_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         if skip_unused is not False:
             if skip_unused is True:
-                used = _leaves_read(lambda p: value(p)[0], params)
+                used = read_by(value_fn, params)
             else:
                 used = _broadcast_used(skip_unused(params, *batch, **kwargs), params)
             new_params = _keep_unused(used, new_params, params)
@@ -402,6 +503,7 @@ def make_fused_step(
     optimizer: optax.GradientTransformation,
     *,
     shared_argnames: Sequence[str] = (),
+    specialize: Mapping[str, int] | None = None,
     donate: bool = True,
     max_traces: int | None = None,
 ) -> Compiled:
@@ -419,10 +521,26 @@ def make_fused_step(
     static path only (a depth that changes per step cannot be a static
     argument).
 
+    `specialize={"depth": 4}` compiles the dynamic path's programs into the
+    one call instead: `loss_fn` is traced once for each value `0..3` of the
+    per-step int argument `depth`, which it receives as a Python int, and
+    `lax.switch` runs the branch of each step's value (the optimizer update
+    stays outside the switch). Write `loss_fn` as for the dynamic path (for
+    `DynamicNet`, `mode="dynamic"`), so that each branch is a straight-line
+    program with no loop. Still one compile, now of `count` branches: worth it
+    when the values are few. On XLA's CPU runtime with its default threads a
+    loop in the step costs a fixed 8-13% over the straight-line program, and
+    the specialized branches do not pay it (bench/RESULTS.md). A value outside
+    `range(count)` raises `ValueError` before the call (under your own
+    `jax.jit`, when the program runs); with `FUNCTORCH_LITE_CHECKS=0` it is
+    clamped into range, as `lax.switch` does.
+
     Args:
       loss_fn: `loss_fn(params, *batch) -> scalar loss`, as for `make_step`.
       optimizer: any `optax.GradientTransformation`.
       shared_argnames: `loss_fn` arguments without the steps axis.
+      specialize: `{name: count}`, one per-step int argument of `loss_fn` and
+        how many values it takes (`0..count-1`); None (default): none.
       donate: donate `params` and `opt_state` (see `make_step`).
       max_traces: raise `RuntimeError` if the call would trace more often.
 
@@ -442,6 +560,18 @@ def make_fused_step(
       >>> params, opt_state, losses = fused(
       ...     params, opt_state, jnp.ones((3, 4)), jnp.zeros((3, 2)), depths)
       >>> losses.shape, fused.stats.compiles
+      ((4,), 1)
+
+      Specialized branches, one per depth, in the same single compile:
+
+      >>> def loss_unrolled(params, x, y, depth):
+      ...     y_hat = net.apply(params, x, depth, mode="dynamic")
+      ...     return fl.nn.mse_loss(y_hat, y)
+      >>> fast = fl.train.make_fused_step(
+      ...     loss_unrolled, opt, shared_argnames=("x", "y"), specialize={"depth": 4})
+      >>> _, _, losses = fast(params, opt_state, jnp.ones((3, 4)), jnp.zeros((3, 2)),
+      ...                     depths)
+      >>> losses.shape, fast.stats.compiles
       ((4,), 1)
     """
     loss_sig, loss_params = _check_loss_fn(loss_fn, optimizer, "make_fused_step")
@@ -463,7 +593,12 @@ def make_fused_step(
             f"make_fused_step: `shared_argnames` names {unknown}, which `loss_fn` "
             f"does not take by name; its arguments after `params` are {names}."
         )
-    update = _optimizer_update(loss_fn, optimizer, where="make_fused_step")
+    branch_on = _check_specialize(
+        specialize, loss_params, shared_argnames, where="make_fused_step"
+    )
+    update = _optimizer_update(
+        loss_fn, optimizer, where="make_fused_step", specialize=branch_on
+    )
     shared = frozenset(shared_argnames)
 
     def fused(params: Any, opt_state: Any, *batch: Any, **kwargs: Any) -> tuple:
@@ -484,6 +619,9 @@ def make_fused_step(
                 f"steps axis; got leading lengths {lengths} (None: a scalar). Stack "
                 "them, or name fixed arguments in `shared_argnames`."
             )
+
+        if branch_on is not None:
+            _check_branch_values(stacked[branch_on[0]], branch_on[0])
 
         def body(carry: tuple, per_step: dict) -> tuple:
             p, s = carry
@@ -506,6 +644,48 @@ def make_fused_step(
     # Data parallelism reads this to shard per-step arguments on axis 1.
     compiled.shared_argnames = tuple(shared_argnames)  # type: ignore[attr-defined]
     return compiled
+
+
+def _check_specialize(
+    specialize: Any, loss_params: list, excluded: Sequence[str], *, where: str
+) -> tuple[str, int, int] | None:
+    """`specialize` as `(name, count, position after params)`, or None.
+
+    `excluded`: argument names that cannot be specialized (shared or static).
+    """
+    if specialize is None:
+        return None
+    kind = "a per-step argument" if where == "make_fused_step" else "an argument"
+    if not isinstance(specialize, Mapping) or len(specialize) != 1:
+        raise TypeError(
+            f"{where}: `specialize` must be a dict of one argument name and its "
+            f"number of values, like {{'depth': 4}}; got {specialize!r}."
+        )
+    ((name, count),) = specialize.items()
+    named = []
+    for p in loss_params[1:]:
+        if p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            break  # after *args, positions are unknown
+        named.append(p.name)
+    allowed = [n for n in named if n not in excluded]
+    if name not in allowed:
+        raise ValueError(
+            f"{where}: `specialize` names {name!r}, which is not {kind} of "
+            f"`loss_fn` that can be specialized; those are {allowed}."
+        )
+    check_int(count, where=where, name=f"specialize[{name!r}]", minimum=1)
+    return name, int(count), named.index(name)
+
+
+def _check_branch_values(values: Any, name: str) -> None:
+    """The `specialize` argument must be an int array of shape `(K,)`."""
+    dtype = jnp.result_type(values)
+    if jnp.ndim(values) != 1 or not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(
+            f"make_fused_step: `{name}`, named in `specialize`, must be an int "
+            f"array of shape (K,), one value per step; got {dtype}"
+            f"{list(jnp.shape(values))}."
+        )
 
 
 def _progress_bar(enabled: bool, total: int | None, done: int) -> Any:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import Terminal, tree_allclose
+from helpers import Terminal, primitives, tree_allclose
 
 import functorch_lite as fl
 
@@ -192,6 +192,186 @@ def test_fused_equals_separate_steps(key):
     assert fused.stats.compiles == 1
     fused(fp, fs, x, y, depths[::-1])
     assert fused.stats.compiles == 1
+
+
+def test_fused_specialize_equals_the_loop_and_the_dynamic_steps(key):
+    """`specialize`: one branch per depth; the same training as the bounded
+    loop's fused step and as the dynamic path's steps, at every depth."""
+    net, params, x, y = _problem(key, (16, 12, 8, 4))
+    opt = optax.sgd(1e-3, momentum=0.9)
+    fast = fl.train.make_fused_step(
+        _loss_fn(net, "dynamic"),
+        opt,
+        shared_argnames=("x", "y"),
+        specialize={"depth": 4},
+        donate=False,
+    )
+    loop = fl.train.make_fused_step(
+        _loss_fn(net, "static"), opt, shared_argnames=("x", "y"), donate=False
+    )
+    dynamic = _make(net, "dynamic", opt)
+    mixed = jnp.array([0, 3, 1, 2, 2, 0, 3, 3, 1, 0], jnp.int32)
+    for depths in [mixed, *(jnp.full(10, d, jnp.int32) for d in range(4))]:
+        p, s = _copy(params), opt.init(params)
+        ref_losses = []
+        for d in depths.tolist():
+            p, s, loss = dynamic(p, s, x, y, d)
+            ref_losses.append(float(loss))
+        fp, fs, losses = fast(params, opt.init(params), x, y, depths)
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+        tree_allclose(fp, p, rtol=1e-5)
+        tree_allclose(fs, s, rtol=1e-5)
+        lp, ls, loop_losses = loop(params, opt.init(params), x, y, depths)
+        np.testing.assert_allclose(losses, loop_losses, rtol=1e-5)
+        tree_allclose(fp, lp, rtol=1e-5)
+    assert fast.stats.compiles == 1 and fast.stats.traces == 1
+
+
+def test_fused_specialize_traces_straight_line_branches(key):
+    """The step's program switches over four branches, none with a loop."""
+    net, params, x, y = _problem(key, (4, 3, 5, 2))
+    opt = optax.sgd(1e-3)
+    fast = fl.train.make_fused_step(
+        _loss_fn(net, "dynamic"),
+        opt,
+        shared_argnames=("x", "y"),
+        specialize={"depth": 4},
+    )
+    depths = jnp.array([1, 3], jnp.int32)
+    jaxpr = jax.make_jaxpr(fast)(params, opt.init(params), x, y, depths).jaxpr
+
+    def conds(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "cond":
+                yield eqn
+            for value in eqn.params.values():
+                inner = getattr(value, "jaxpr", value)
+                if hasattr(inner, "eqns"):
+                    yield from conds(inner)
+
+    # One switch; the traced range check adds no cond of its own.
+    (switch,) = [e for e in conds(jaxpr) if len(e.params["branches"]) == 4]
+    branches = switch.params["branches"]
+    assert len(branches) == 4
+    assert all("while" not in primitives(b.jaxpr) for b in branches)
+    # The optimizer update is outside the switch: the branches return the loss
+    # and one gradient per param leaf, nothing else.
+    assert len(switch.outvars) == 1 + len(jax.tree.leaves(params))
+
+
+def test_fused_specialize_with_an_optimizer_that_reads_the_loss(key):
+    """Optimizers given `value_fn` (L-BFGS's line search) call the same branch."""
+    net, params, x, y = _problem(key, (8, 6, 5, 3))
+    opt = optax.lbfgs()
+    depths = jnp.array([2, 0, 3], jnp.int32)
+    fast = fl.train.make_fused_step(
+        _loss_fn(net, "dynamic"),
+        opt,
+        shared_argnames=("x", "y"),
+        specialize={"depth": 4},
+        donate=False,
+    )
+    loop = fl.train.make_fused_step(
+        _loss_fn(net, "static"), opt, shared_argnames=("x", "y"), donate=False
+    )
+    fp, _, losses = fast(params, opt.init(params), x, y, depths)
+    lp, _, loop_losses = loop(params, opt.init(params), x, y, depths)
+    np.testing.assert_allclose(losses, loop_losses, rtol=1e-4)
+    tree_allclose(fp, lp, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("by_name", [False, True])
+def test_step_specialize_equals_the_dynamic_path_per_call(key, by_name):
+    """`make_step(..., specialize=...)`: one compile, each call the dynamic
+    path's program for its depth: same losses, params and state."""
+    net, params, x, y = _problem(key, (16, 12, 8, 4))
+    opt = optax.sgd(1e-3, momentum=0.9)
+    fast = fl.train.make_step(
+        _loss_fn(net, "dynamic"), opt, specialize={"depth": 4}, donate=False
+    )
+    dynamic = _make(net, "dynamic", opt, donate=False)
+    p, s = _copy(params), opt.init(params)
+    fp, fs = _copy(params), opt.init(params)
+    for d in [0, 3, 1, 2, 2, 0, 3]:
+        p, s, loss = dynamic(p, s, x, y, d)
+        if by_name:
+            fp, fs, fast_loss = fast(fp, fs, x, y, depth=jnp.int32(d))
+        else:
+            fp, fs, fast_loss = fast(fp, fs, x, y, d)
+        np.testing.assert_allclose(fast_loss, loss, rtol=1e-5)
+    tree_allclose(fp, p, rtol=1e-5)
+    tree_allclose(fs, s, rtol=1e-5)
+    assert fast.stats.compiles == 1
+
+
+def test_step_specialize_skips_the_leaves_its_branch_leaves_unused(key):
+    """`skip_unused=True` under `specialize` skips what the chosen depth's branch
+    does not read, as it does on the dynamic path."""
+    net, params, x, y = _problem(key, (8, 6, 5, 3))
+    opt = optax.sgd(1e-2, momentum=0.9)
+    fast = fl.train.make_step(
+        _loss_fn(net, "dynamic"),
+        opt,
+        specialize={"depth": 4},
+        skip_unused=True,
+        donate=False,
+    )
+    dynamic = _make(net, "dynamic", opt, skip_unused=True, donate=False)
+    p, s = _copy(params), opt.init(params)
+    fp, fs = _copy(params), opt.init(params)
+    for d in [2, 0, 0, 3]:
+        p, s, _ = dynamic(p, s, x, y, d)
+        fp, fs, _ = fast(fp, fs, x, y, d)
+        tree_allclose(fp, p, rtol=1e-5)
+        tree_allclose(fs, s, rtol=1e-5)
+    # At depth 0 the middle layer is not read: its weights and momentum hold.
+    before = _copy(fp)
+    fp, _, _ = fast(fp, fs, x, y, 0)
+    tree_allclose(fp["middle_linear"], before["middle_linear"], rtol=0, atol=0)
+    assert not np.allclose(
+        fp["input_linear"]["weight"], before["input_linear"]["weight"]
+    )
+
+
+def test_fused_specialize_bad_input(key):
+    net, params, x, y = _problem(key, (4, 3, 5, 2))
+    opt = optax.sgd(1e-3)
+    loss_fn = _loss_fn(net, "dynamic")
+
+    def make(spec):
+        return fl.train.make_fused_step(
+            loss_fn, opt, shared_argnames=("x", "y"), specialize=spec, donate=False
+        )
+
+    with pytest.raises(ValueError, match=r"make_fused_step: `specialize` names 'x'"):
+        make({"x": 2})
+    with pytest.raises(ValueError, match=r"specialize\['depth'\]` must be a positive"):
+        make({"depth": 0})
+    with pytest.raises(TypeError, match=r"`specialize` must be a dict of one"):
+        make({"depth": 4, "y": 2})
+    fast = make({"depth": 4})
+    state = opt.init(params)
+    for bad, got in [([0, 4], "got 4 at step 1"), ([-1, 2], "got -1 at step 0")]:
+        with pytest.raises(ValueError, match=rf"`depth` must be in \[0, 3\]; {got}"):
+            fast(params, state, x, y, jnp.array(bad, jnp.int32))
+    with pytest.raises(TypeError, match=r"`depth`, named in `specialize`, must be an"):
+        fast(params, state, x, y, jnp.array([0.0, 1.0]))
+    with pytest.raises(Exception, match=r"make_fused_step: every `depth` must be in"):
+        jax.block_until_ready(
+            jax.jit(fast)(params, state, x, y, jnp.array([0, 7], jnp.int32))
+        )
+
+    step = fl.train.make_step(loss_fn, opt, specialize={"depth": 4}, donate=False)
+    with pytest.raises(
+        ValueError, match=r"make_step: `depth` must be in \[0, 3\]; got 5"
+    ):
+        step(params, state, x, y, 5)
+    with pytest.raises(TypeError, match=r"make_step: `depth`, named in `specialize`"):
+        step(params, state, x, y, 1.0)
+    with pytest.raises(ValueError, match=r"make_step: `specialize` names 'depth'"):
+        fl.train.make_step(
+            loss_fn, opt, static_argnames=("depth",), specialize={"depth": 4}
+        )
 
 
 @pytest.mark.parametrize("donate", [True, False])
