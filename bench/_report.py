@@ -24,7 +24,15 @@ __all__ = [
     "table",
 ]
 
-STATIC_NAMES = ("static", "static-scan", "static-masked", "fused", "plain-jax")
+STATIC_NAMES = (
+    "static",
+    "static-specialized",
+    "static-scan",
+    "static-masked",
+    "fused",
+    "fused-specialized",
+    "plain-jax",
+)
 COLORS = {
     "dynamic": "#d62728",
     "dynamic-nocache": "#ff9896",
@@ -32,6 +40,8 @@ COLORS = {
     "static-masked": "#9edae5",
     "static": "#2ca02c",
     "fused": "#17becf",
+    "fused-specialized": "#bcbd22",
+    "static-specialized": "#98df8a",
     "torch-eager": "#ff7f0e",
     "torch-eager-inprocess": "#ffbb78",
     "torch-compile": "#8c564b",
@@ -325,7 +335,13 @@ def findings(results: dict) -> list[str]:
         others = []
         if dyn:
             t_dyn = dyn["steady_seconds"]["median"]
-            for name in ("static-scan", "static-masked", "fused"):
+            for name in (
+                "static-specialized",
+                "static-scan",
+                "static-masked",
+                "fused",
+                "fused-specialized",
+            ):
                 c = _ok(results, name, d)
                 if c:
                     others.append(

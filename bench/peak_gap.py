@@ -25,8 +25,11 @@ processes under each XLA CPU option that routes matmuls to another library
 
 With `--interleaved ROUNDS`, the specialized programs, the fused step (also with
 `static_method="scan"`, and with the loop's reverse pass recomputing each step
-rather than storing its residuals, as it did before 2026-12-07's sixth session)
-and a `lax.switch` over the specialized steps are timed
+rather than storing its residuals, as it did before 2026-12-07's sixth session),
+a `lax.switch` over the specialized steps, and a hand-written plain-JAX bounded loop
+(`_minimal_loop`: two `lax.while_loop`s and a `jax.custom_vjp`, nothing else), and a
+`lax.switch` over the specialized gradients (no loop), and the library's
+`make_fused_step(..., specialize=...)`, which builds that switch, are timed
 in turn, round after round, and the ratio to the specialized programs is taken
 within each round (see `_interleaved`): on a shared machine whose speed drifts,
 this is what settles a 5% target.
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
 import os
 import statistics
@@ -258,6 +262,78 @@ def _plain_step(depth: int, opt: optax.GradientTransformation) -> Callable:
     return step
 
 
+@jax.custom_vjp
+def _minimal_loop(h: jax.Array, w: jax.Array, b: jax.Array, n: jax.Array) -> jax.Array:
+    """`n` (traced, at most 3) layers `h = relu(h @ w + b)`: the least a bounded
+    loop with its own reverse pass does, written by hand in plain JAX."""
+    return _minimal_fwd(h, w, b, n)[0]
+
+
+def _minimal_fwd(h, w, b, n):
+    def body(state):
+        i, h, inputs, masks = state
+        z = h @ w + b[None, :]
+        inputs = lax.dynamic_update_index_in_dim(inputs, h, i, 0)
+        masks = lax.dynamic_update_index_in_dim(masks, z > 0, i, 0)
+        return i + 1, jax.nn.relu(z), inputs, masks
+
+    bufs = (jnp.zeros((3, *h.shape), h.dtype), jnp.zeros((3, *h.shape), bool))
+    _, h, inputs, masks = lax.while_loop(
+        lambda s: s[0] < n, body, (jnp.int32(0), h, *bufs)
+    )
+    return h, (inputs, masks, w, n)
+
+
+def _minimal_bwd(res, g):
+    inputs, masks, w, n = res
+
+    def body(state):
+        i, g, dw, db = state
+        j = n - 1 - i
+        h = lax.dynamic_index_in_dim(inputs, j, 0, keepdims=False)
+        gz = jnp.where(lax.dynamic_index_in_dim(masks, j, 0, keepdims=False), g, 0)
+        return i + 1, gz @ w.T, dw + h.T @ gz, db + gz.sum(0)
+
+    init = (jnp.int32(0), g, jnp.zeros_like(w), jnp.zeros(w.shape[1], w.dtype))
+    _, g, dw, db = lax.while_loop(lambda s: s[0] < n, body, init)
+    return g, dw, db, None
+
+
+_minimal_loop.defvjp(_minimal_fwd, _minimal_bwd)
+
+
+def minimal_loss(p: Any, x: jax.Array, y: jax.Array, depth: jax.Array) -> jax.Array:
+    """The reference loss in plain JAX with the middle layers in `_minimal_loop`."""
+
+    def linear(layer, h):
+        return h @ p[layer]["weight"] + p[layer]["bias"][None, :]
+
+    h = jax.nn.relu(linear("input_linear", x))
+    mid = p["middle_linear"]
+    h = _minimal_loop(h, mid["weight"], mid["bias"], depth)
+    return jnp.sum((linear("output_linear", h) - y) ** 2)
+
+
+def _minimal_call(depths: np.ndarray) -> Callable[[], Any]:
+    """Plain JAX, one program for every depth: each step `minimal_loss`'s
+    gradient and the optimizer update, the depths fed as an array."""
+    x, y, params = _data()
+    opt = optax.sgd(LR, momentum=MOMENTUM)
+
+    @jax.jit
+    def train(p, s, x, y, ds):
+        def body(carry, d):
+            p, s = carry
+            value, grads = jax.value_and_grad(minimal_loss)(p, x, y, d)
+            updates, s = opt.update(grads, s, p)
+            return (optax.apply_updates(p, updates), s), value
+
+        return lax.scan(body, (p, s), ds)
+
+    state, d = opt.init(params), jnp.asarray(depths)
+    return lambda: train(params, state, x, y, d)
+
+
 def _unrolled_call(depth: int, loop: int) -> Callable[[], Any]:
     """Plain JAX: `loop` steps at a fixed, unrolled depth in one `lax.scan`."""
     x, y, params = _data()
@@ -299,24 +375,59 @@ def _switch_call(depths: np.ndarray) -> Callable[[], Any]:
     return lambda: train(params, state, x, y, d)
 
 
+def _grad_switch_call(depths: np.ndarray) -> Callable[[], Any]:
+    """Plain JAX, one program for every depth and no loop: each step a
+    `lax.switch` over the four specialized gradients (the depth unrolled in
+    each branch), then one optimizer update outside the switch."""
+    x, y, params = _data()
+    opt = optax.sgd(LR, momentum=MOMENTUM)
+    branches = [
+        functools.partial(jax.value_and_grad(plain_loss), depth=d) for d in range(4)
+    ]
+
+    @jax.jit
+    def train(p, s, x, y, ds):
+        def body(carry, d):
+            p, s = carry
+            value, grads = lax.switch(d, branches, p, x, y)
+            updates, s = opt.update(grads, s, p)
+            return (optax.apply_updates(p, updates), s), value
+
+        return lax.scan(body, (p, s), ds)
+
+    state, d = opt.init(params), jnp.asarray(depths)
+    return lambda: train(params, state, x, y, d)
+
+
 def _fused_call(
-    depths: np.ndarray, static_method: str = "bounded", residuals: bool = True
+    depths: np.ndarray,
+    static_method: str = "bounded",
+    residuals: bool = True,
+    specialize: bool = False,
 ) -> Callable[[], Any]:
     """The library: one `make_fused_step` call over all `depths`, fed as an array.
 
     `residuals=False` traces the loop's reverse pass as it was before it
     stored each step's residuals: storing carries and recomputing each middle
-    layer's forward (`functorch_lite/_loop.py`).
+    layer's forward (`functorch_lite/_loop.py`). `specialize=True`: no loop,
+    `make_fused_step(..., specialize={"depth": 4})` over the dynamic path's
+    straight-line programs.
     """
     x, y, params = _data()
     net = fl.models.DynamicNet(D_IN, H, D_OUT, static_method=static_method)
     opt = optax.sgd(LR, momentum=MOMENTUM)
 
+    mode = "dynamic" if specialize else "static"
+
     def loss_fn(params, x, y, depth):
-        return fl.nn.mse_loss(net.apply(params, x, depth), y)
+        return fl.nn.mse_loss(net.apply(params, x, depth, mode=mode), y)
 
     fused = fl.train.make_fused_step(
-        loss_fn, opt, shared_argnames=("x", "y"), donate=False
+        loss_fn,
+        opt,
+        shared_argnames=("x", "y"),
+        donate=False,
+        specialize={"depth": 4} if specialize else None,
     )
     state = opt.init(params)
     d = jnp.asarray(depths)
@@ -373,11 +484,15 @@ def _interleaved(depths: np.ndarray, rounds: int) -> dict[str, Any]:
     `static_method="scan"`, whose reverse pass is JAX's own and stores the
     body's residuals through `lax.cond`, and `fused-recompute`: the fused
     step whose loop stores carries and recomputes each step in its reverse
-    pass) to the specialized programs weighted by the depths' frequencies in
-    that same round; drift between
-    rounds cancels. Also `fused` at each constant depth (`fused@d`), against
-    `unrolled@d`: what a step of the library's loop costs beyond the
-    straight-line program.
+    pass, and `minimal-loop`: plain JAX whose middle layers run in the least
+    bounded loop with its own reverse pass, written by hand, `_minimal_loop`;
+    `grad-switch`: no loop, a `lax.switch` over the specialized gradients;
+    and `fused-specialized`: the library's `make_fused_step(...,
+    specialize={"depth": 4})`, which builds that switch) to the specialized
+    programs weighted by the depths' frequencies in that same round; drift between
+    rounds cancels. Also `fused` and `minimal-loop` at each constant depth
+    (`fused@d`, `minimal-loop@d`), against `unrolled@d`: what a step of the
+    library's loop, and of any such loop, costs beyond the straight-line program.
     """
     loop = len(depths)
     freq = np.bincount(depths, minlength=4) / loop
@@ -388,14 +503,28 @@ def _interleaved(depths: np.ndarray, rounds: int) -> dict[str, Any]:
     calls["switch"] = _switch_call(depths)
     calls["fused-scan"] = _fused_call(depths, "scan")
     calls["fused-recompute"] = _fused_call(depths, residuals=False)
+    calls["minimal-loop"] = _minimal_call(depths)
+    calls["grad-switch"] = _grad_switch_call(depths)
+    calls["fused-specialized"] = _fused_call(depths, specialize=True)
     for d in range(4):
         calls[f"fused@{d}"] = _fused_call(np.full(loop, d, np.int32))
+    for d in range(4):
+        calls[f"minimal-loop@{d}"] = _minimal_call(np.full(loop, d, np.int32))
     for call in calls.values():
         jax.block_until_ready(call())
     names = list(calls)
     times: dict[str, list[float]] = {n: [] for n in names}
     ratios: dict[str, list[float]] = {
-        n: [] for n in ("fused", "switch", "fused-scan", "fused-recompute")
+        n: []
+        for n in (
+            "fused",
+            "switch",
+            "fused-scan",
+            "fused-recompute",
+            "minimal-loop",
+            "grad-switch",
+            "fused-specialized",
+        )
     }
     for r in range(rounds):
         row = {}

@@ -9,7 +9,11 @@ lr 1e-4 momentum 0.9) with a depth drawn uniformly from [0, max_depth] each step
   static-scan      `lax.scan` over max_depth, steps past depth skipped (`lax.cond`)
   static-masked    all max_depth layers computed, the ones past depth masked
   static           the library default: a bounded `while_loop` with a custom VJP
+  static-specialized  `make_step(..., specialize={"depth": max_depth + 1})`: one
+                   compile, a straight-line branch per depth picked by `lax.switch`
   fused            K optimizer steps in one compiled `lax.scan`, depths fed as an array
+  fused-specialized  `fused` with `specialize={"depth": max_depth + 1}`: one compile of
+                   a straight-line branch per depth, `lax.switch` picking each step's
   plain-jax        hand-written `jax.jit` + optax, no functorch_lite (peer)
 
 and the peers, each run alone in its own fresh process with its framework's

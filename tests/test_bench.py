@@ -28,12 +28,22 @@ OURS = [
     "static-scan",
     "static-masked",
     "static",
+    "static-specialized",
     "fused",
+    "fused-specialized",
     "plain-jax",
 ]
 PEERS = ["torch-eager"]  # in its own process; the others: tests/test_peers.py
 STRATEGIES = OURS + PEERS
-ONE_COMPILE = ["static-scan", "static-masked", "static", "fused", "plain-jax"]
+ONE_COMPILE = [
+    "static-scan",
+    "static-masked",
+    "static",
+    "static-specialized",
+    "fused",
+    "fused-specialized",
+    "plain-jax",
+]
 DEPTHS = [3]
 STEPS = [4, 8]
 NOCACHE_STEPS = 2
@@ -339,6 +349,21 @@ def test_peak_gap_measures_the_reference_step(tmp_path):
     np.testing.assert_allclose(scan_losses, fused_losses, rtol=1e-5)
     recompute_losses = gap._fused_call(depths, residuals=False)()[2]
     np.testing.assert_allclose(recompute_losses, fused_losses, rtol=1e-5)
+    for call in (gap._minimal_call, gap._grad_switch_call):
+        np.testing.assert_allclose(call(depths)()[1], fused_losses, rtol=1e-5)
+    specialized_losses = gap._fused_call(depths, specialize=True)()[2]
+    np.testing.assert_allclose(specialized_losses, fused_losses, rtol=1e-5)
+    # The hand-written loop's reverse pass is the unrolled loss's gradient, at
+    # every depth (float64, against JAX's own differentiation of plain_loss).
+    with jax.enable_x64(True):
+        p64, x64, y64 = jax.tree.map(
+            lambda a: jnp.asarray(a, jnp.float64), (params, x[:8], y[:8])
+        )
+        for depth in range(4):
+            got = jax.grad(gap.minimal_loss)(p64, x64, y64, jnp.int32(depth))
+            want = jax.grad(gap.plain_loss)(p64, x64, y64, depth)
+            for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+                np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
 
     # --profile's per-op times: a program of one matmul and one tanh, run as
     # "2 steps" per call, lists both ops once per step.

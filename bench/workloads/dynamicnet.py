@@ -84,14 +84,24 @@ STRATEGIES = (
     "static-scan",
     "static-masked",
     "static",
+    "static-specialized",
     "fused",
+    "fused-specialized",
     "plain-jax",
     "torch-eager-inprocess",
 )
 # Not run unless asked for: the torch reference program inside this process,
 # which has already run JAX (slower than torch alone; labelled as such).
 OPTIONAL_STRATEGIES = ("torch-eager-inprocess",)
-STATIC_STRATEGIES = ("static", "static-scan", "static-masked", "fused", "plain-jax")
+STATIC_STRATEGIES = (
+    "static",
+    "static-specialized",
+    "static-scan",
+    "static-masked",
+    "fused",
+    "fused-specialized",
+    "plain-jax",
+)
 # Peers, each in its own fresh process (bench/peers/), with its own defaults.
 PEERS = {
     "torch-eager": "torch_peer.py",
@@ -785,7 +795,9 @@ def _make_runners(
             d_in, d_hidden, d_out, max_depth=max_depth, static_method=method
         )
 
-    def step_maker(method: str, mode: str, *, fused: bool = False) -> Callable:
+    def step_maker(
+        method: str, mode: str, *, fused: bool = False, specialize: bool = False
+    ) -> Callable:
         model = net(method)
 
         def loss_fn(params, x, y, depth):
@@ -796,10 +808,18 @@ def _make_runners(
             if fused:
                 return (
                     fl.train.make_fused_step(
-                        loss_fn, optimizer, shared_argnames=("x", "y")
+                        loss_fn,
+                        optimizer,
+                        shared_argnames=("x", "y"),
+                        specialize={"depth": max_depth + 1} if specialize else None,
                     ),
                     optimizer,
                 )
+            if specialize:
+                branches = {"depth": max_depth + 1}
+                return fl.train.make_step(
+                    loss_fn, optimizer, specialize=branches
+                ), optimizer
             static = ("depth",) if mode == "dynamic" else ()
             return fl.train.make_step(
                 loss_fn, optimizer, static_argnames=static
@@ -826,6 +846,19 @@ def _make_runners(
             runners[name] = _FusedRunner(
                 name,
                 step_maker("bounded", "static", fused=True),
+                *common,
+                k=cfg["fuse_k"],
+            )
+        elif name == "static-specialized":
+            runners[name] = _StepRunner(
+                name, step_maker("bounded", "dynamic", specialize=True), *common
+            )
+        elif name == "fused-specialized":
+            # One compile of max_depth + 1 straight-line branches (the dynamic
+            # path's programs), `lax.switch` picking each step's.
+            runners[name] = _FusedRunner(
+                name,
+                step_maker("bounded", "dynamic", fused=True, specialize=True),
                 *common,
                 k=cfg["fuse_k"],
             )
