@@ -125,9 +125,12 @@ def make_step(
         Costs one pass over the gradients and the state per step.
       has_aux: `loss_fn` returns `(loss, aux)` (metrics, say); the step then
         returns `(params, opt_state, loss, aux)`.
-      specialize: `{name: count}`: the int argument `name` takes the values
-        `0..count-1`, and the one compile holds a branch for each, traced with
-        the Python int as the dynamic path would (see `make_fused_step`).
+      specialize: `{name: count}`: the int argument `name` (traced, not in
+        `static_argnames`) takes the values `0..count-1`, and the one compile
+        holds a branch for each, with `loss_fn` traced on the Python int as the
+        dynamic path would (write it for the dynamic path: `DynamicNet`'s
+        `mode="dynamic"`). A value out of range raises `ValueError`. See
+        `make_fused_step`, where it pays off most.
 
     Optimizers that need extra arguments (`optax.GradientTransformationExtraArgs`:
     `optax.contrib.reduce_on_plateau`, `optax.lbfgs`) get `value=loss`,
@@ -300,12 +303,21 @@ def _optimizer_update(
 
             def at(k: int, b: tuple, kw: dict) -> tuple:
                 return b, {**kw, name: k}
-        else:
+        elif position < len(batch):
             index, batch = batch[position], batch[:position] + batch[position + 1 :]
 
             def at(k: int, b: tuple, kw: dict) -> tuple:
                 return (*b[:position], k, *b[position:]), kw
-
+        else:
+            raise TypeError(
+                f"{where}: `{name}`, named in `specialize`, was not passed; pass "
+                "it with every call (its branch is chosen from it)."
+            )
+        if not hasattr(index, "dtype") and not isinstance(index, int | np.integer):
+            raise TypeError(
+                f"{where}: `{name}`, named in `specialize`, must be an int scalar; "
+                f"got {type(index).__name__}."
+            )
         if jnp.ndim(index) != 0 or not jnp.issubdtype(
             jnp.result_type(index), jnp.integer
         ):
@@ -329,7 +341,16 @@ def _optimizer_update(
             return lambda p, b, kw: value(p, *at(k, b, kw))[0]
 
         branches = [grad_at(k) for k in range(count)]
-        loss, grads, aux = lax.switch(index, branches, params, batch, kwargs)
+        try:
+            loss, grads, aux = lax.switch(index, branches, params, batch, kwargs)
+        except TypeError as err:
+            if "branch" not in str(err):
+                raise
+            raise TypeError(
+                f"{where}: with `specialize={{{name!r}: {count}}}`, `loss_fn` must "
+                f"return the same dtypes and shapes (loss, and aux with has_aux) "
+                f"for every value of `{name}`; they differ between branches: {err}"
+            ) from err
 
         def value_fn(p: Any) -> Any:
             fns = [value_at(k) for k in range(count)]
@@ -443,6 +464,7 @@ def make_update(
     has_aux: bool = False,
     skip_unused: bool | Callable[..., Any] = False,
     guard: bool = False,
+    specialize: Mapping[str, int] | None = None,
 ) -> Callable[..., tuple]:
     """The pure optimizer update, not compiled: yours to `jit`, `vmap` or `shard_map`.
 
@@ -462,6 +484,7 @@ def make_update(
         last.
       skip_unused: as for `make_step`.
       guard: as for `make_step`.
+      specialize: as for `make_step`.
 
     Returns:
       The update function, with the signature `(params, opt_state, ...)`,
@@ -490,6 +513,7 @@ def make_update(
         skip_unused=skip_unused,
         guard=guard,
         has_aux=has_aux,
+        specialize=_check_specialize(specialize, loss_params, (), where="make_update"),
     )
     # The loss's argument names, so that `jax.jit(update, static_argnames=...)`
     # and `data_parallel` can name them.
@@ -528,12 +552,14 @@ def make_fused_step(
     stays outside the switch). Write `loss_fn` as for the dynamic path (for
     `DynamicNet`, `mode="dynamic"`), so that each branch is a straight-line
     program with no loop. Still one compile, now of `count` branches: worth it
-    when the values are few. On XLA's CPU runtime with its default threads a
-    loop in the step costs a fixed 8-13% over the straight-line program, and
-    the specialized branches do not pay it (bench/RESULTS.md). A value outside
-    `range(count)` raises `ValueError` before the call (under your own
-    `jax.jit`, when the program runs); with `FUNCTORCH_LITE_CHECKS=0` it is
-    clamped into range, as `lax.switch` does.
+    when the values are few. On a 2-core CPU with JAX's default threads, a
+    loop in the step costs a fixed share of it that the branches do not pay
+    (bench/RESULTS.md, "A loop's fixed cost on two XLA threads"). A value
+    outside `range(count)` raises `ValueError` before the call; under your own
+    `jax.jit` or `jax.vmap` the check runs in the program and fails it with
+    the same message (a `JaxRuntimeError`). With `FUNCTORCH_LITE_CHECKS=0` the
+    value is clamped into range, as `lax.switch` does. Under `jax.vmap` with
+    a value per example, `lax.switch` computes every branch and selects.
 
     Args:
       loss_fn: `loss_fn(params, *batch) -> scalar loss`, as for `make_step`.
@@ -621,6 +647,11 @@ def make_fused_step(
             )
 
         if branch_on is not None:
+            if branch_on[0] not in stacked:
+                raise TypeError(
+                    f"make_fused_step: `{branch_on[0]}`, named in `specialize`, was "
+                    "not passed; pass one value per step, a (K,) int array."
+                )
             _check_branch_values(stacked[branch_on[0]], branch_on[0])
 
         def body(carry: tuple, per_step: dict) -> tuple:
@@ -669,9 +700,14 @@ def _check_specialize(
         named.append(p.name)
     allowed = [n for n in named if n not in excluded]
     if name not in allowed:
+        why = (
+            f" ({name!r} is static or shared: it has no per-call value to branch on)"
+            if name in excluded
+            else ""
+        )
         raise ValueError(
             f"{where}: `specialize` names {name!r}, which is not {kind} of "
-            f"`loss_fn` that can be specialized; those are {allowed}."
+            f"`loss_fn` that can be specialized{why}; those are {allowed}."
         )
     check_int(count, where=where, name=f"specialize[{name!r}]", minimum=1)
     return name, int(count), named.index(name)

@@ -333,6 +333,34 @@ def test_step_specialize_skips_the_leaves_its_branch_leaves_unused(key):
     )
 
 
+def test_update_specialize_with_aux_guard_and_vmap(key):
+    """`make_update(..., specialize=...)` under `jax.vmap` over a depth per
+    problem, with `has_aux` and `guard`: each row is the dynamic path's update."""
+    net, params, x, y = _problem(key, (8, 6, 5, 3))
+    opt = optax.sgd(1e-2, momentum=0.9)
+
+    def loss_fn(params, x, y, depth):
+        loss = fl.nn.mse_loss(net.apply(params, x, depth, mode="dynamic"), y)
+        return loss, {"depth_seen": jnp.float32(depth)}
+
+    update = fl.train.make_update(
+        loss_fn, opt, has_aux=True, guard=True, specialize={"depth": 4}
+    )
+    depths = jnp.array([3, 0, 2], jnp.int32)
+    xs = jnp.stack([x, 2 * x, -x])
+    state = opt.init(params)
+    batched = jax.vmap(update, in_axes=(None, None, 0, None, 0))
+    new_params, _, losses, aux = jax.jit(batched)(params, state, xs, y, depths)
+    np.testing.assert_array_equal(aux["depth_seen"], [3.0, 0.0, 2.0])
+    for row, d in enumerate(depths.tolist()):
+        ref = fl.train.make_update(loss_fn, opt, has_aux=True, guard=True)
+        p, _, loss, _ = jax.jit(ref, static_argnames="depth")(
+            params, state, xs[row], y, depth=d
+        )
+        np.testing.assert_allclose(losses[row], loss, rtol=1e-5)
+        tree_allclose(jax.tree.map(lambda a, r=row: a[r], new_params), p, rtol=1e-5)
+
+
 def test_fused_specialize_bad_input(key):
     net, params, x, y = _problem(key, (4, 3, 5, 2))
     opt = optax.sgd(1e-3)
@@ -368,10 +396,31 @@ def test_fused_specialize_bad_input(key):
         step(params, state, x, y, 5)
     with pytest.raises(TypeError, match=r"make_step: `depth`, named in `specialize`"):
         step(params, state, x, y, 1.0)
-    with pytest.raises(ValueError, match=r"make_step: `specialize` names 'depth'"):
+    with pytest.raises(
+        ValueError, match=r"make_step: `specialize` names 'depth'.*static"
+    ):
         fl.train.make_step(
             loss_fn, opt, static_argnames=("depth",), specialize={"depth": 4}
         )
+    with pytest.raises(TypeError, match=r"must be an int scalar; got NoneType"):
+        step(params, state, x, y, None)
+
+    def loss_default(params, x, y, depth=0):
+        return loss_fn(params, x, y, depth)
+
+    omitted = fl.train.make_step(loss_default, opt, specialize={"depth": 4})
+    with pytest.raises(
+        TypeError, match=r"make_step: `depth`, named in `specialize`, was not passed"
+    ):
+        omitted(params, state, x, y)
+
+    def loss_depth_dtype(params, x, y, depth):  # float32 at depth 0, float16 past it
+        loss = loss_fn(params, x, y, depth)
+        return loss if depth == 0 else loss.astype(jnp.float16)
+
+    mixed = fl.train.make_step(loss_depth_dtype, opt, specialize={"depth": 2})
+    with pytest.raises(TypeError, match=r"make_step: with `specialize=\{'depth': 2\}`"):
+        mixed(params, state, x, y, 1)
 
 
 @pytest.mark.parametrize("donate", [True, False])
