@@ -353,13 +353,15 @@ def test_peak_gap_measures_the_reference_step(tmp_path):
         np.testing.assert_allclose(call(depths)()[1], fused_losses, rtol=1e-5)
     specialized_losses = gap._fused_call(depths, specialize=True)()[2]
     np.testing.assert_allclose(specialized_losses, fused_losses, rtol=1e-5)
-    # The hand-written loop's reverse pass is the unrolled loss's gradient, at
-    # every depth (float64, against JAX's own differentiation of plain_loss).
+    # The hand-written loop's reverse pass is the unrolled loss's gradient, with
+    # no step and with every step run (float64, against JAX's own
+    # differentiation of plain_loss). The training losses above also check
+    # its updates at depths 3, 0 and 2 against the library's.
     with jax.enable_x64(True):
         p64, x64, y64 = jax.tree.map(
             lambda a: jnp.asarray(a, jnp.float64), (params, x[:8], y[:8])
         )
-        for depth in range(4):
+        for depth in (0, 3):
             got = jax.grad(gap.minimal_loss)(p64, x64, y64, jnp.int32(depth))
             want = jax.grad(gap.plain_loss)(p64, x64, y64, depth)
             for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
