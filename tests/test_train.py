@@ -194,11 +194,8 @@ def test_fused_equals_separate_steps(key):
     assert fused.stats.compiles == 1
 
 
-def test_fused_specialize_equals_the_loop_and_the_dynamic_steps(key):
-    """`specialize`: one branch per depth; the same training as the bounded
-    loop's fused step and as the dynamic path's steps, at every depth."""
-    net, params, x, y = _problem(key, (16, 12, 8, 4))
-    opt = optax.sgd(1e-3, momentum=0.9)
+def _specialized_and_loop(net, opt):
+    """The fused step with `specialize` (branches) and without (the bounded loop)."""
     fast = fl.train.make_fused_step(
         _loss_fn(net, "dynamic"),
         opt,
@@ -209,6 +206,15 @@ def test_fused_specialize_equals_the_loop_and_the_dynamic_steps(key):
     loop = fl.train.make_fused_step(
         _loss_fn(net, "static"), opt, shared_argnames=("x", "y"), donate=False
     )
+    return fast, loop
+
+
+def test_fused_specialize_equals_the_loop_and_the_dynamic_steps(key):
+    """`specialize`: one branch per depth; the same training as the bounded
+    loop's fused step and as the dynamic path's steps, at every depth."""
+    net, params, x, y = _problem(key, (16, 12, 8, 4))
+    opt = optax.sgd(1e-3, momentum=0.9)
+    fast, loop = _specialized_and_loop(net, opt)
     dynamic = _make(net, "dynamic", opt)
     mixed = jnp.array([0, 3, 1, 2, 2, 0, 3, 3, 1, 0], jnp.int32)
     for depths in [mixed, *(jnp.full(10, d, jnp.int32) for d in range(4))]:
@@ -264,16 +270,7 @@ def test_fused_specialize_with_an_optimizer_that_reads_the_loss(key):
     net, params, x, y = _problem(key, (8, 6, 5, 3))
     opt = optax.lbfgs()
     depths = jnp.array([2, 0, 3], jnp.int32)
-    fast = fl.train.make_fused_step(
-        _loss_fn(net, "dynamic"),
-        opt,
-        shared_argnames=("x", "y"),
-        specialize={"depth": 4},
-        donate=False,
-    )
-    loop = fl.train.make_fused_step(
-        _loss_fn(net, "static"), opt, shared_argnames=("x", "y"), donate=False
-    )
+    fast, loop = _specialized_and_loop(net, opt)
     fp, _, losses = fast(params, opt.init(params), x, y, depths)
     lp, _, loop_losses = loop(params, opt.init(params), x, y, depths)
     np.testing.assert_allclose(losses, loop_losses, rtol=1e-4)

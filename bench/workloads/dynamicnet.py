@@ -74,7 +74,7 @@ sys.path.insert(0, str(BENCH))
 
 import _plain_jax  # noqa: E402
 import _xla_threads  # noqa: E402
-from _report import Progress  # noqa: E402
+from _report import STATIC_NAMES, Progress  # noqa: E402
 from peers import protocol  # noqa: E402
 
 SCHEMA = "functorch_lite/bench/retrace_vs_scan/1"
@@ -93,15 +93,7 @@ STRATEGIES = (
 # Not run unless asked for: the torch reference program inside this process,
 # which has already run JAX (slower than torch alone; labelled as such).
 OPTIONAL_STRATEGIES = ("torch-eager-inprocess",)
-STATIC_STRATEGIES = (
-    "static",
-    "static-specialized",
-    "static-scan",
-    "static-masked",
-    "fused",
-    "fused-specialized",
-    "plain-jax",
-)
+STATIC_STRATEGIES = STATIC_NAMES  # one compile each; the report marks their wins
 # Peers, each in its own fresh process (bench/peers/), with its own defaults.
 PEERS = {
     "torch-eager": "torch_peer.py",
