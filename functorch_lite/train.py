@@ -129,7 +129,8 @@ def make_step(
         `static_argnames`) takes the values `0..count-1`, and the one compile
         holds a branch for each, with `loss_fn` traced on the Python int as the
         dynamic path would (write it for the dynamic path: `DynamicNet`'s
-        `mode="dynamic"`). A value out of range raises `ValueError`. See
+        `mode="dynamic"`). A value out of range raises `ValueError` (under
+        your own `jax.jit`, the program fails with the same message). See
         `make_fused_step`, where it pays off most.
 
     Optimizers that need extra arguments (`optax.GradientTransformationExtraArgs`:
@@ -325,6 +326,14 @@ def _optimizer_update(
                 f"{where}: `{name}`, named in `specialize`, must be an int scalar; "
                 f"got {jnp.result_type(index)}{list(jnp.shape(index))}."
             )
+        if not isinstance(index, jax.core.Tracer):
+            # A concrete value (an eager `make_update`): `lax.switch` would clamp it.
+            given = int(index)
+            if not 0 <= given < count:
+                raise ValueError(
+                    f"{where}: `{name}` must be in [0, {count - 1}]; got {given}. "
+                    f"It picks one of the {count} branches of `specialize`."
+                )
         index = _checks.check_traced_range(
             index,
             0,
@@ -344,7 +353,7 @@ def _optimizer_update(
         try:
             loss, grads, aux = lax.switch(index, branches, params, batch, kwargs)
         except TypeError as err:
-            if "branch" not in str(err):
+            if not str(err).startswith("switch branches must have equal output"):
                 raise
             raise TypeError(
                 f"{where}: with `specialize={{{name!r}: {count}}}`, `loss_fn` must "
@@ -566,7 +575,8 @@ def make_fused_step(
       optimizer: any `optax.GradientTransformation`.
       shared_argnames: `loss_fn` arguments without the steps axis.
       specialize: `{name: count}`, one per-step int argument of `loss_fn` and
-        how many values it takes (`0..count-1`); None (default): none.
+        how many values it takes (`0..count-1`, `count >= 2`); None (default):
+        none.
       donate: donate `params` and `opt_state` (see `make_step`).
       max_traces: raise `RuntimeError` if the call would trace more often.
 
@@ -709,7 +719,8 @@ def _check_specialize(
             f"{where}: `specialize` names {name!r}, which is not {kind} of "
             f"`loss_fn` that can be specialized{why}; those are {allowed}."
         )
-    check_int(count, where=where, name=f"specialize[{name!r}]", minimum=1)
+    # One value leaves nothing to branch on: use `static_argnames` for it.
+    check_int(count, where=where, name=f"specialize[{name!r}]", minimum=2)
     return name, int(count), named.index(name)
 
 

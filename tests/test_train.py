@@ -255,10 +255,12 @@ def test_fused_specialize_traces_straight_line_branches(key):
                 if hasattr(inner, "eqns"):
                     yield from conds(inner)
 
-    # One switch; the traced range check adds no cond of its own.
-    (switch,) = [e for e in conds(jaxpr) if len(e.params["branches"]) == 4]
+    # One switch over the four depths; traced here outside a call, the range
+    # check adds its own two-way cond (an error callback), and nothing else does.
+    found = list(conds(jaxpr))
+    (switch,) = [e for e in found if len(e.params["branches"]) == 4]
+    assert all(len(e.params["branches"]) == 2 for e in found if e is not switch)
     branches = switch.params["branches"]
-    assert len(branches) == 4
     assert all("while" not in primitives(b.jaxpr) for b in branches)
     # The optimizer update is outside the switch: the branches return the loss
     # and one gradient per param leaf, nothing else.
@@ -370,8 +372,8 @@ def test_fused_specialize_bad_input(key):
 
     with pytest.raises(ValueError, match=r"make_fused_step: `specialize` names 'x'"):
         make({"x": 2})
-    with pytest.raises(ValueError, match=r"specialize\['depth'\]` must be a positive"):
-        make({"depth": 0})
+    with pytest.raises(ValueError, match=r"specialize\['depth'\]` must be .*2"):
+        make({"depth": 1})
     with pytest.raises(TypeError, match=r"`specialize` must be a dict of one"):
         make({"depth": 4, "y": 2})
     fast = make({"depth": 4})
@@ -401,6 +403,10 @@ def test_fused_specialize_bad_input(key):
         )
     with pytest.raises(TypeError, match=r"must be an int scalar; got NoneType"):
         step(params, state, x, y, None)
+    eager = fl.train.make_update(loss_fn, opt, specialize={"depth": 4})
+    # Not traced: checked in Python, not clamped by lax.switch.
+    with pytest.raises(ValueError, match=r"make_update: `depth` must be in \[0, 3\]"):
+        eager(params, state, x, y, 7)
 
     def loss_default(params, x, y, depth=0):
         return loss_fn(params, x, y, depth)
