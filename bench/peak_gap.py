@@ -314,9 +314,10 @@ def minimal_loss(p: Any, x: jax.Array, y: jax.Array, depth: jax.Array) -> jax.Ar
     return jnp.sum((linear("output_linear", h) - y) ** 2)
 
 
-def _minimal_call(depths: np.ndarray) -> Callable[[], Any]:
-    """Plain JAX, one program for every depth: each step `minimal_loss`'s
-    gradient and the optimizer update, the depths fed as an array."""
+def _scan_call(depths: np.ndarray, value_and_grad: Callable) -> Callable[[], Any]:
+    """Plain JAX, one program for every depth: each step
+    `value_and_grad(p, x, y, depth)` and the optimizer update, in one `lax.scan`
+    over the depths, fed as an array."""
     x, y, params = _data()
     opt = optax.sgd(LR, momentum=MOMENTUM)
 
@@ -324,7 +325,7 @@ def _minimal_call(depths: np.ndarray) -> Callable[[], Any]:
     def train(p, s, x, y, ds):
         def body(carry, d):
             p, s = carry
-            value, grads = jax.value_and_grad(minimal_loss)(p, x, y, d)
+            value, grads = value_and_grad(p, x, y, d)
             updates, s = opt.update(grads, s, p)
             return (optax.apply_updates(p, updates), s), value
 
@@ -332,6 +333,11 @@ def _minimal_call(depths: np.ndarray) -> Callable[[], Any]:
 
     state, d = opt.init(params), jnp.asarray(depths)
     return lambda: train(params, state, x, y, d)
+
+
+def _minimal_call(depths: np.ndarray) -> Callable[[], Any]:
+    """Each step `minimal_loss`'s gradient: the hand-written loop."""
+    return _scan_call(depths, jax.value_and_grad(minimal_loss))
 
 
 def _unrolled_call(depth: int, loop: int) -> Callable[[], Any]:
@@ -376,27 +382,12 @@ def _switch_call(depths: np.ndarray) -> Callable[[], Any]:
 
 
 def _grad_switch_call(depths: np.ndarray) -> Callable[[], Any]:
-    """Plain JAX, one program for every depth and no loop: each step a
-    `lax.switch` over the four specialized gradients (the depth unrolled in
-    each branch), then one optimizer update outside the switch."""
-    x, y, params = _data()
-    opt = optax.sgd(LR, momentum=MOMENTUM)
+    """No loop: each step a `lax.switch` over the four specialized gradients (the
+    depth unrolled in each branch), the optimizer update outside the switch."""
     branches = [
         functools.partial(jax.value_and_grad(plain_loss), depth=d) for d in range(4)
     ]
-
-    @jax.jit
-    def train(p, s, x, y, ds):
-        def body(carry, d):
-            p, s = carry
-            value, grads = lax.switch(d, branches, p, x, y)
-            updates, s = opt.update(grads, s, p)
-            return (optax.apply_updates(p, updates), s), value
-
-        return lax.scan(body, (p, s), ds)
-
-    state, d = opt.init(params), jnp.asarray(depths)
-    return lambda: train(params, state, x, y, d)
+    return _scan_call(depths, lambda p, x, y, d: lax.switch(d, branches, p, x, y))
 
 
 def _fused_call(

@@ -314,17 +314,16 @@ def _optimizer_update(
                 f"{where}: `{name}`, named in `specialize`, was not passed; pass "
                 "it with every call (its branch is chosen from it)."
             )
-        if not hasattr(index, "dtype") and not isinstance(index, int | np.integer):
+        if hasattr(index, "dtype"):
+            got = f"{jnp.result_type(index)}{list(jnp.shape(index))}"
+            is_int = jnp.ndim(index) == 0 and jnp.issubdtype(index.dtype, jnp.integer)
+        else:
+            got = type(index).__name__
+            is_int = isinstance(index, int | np.integer) and not isinstance(index, bool)
+        if not is_int:
             raise TypeError(
                 f"{where}: `{name}`, named in `specialize`, must be an int scalar; "
-                f"got {type(index).__name__}."
-            )
-        if jnp.ndim(index) != 0 or not jnp.issubdtype(
-            jnp.result_type(index), jnp.integer
-        ):
-            raise TypeError(
-                f"{where}: `{name}`, named in `specialize`, must be an int scalar; "
-                f"got {jnp.result_type(index)}{list(jnp.shape(index))}."
+                f"got {got}."
             )
         if not isinstance(index, jax.core.Tracer):
             # A concrete value (an eager `make_update`): `lax.switch` would clamp it.
